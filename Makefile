@@ -1,0 +1,30 @@
+# One-command set-up: a Python >= 3.12 virtual environment in .venv with everything installed.
+# `make demo` runs the end-to-end demo; `make test` runs the test suite (what CI runs).
+
+PYTHON ?= $(firstword $(wildcard /root/.pyenv/versions/3.12*/bin/python3.12 /root/.pyenv/versions/3.13*/bin/python3.13) $(shell command -v python3.13 python3.12 2>/dev/null))
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-slow benchmarks clean
+
+$(STAMP): pyproject.toml
+	@test -n "$(PYTHON)" || { echo "make: need Python >= 3.12; set PYTHON=/path/to/python3.12" >&2; exit 1; }
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 12))' || { echo "make: $(PYTHON) is older than 3.12" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e ".[all]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/numpyro-moe demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+test-slow: $(STAMP)
+	$(VENV)/bin/python -m pytest -m slow
+
+clean:
+	rm -rf $(VENV) .pytest_cache

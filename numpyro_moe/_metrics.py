@@ -1,0 +1,130 @@
+"""How close an estimate is to the truth (DESIGN section 6)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from numpyro_moe._links import Link
+from numpyro_moe._params import (
+    MoEParams,
+    gate_probabilities,
+    pointwise_log_likelihood,
+    predictive_mean,
+)
+from numpyro_moe._validation import check_design, check_response
+
+__all__ = [
+    "ExpertMatch",
+    "expert_error",
+    "gating_error",
+    "heldout_log_likelihood",
+    "match_experts",
+    "mean_squared_error",
+]
+
+
+class ExpertMatch(NamedTuple):
+    """Result of `match_experts`.
+
+    Attributes
+    ----------
+    error
+        min over permutations of ||A_hat[perm] - A||_F / ||A||_F.
+    permutation
+        (k,) int array: ``estimate[permutation]`` is aligned with ``truth``.
+    """
+
+    error: float
+    permutation: np.ndarray
+
+
+def _experts_of(value, name: str) -> np.ndarray:
+    experts = value.experts if hasattr(value, "experts") else value
+    experts = np.asarray(experts, dtype=float)
+    if experts.ndim != 2:
+        raise ValueError(f"{name}: expected experts of shape (k, d), got shape {experts.shape}")
+    if not np.isfinite(experts).all():
+        raise ValueError(f"{name}: expected finite experts, found NaN or inf")
+    return experts
+
+
+def match_experts(estimate, truth) -> ExpertMatch:
+    """Match estimated experts to true ones, minimising the Frobenius error.
+
+    The squared error separates over experts, so the best of the k! permutations is a linear
+    assignment problem, solved exactly in O(k^3).
+
+    Parameters
+    ----------
+    estimate, truth
+        (k, d) arrays, or objects with an ``experts`` attribute of that shape.
+    """
+    estimate = _experts_of(estimate, "estimate")
+    truth = _experts_of(truth, "truth")
+    if estimate.shape != truth.shape:
+        raise ValueError(
+            f"estimate: expected experts of shape {truth.shape} like truth, got {estimate.shape}"
+        )
+    cost = ((truth[:, None, :] - estimate[None, :, :]) ** 2).sum(-1)  # cost[i, j]: truth i, est j
+    rows, cols = linear_sum_assignment(cost)
+    permutation = cols[np.argsort(rows)]
+    error = np.linalg.norm(estimate[permutation] - truth) / np.linalg.norm(truth)
+    return ExpertMatch(float(error), permutation)
+
+
+def expert_error(estimate, truth) -> float:
+    """min over permutations of ||A_hat - A||_F / ||A||_F; below 0.1 counts as recovered."""
+    return match_experts(estimate, truth).error
+
+
+def gating_error(params: MoEParams, truth: MoEParams, x) -> float:
+    """Mean over x of the total variation between true and estimated gate probabilities.
+
+    The estimate's experts are first matched to the truth's (`match_experts`), and its gates
+    permuted the same way.
+
+    Parameters
+    ----------
+    params, truth
+        `MoEParams` with gates of shape (k, d).
+    x
+        (n, d) held-out inputs.
+    """
+    for name, value in (("params", params), ("truth", truth)):
+        if not isinstance(value, MoEParams):
+            raise TypeError(f"{name}: expected MoEParams, got {type(value).__name__}")
+    x = check_design(x)
+    if x.shape[1] != truth.dim:
+        raise ValueError(f"x: expected {truth.dim} columns like truth's experts, got {x.shape[1]}")
+    permutation = match_experts(params, truth).permutation
+    aligned = params.permute(permutation)
+    difference = gate_probabilities(aligned, x) - gate_probabilities(truth, x)
+    return float(0.5 * jnp.abs(difference).sum(-1).mean())
+
+
+def _check_eval_inputs(params, x, y):
+    if not isinstance(params, MoEParams):
+        raise TypeError(f"params: expected MoEParams, got {type(params).__name__}")
+    x = check_design(x)
+    y = check_response(y, x.shape[0])
+    if x.shape[1] != params.dim:
+        raise ValueError(f"x: expected {params.dim} columns like params.experts, got {x.shape[1]}")
+    return x, y
+
+
+def heldout_log_likelihood(params: MoEParams, x, y, *, link: str | Link = "linear") -> float:
+    """Mean log p(y | x) per point on held-out data (x (n, d), y (n,))."""
+    x, y = _check_eval_inputs(params, x, y)
+    return float(jnp.mean(pointwise_log_likelihood(params, x, y, link)))
+
+
+def mean_squared_error(params: MoEParams, x, y, *, link: str | Link = "linear") -> float:
+    """Mean of (y - E[y | x])^2 on held-out data (x (n, d), y (n,))."""
+    x, y = _check_eval_inputs(params, x, y)
+    residual = y - predictive_mean(params, x, link)
+    return float(jnp.mean(residual**2))
+

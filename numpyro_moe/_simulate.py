@@ -1,0 +1,170 @@
+"""Simulated mixture-of-experts data with known truth (the papers' setting and a harder one)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from numpyro_moe._links import Link, resolve_link
+from numpyro_moe._params import MoEParams, expert_means, gate_logits
+from numpyro_moe._validation import (
+    check_key,
+    check_num_experts,
+    check_positive,
+    check_positive_int,
+)
+
+__all__ = ["GATINGS", "SimulatedData", "sample_data", "simulate", "true_params"]
+
+GATINGS = ("orthogonal", "correlated")
+
+
+class SimulatedData(NamedTuple):
+    """Output of `simulate`: unpacks as ``x, y, truth``.
+
+    Attributes
+    ----------
+    x
+        (n, d) standard Gaussian inputs.
+    y
+        (n,) responses.
+    truth
+        `MoEParams` that generated the data (experts (k, d), gates (k, d) with last row zero,
+        noise ()).
+    """
+
+    x: jax.Array
+    y: jax.Array
+    truth: MoEParams
+
+
+def true_params(
+    key: jax.Array,
+    *,
+    dim: int,
+    num_experts: int,
+    noise: float = 0.1,
+    gating: str = "orthogonal",
+    gate_scale: float = 2.0,
+    orthonormal_experts: bool = False,
+) -> MoEParams:
+    """Draw ground-truth parameters.
+
+    Experts are unit-norm random directions (orthonormal if ``orthonormal_experts``).
+    ``gating="orthogonal"`` (the papers' setting) draws every gate row in the orthogonal
+    complement of the experts' span, so w_j . a_i = 0; ``gating="correlated"`` draws gate rows
+    freely. The first k - 1 gate rows have norm ``gate_scale``; the last is zero.
+
+    Raises
+    ------
+    ValueError
+        For k > d, an unknown ``gating``, or a non-positive ``noise`` / ``gate_scale``.
+    """
+    key = check_key(key)
+    dim = check_positive_int(dim, "dim")
+    num_experts = check_num_experts(num_experts, dim, require_k_le_d=True)
+    noise = check_positive(noise, "noise")
+    gate_scale = check_positive(gate_scale, "gate_scale")
+    if gating not in GATINGS:
+        raise ValueError(f"gating: expected one of {GATINGS}, got {gating!r}")
+    if gating == "orthogonal" and num_experts > 1 and num_experts == dim:
+        raise ValueError(
+            f"num_experts: gating='orthogonal' needs num_experts < dim so the gates have room "
+            f"orthogonal to the experts; got num_experts={num_experts}, dim={dim}"
+        )
+
+    expert_key, gate_key = jax.random.split(key)
+    raw = jax.random.normal(expert_key, (num_experts, dim))
+    if orthonormal_experts:
+        q, r = jnp.linalg.qr(raw.T)
+        experts = (q * jnp.sign(jnp.diag(r))).T
+    else:
+        experts = raw / jnp.linalg.norm(raw, axis=1, keepdims=True)
+
+    gates = jax.random.normal(gate_key, (num_experts - 1, dim))
+    if gating == "orthogonal":
+        basis, _ = jnp.linalg.qr(experts.T)  # (d, k) orthonormal basis of span(A)
+        gates = gates - (gates @ basis) @ basis.T
+    gates = gate_scale * gates / jnp.linalg.norm(gates, axis=1, keepdims=True)
+    gates = jnp.concatenate([gates, jnp.zeros((1, dim))], axis=0)
+    return MoEParams(experts=experts, gates=gates, noise=jnp.asarray(noise))
+
+
+def sample_data(
+    key: jax.Array, params: MoEParams, *, num_samples: int, link: str | Link = "linear"
+) -> tuple[jax.Array, jax.Array]:
+    """Draw ``(x, y)`` from the model: x ~ N(0, I_d), expert by the gate, y by the expert.
+
+    Use it with the ``truth`` of `simulate` and a fresh key for a held-out set.
+
+    Returns
+    -------
+    x : (num_samples, d) array
+    y : (num_samples,) array
+    """
+    key = check_key(key)
+    num_samples = check_positive_int(num_samples, "num_samples")
+    if not isinstance(params, MoEParams):
+        raise TypeError(f"params: expected MoEParams, got {type(params).__name__}")
+    link = resolve_link(link)
+    x_key, z_key, noise_key = jax.random.split(key, 3)
+    x = jax.random.normal(x_key, (num_samples, params.dim))
+    z = jax.random.categorical(z_key, gate_logits(params, x), axis=-1)
+    mean = jnp.take_along_axis(expert_means(params, x, link), z[:, None], axis=1)[:, 0]
+    y = mean + params.noise * jax.random.normal(noise_key, (num_samples,))
+    return x, y
+
+
+def simulate(
+    key: jax.Array,
+    *,
+    num_samples: int,
+    dim: int,
+    num_experts: int,
+    link: str | Link = "linear",
+    noise: float = 0.1,
+    gating: str = "orthogonal",
+    gate_scale: float = 2.0,
+    orthonormal_experts: bool = False,
+) -> SimulatedData:
+    """Simulate a mixture-of-experts regression data set with known truth.
+
+    Parameters
+    ----------
+    key
+        JAX PRNG key.
+    num_samples, dim, num_experts
+        n, d and k. ``num_experts <= dim`` (``<`` for orthogonal gating with k > 1).
+    link
+        Expert link: a registered name or a callable (see `resolve_link`).
+    noise
+        Noise standard deviation, > 0.
+    gating
+        ``"orthogonal"`` (the papers' setting: every gate row orthogonal to every expert) or
+        ``"correlated"`` (no such constraint; the moment method is then biased).
+    gate_scale
+        Norm of each non-zero gate row; larger is a sharper gate.
+    orthonormal_experts
+        Draw orthonormal rather than merely unit-norm experts.
+
+    Returns
+    -------
+    SimulatedData
+        ``x`` (n, d), ``y`` (n,), ``truth`` (`MoEParams`). For a held-out set from the same
+        truth: ``sample_data(other_key, truth, num_samples=m, link=link)``.
+    """
+    key = check_key(key)
+    params_key, data_key = jax.random.split(key)
+    truth = true_params(
+        params_key,
+        dim=dim,
+        num_experts=num_experts,
+        noise=noise,
+        gating=gating,
+        gate_scale=gate_scale,
+        orthonormal_experts=orthonormal_experts,
+    )
+    x, y = sample_data(data_key, truth, num_samples=num_samples, link=link)
+    return SimulatedData(x=x, y=y, truth=truth)
