@@ -1,6 +1,26 @@
 """numpyro-moe: learnable, trustworthy mixture-of-experts regression in NumPyro."""
 
+from numpyro_moe._baselines import (
+    RestartsResult,
+    fit_em_restarts,
+    fit_likelihood_gd,
+    fit_squared_loss_gd,
+    random_start,
+)
+from numpyro_moe._em import EMResult
+from numpyro_moe._experts import (
+    ExpertDiagnostics,
+    ExpertEstimate,
+    NumExpertsSuggestion,
+    Standardization,
+    bootstrap_standard_errors,
+    estimate_experts,
+    suggest_num_experts,
+)
+from numpyro_moe._fit import fit_em, fit_gating
+from numpyro_moe._io import load_params, output_folder, save_params
 from numpyro_moe._links import LINKS, Link, resolve_link
+from numpyro_moe._map import MapResult, fit_map
 from numpyro_moe._metrics import (
     ExpertMatch,
     expert_error,
@@ -19,16 +39,48 @@ from numpyro_moe._params import (
     MoEParams,
     expert_means,
     gate_probabilities,
+    joint_log_probs,
     normalize_gates,
     pointwise_log_likelihood,
     predictive_mean,
+    responsibilities,
 )
 from numpyro_moe._simulate import SimulatedData, sample_data, simulate, true_params
+from numpyro_moe._tensor import TensorDecomposition, decompose_symmetric_tensor
+from numpyro_moe._transforms import OutputTransforms, output_transforms
+from numpyro_moe._validation import ReliabilityWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LINKS",
+    "EMResult",
+    "ExpertDiagnostics",
+    "ExpertEstimate",
+    "MapResult",
+    "NumExpertsSuggestion",
+    "OutputTransforms",
+    "ReliabilityWarning",
+    "RestartsResult",
+    "Standardization",
+    "TensorDecomposition",
+    "bootstrap_standard_errors",
+    "decompose_symmetric_tensor",
+    "estimate_experts",
+    "fit_em",
+    "fit_em_restarts",
+    "fit_gating",
+    "fit_likelihood_gd",
+    "fit_map",
+    "fit_squared_loss_gd",
+    "joint_log_probs",
+    "random_start",
+    "responsibilities",
+    "load_params",
+    "output_folder",
+    "output_transforms",
+    "save_params",
+    "suggest_num_experts",
     "ExpertMatch",
     "Link",
     "MoEParams",

@@ -52,6 +52,18 @@ def _experts_of(value, name: str) -> np.ndarray:
     return experts
 
 
+def _check_params(value, name: str) -> MoEParams:
+    if not isinstance(value, MoEParams):
+        raise TypeError(f"{name}: expected MoEParams, got {type(value).__name__}")
+    experts_shape, gates_shape = np.shape(value.experts), np.shape(value.gates)
+    if len(experts_shape) != 2 or gates_shape != experts_shape:
+        raise ValueError(
+            f"{name}: expected experts and gates of one shape (k, d) (all k gate rows, the last "
+            f"zero), got experts {experts_shape} and gates {gates_shape}"
+        )
+    return value
+
+
 def match_experts(estimate, truth) -> ExpertMatch:
     """Match estimated experts to true ones, minimising the Frobenius error.
 
@@ -95,8 +107,13 @@ def gating_error(params: MoEParams, truth: MoEParams, x) -> float:
         (n, d) held-out inputs.
     """
     for name, value in (("params", params), ("truth", truth)):
-        if not isinstance(value, MoEParams):
-            raise TypeError(f"{name}: expected MoEParams, got {type(value).__name__}")
+        _check_params(value, name)
+        _experts_of(value, name)  # finite
+    if params.experts.shape != truth.experts.shape:
+        raise ValueError(
+            f"params: expected experts of shape {truth.experts.shape} like truth, got "
+            f"{params.experts.shape}"
+        )
     x = check_design(x)
     if x.shape[1] != truth.dim:
         raise ValueError(f"x: expected {truth.dim} columns like truth's experts, got {x.shape[1]}")
@@ -107,8 +124,7 @@ def gating_error(params: MoEParams, truth: MoEParams, x) -> float:
 
 
 def _check_eval_inputs(params, x, y):
-    if not isinstance(params, MoEParams):
-        raise TypeError(f"params: expected MoEParams, got {type(params).__name__}")
+    _check_params(params, "params")
     x = check_design(x)
     y = check_response(y, x.shape[0])
     if x.shape[1] != params.dim:

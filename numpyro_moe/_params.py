@@ -21,9 +21,11 @@ __all__ = [
     "expert_means",
     "gate_logits",
     "gate_probabilities",
+    "joint_log_probs",
     "normalize_gates",
     "pointwise_log_likelihood",
     "predictive_mean",
+    "responsibilities",
 ]
 
 
@@ -106,22 +108,24 @@ def expert_means(params: MoEParams, x: jax.Array, link: str | Link = "linear") -
     return link.function(pre_activation)
 
 
-def _component_log_probs(params, x, y, link):
+def joint_log_probs(params: MoEParams, x: jax.Array, y: jax.Array, link: str | Link = "linear") -> jax.Array:
+    """(n, k) log [P(z = i | x_n) Normal(y_n; g(a_i . x_n + c_i), noise^2)]."""
     means = expert_means(params, x, link)
-    noise = params.noise
-    return (
-        -0.5 * ((y[:, None] - means) / noise) ** 2
-        - jnp.log(noise)
-        - 0.5 * jnp.log(2 * jnp.pi)
-    )
+    log_gate = jax.nn.log_softmax(gate_logits(params, x), axis=-1)
+    residual = (y[:, None] - means) / params.noise
+    return log_gate - 0.5 * residual**2 - jnp.log(params.noise) - 0.5 * jnp.log(2 * jnp.pi)
 
 
 def pointwise_log_likelihood(
     params: MoEParams, x: jax.Array, y: jax.Array, link: str | Link = "linear"
 ) -> jax.Array:
     """(n,) log p(y_n | x_n), the expert marginalised by logsumexp."""
-    log_gate = jax.nn.log_softmax(gate_logits(params, x), axis=-1)
-    return logsumexp(log_gate + _component_log_probs(params, x, y, link), axis=-1)
+    return logsumexp(joint_log_probs(params, x, y, link), axis=-1)
+
+
+def responsibilities(params: MoEParams, x: jax.Array, y: jax.Array, link: str | Link = "linear") -> jax.Array:
+    """(n, k) posterior expert probabilities P(z = i | x_n, y_n) (the E-step of EM)."""
+    return jax.nn.softmax(joint_log_probs(params, x, y, link), axis=-1)
 
 
 def predictive_mean(params: MoEParams, x: jax.Array, link: str | Link = "linear") -> jax.Array:

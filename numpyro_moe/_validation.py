@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "ReliabilityWarning",
     "check_design",
     "check_key",
     "check_num_experts",
@@ -16,6 +17,10 @@ __all__ = [
     "check_positive_int",
     "check_response",
 ]
+
+
+class ReliabilityWarning(UserWarning):
+    """A result was computed but its assumptions failed: it may not be trustworthy."""
 
 
 def _as_float_array(value, name: str) -> jax.Array:

@@ -24,6 +24,7 @@ def _demo(args: argparse.Namespace) -> int:
         num_experts=args.experts,
         noise=args.noise,
         link=args.link,
+        num_restarts=args.restarts,
         overwrite=args.overwrite,
     )
     return 0
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
-        "demo", help="simulate the papers' setting, fit, and print recovery against the truth"
+        "demo", help="simulate the papers' setting, fit (tensor method -> EM), print recovery against the truth"
     )
     demo.add_argument("--out", help="output folder (default: numpyro-moe-demo-<timestamp>)")
     demo.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--experts", type=int, default=3)
     demo.add_argument("--noise", type=float, default=0.1)
     demo.add_argument("--link", default="linear")
+    demo.add_argument("--restarts", type=int, default=10, help="random starts of the EM baseline")
     demo.set_defaults(run=_demo)
     return parser
 

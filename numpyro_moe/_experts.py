@@ -1,0 +1,491 @@
+"""Experts by the method of moments (Makkuva, Kannan, Oh, Viswanath, "Breaking the gridlock in
+Mixture-of-Experts", ICML 2019).
+
+With x standardised to z (mean 0, identity covariance), unit-norm experts and gates orthogonal
+to them, ``T2 = E[P2(y) S2(z)] = c2 sum_i pi_i a_i a_i^T`` and
+``T3 = E[P3(y) S3(z)] = c3 sum_i pi_i a_i^{(x)3}``. T2's top-k eigenpairs (U, L) give the whitening
+``M = U L^{-1/2}`` with ``M^T (T2 / c2) M = I``; then ``(T3 / c3)(M, M, M) = sum_i pi_i^{-1/2} v_i^{(x)3}``
+with orthonormal ``v_i = pi_i^{1/2} M^T a_i``, which the tensor power method recovers. Un-whitening:
+``a_i ∝ U L^{1/2} v_i``, ``pi_i = lambda_i^{-2}``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from numpyro_moe._links import Link, resolve_link
+from numpyro_moe._metrics import match_experts
+from numpyro_moe._moments import (
+    DEFAULT_CHUNK_SIZE,
+    DataSource,
+    FirstPass,
+    as_data_source,
+    first_pass,
+    resolve_chunk_size,
+    whitened_third_moment,
+)
+from numpyro_moe._params import MoEParams
+from numpyro_moe._tensor import DECOMPOSITIONS, decompose_symmetric_tensor
+from numpyro_moe._transforms import OutputTransforms, gaussian_expectation_nodes, output_transforms
+from numpyro_moe._validation import (
+    ReliabilityWarning,
+    check_key,
+    check_positive,
+    check_positive_int,
+)
+
+__all__ = [
+    "ExpertDiagnostics",
+    "ExpertEstimate",
+    "NumExpertsSuggestion",
+    "Standardization",
+    "bootstrap_standard_errors",
+    "estimate_experts",
+    "suggest_num_experts",
+]
+
+METHODS = ("tensor",)
+# A marginal skewness / excess kurtosis this far from 0 is a practically relevant departure
+# from the Gaussian design (and, at the sample sizes used, also a significant one).
+SKEWNESS_LIMIT = 0.25
+KURTOSIS_LIMIT = 0.5
+DECOMPOSITION_RESIDUAL_LIMIT = 0.25
+
+
+class Standardization(NamedTuple):
+    """``z = whitening^T (x - mean)``: ``mean`` (d,), symmetric ``whitening`` (d, d)."""
+
+    mean: np.ndarray
+    whitening: np.ndarray
+
+    def transform(self, x):
+        """Standardise inputs x (n, d)."""
+        return (x - self.mean) @ self.whitening
+
+
+class ExpertDiagnostics(NamedTuple):
+    """How far to trust an `ExpertEstimate`.
+
+    Attributes
+    ----------
+    t2_eigenvalues
+        (d,) eigenvalues of T2 / c2 in standardised coordinates, descending. Under the model the
+        top k are the ``pi_i`` -weighted expert energies and the rest are sampling noise.
+    noise_floor
+        Size below which a T2 eigenvalue is indistinguishable from sampling noise (twice the
+        sqrt(d)-scaled standard error of T2's entries: the edge of a noise matrix's spectrum).
+    eigen_gap
+        ``t2_eigenvalues[k-1] - t2_eigenvalues[k]`` in units of ``noise_floor``; below 1 the
+        k-th expert direction is not resolved.
+    tensor_eigenvalues
+        (k,) eigenvalues of the whitened third moment, ``pi_i^{-1/2}`` in theory.
+    decomposition_residual
+        ||T - sum lambda v^{(x)3}|| / ||T|| of the whitened tensor; 0 at population size.
+    skewness, excess_kurtosis
+        (d,) marginal sample skewness and excess kurtosis of x; 0 for a Gaussian design.
+    noise_source
+        ``"given"`` or ``"moments"`` (estimated as in `estimate_experts`).
+    num_samples
+        n.
+    """
+
+    t2_eigenvalues: np.ndarray
+    noise_floor: float
+    eigen_gap: float
+    tensor_eigenvalues: np.ndarray
+    decomposition_residual: float
+    skewness: np.ndarray
+    excess_kurtosis: np.ndarray
+    noise_source: str
+    num_samples: int
+
+
+class ExpertEstimate(NamedTuple):
+    """Experts estimated by the method of moments.
+
+    Attributes
+    ----------
+    experts
+        (k, d) expert vectors in the units of the input x.
+    weights
+        (k,) mean gate probabilities ``pi_i = E[softmax(W x)_i]``, summing to 1.
+    noise
+        () noise standard deviation (given, or estimated: see `estimate_experts`).
+    expert_intercepts
+        (k,) offsets ``-a_i . mean(x)`` from centring x, or None without standardisation.
+    diagnostics
+        `ExpertDiagnostics`.
+    standardization
+        `Standardization` applied to x before the moments.
+    """
+
+    experts: np.ndarray
+    weights: np.ndarray
+    noise: np.ndarray
+    expert_intercepts: np.ndarray | None
+    diagnostics: ExpertDiagnostics
+    standardization: Standardization
+
+    def to_params(self, gates=None, *, intercepts: bool = False) -> MoEParams:
+        """`MoEParams` with these experts and noise; gates zero (k, d) unless given.
+
+        With ``intercepts=True`` the centring offsets become ``expert_intercepts`` (and the
+        gate intercepts start at zero).
+        """
+        k, d = self.experts.shape
+        gates = np.zeros((k, d)) if gates is None else np.asarray(gates)
+        if intercepts:
+            expert_intercepts = self.expert_intercepts if self.expert_intercepts is not None else np.zeros(k)
+            return MoEParams(self.experts, gates, self.noise, expert_intercepts, np.zeros(k))
+        return MoEParams(self.experts, gates, self.noise)
+
+
+class NumExpertsSuggestion(NamedTuple):
+    """Result of `suggest_num_experts`: the count of T2 eigenvalues above ``noise_floor``."""
+
+    num_experts: int
+    t2_eigenvalues: np.ndarray
+    noise_floor: float
+
+
+class _SecondMoment(NamedTuple):
+    stats: FirstPass
+    standardization: Standardization
+    eigenvalues: np.ndarray  # descending, of T2 / c2 in z-coordinates
+    eigenvectors: np.ndarray  # (d, d), columns
+    noise_floor: float
+    skewness: np.ndarray
+    excess_kurtosis: np.ndarray
+
+
+def _second_moment(source: DataSource, transforms: OutputTransforms, standardize: bool, chunk_size: int):
+    stats = first_pass(source, transforms, chunk_size)
+    n, d = stats.count, source.dim
+    if n < d + 2:
+        raise ValueError(
+            f"x: too few samples: the moments need more rows than columns + 1; got n={int(n)}, d={d}"
+        )
+    mean = stats.sum_x / n
+    second = stats.sum_xx / n
+    covariance = second - np.outer(mean, mean)
+    variances = np.diag(covariance)
+    if standardize:
+        values, vectors = np.linalg.eigh(covariance)
+        if values[0] <= 1e-10 * max(values[-1], 1e-300):
+            raise ValueError(
+                "x: the columns are (nearly) linearly dependent (covariance eigenvalue "
+                f"{values[0]:.2e}); drop or combine redundant columns"
+            )
+        whitening = (vectors / np.sqrt(values)) @ vectors.T
+    else:
+        mean = np.zeros(d)
+        whitening = np.eye(d)
+
+    raw_mean = stats.sum_x / n
+    third = stats.sum_x3 / n - 3 * raw_mean * np.diag(second) + 2 * raw_mean**3
+    fourth = (
+        stats.sum_x4 / n - 4 * raw_mean * stats.sum_x3 / n + 6 * raw_mean**2 * np.diag(second)
+        - 3 * raw_mean**4
+    )
+    safe = np.maximum(variances, 1e-300)
+    skewness = third / safe**1.5
+    excess_kurtosis = fourth / safe**2 - 3
+
+    y_mean, y2_mean = stats.sum_y[0] / n, stats.sum_y[1] / n
+    p2_mean = y2_mean + transforms.gamma * y_mean
+    weighted = (stats.sum_p2xx - p2_mean * stats.sum_xx) / n  # E[(P2 - mean P2) x x^T]
+    weighted_first = (stats.sum_p2x - p2_mean * stats.sum_x) / n
+    centred = weighted - np.outer(weighted_first, mean) - np.outer(mean, weighted_first)
+    t2 = whitening.T @ centred @ whitening / transforms.c2
+    t2 = (t2 + t2.T) / 2
+    eigenvalues, eigenvectors = np.linalg.eigh(t2)
+    eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]
+
+    p2_variance = max(stats.sum_p2sq / n - p2_mean**2, 0.0)
+    noise_floor = 2 * np.sqrt(d) * np.sqrt(p2_variance / n) / abs(transforms.c2)
+    return _SecondMoment(
+        stats, Standardization(mean, whitening), eigenvalues, eigenvectors, float(noise_floor),
+        skewness, excess_kurtosis,
+    )
+
+
+def _estimate_noise(stats: FirstPass, link: Link) -> float:
+    """s^2 = E[y^2] - E[g(Z)^2]: under the design (z ~ N(0, I), unit experts, orthogonal gates)
+    each expert's input a_i . z is N(0, 1) independently of the gate.
+
+    When the noise is small next to the sampling error of mean(y^2), the difference is not
+    resolved; the estimate is then floored at that standard error (an upper bound for s^2 at
+    this n). Only a significantly negative difference (3 standard errors) means the design
+    assumptions fail, and warns.
+    """
+    n = stats.count
+    nodes, weights = gaussian_expectation_nodes("piecewise")
+    with jax.enable_x64(True):
+        g = np.asarray(link.function(jax.numpy.asarray(nodes)), dtype=np.float64)
+    y2_mean = stats.sum_y[1] / n
+    variance = y2_mean - float(weights @ g**2)
+    standard_error = np.sqrt(max(stats.sum_y[3] / n - y2_mean**2, 0.0) / n)
+    if variance < -3 * standard_error:
+        warnings.warn(
+            f"noise: mean(y^2) is {-variance:.3g} below what unit-norm experts give (3 standard "
+            f"errors would be {3 * standard_error:.3g}): the design assumptions fail (expert scale, "
+            "Gaussian x). Using a small noise; pass noise= explicitly or refine with EM.",
+            ReliabilityWarning,
+            stacklevel=3,
+        )
+    variance = max(variance, standard_error, 1e-12 * max(y2_mean, 1e-300))
+    return float(np.sqrt(variance))
+
+
+def _warn_design(moment: _SecondMoment) -> None:
+    n = moment.stats.count
+    skew_limit = max(SKEWNESS_LIMIT, 5 * np.sqrt(6 / n))
+    kurt_limit = max(KURTOSIS_LIMIT, 5 * np.sqrt(24 / n))
+    bad = np.flatnonzero(
+        (np.abs(moment.skewness) > skew_limit) | (np.abs(moment.excess_kurtosis) > kurt_limit)
+    )
+    if bad.size:
+        worst = bad[np.argmax(np.abs(moment.excess_kurtosis[bad]) + np.abs(moment.skewness[bad]))]
+        warnings.warn(
+            f"x: {bad.size} of {moment.skewness.size} columns look non-Gaussian (column {worst}: "
+            f"skewness {moment.skewness[worst]:.2f}, excess kurtosis {moment.excess_kurtosis[worst]:.2f}); "
+            "the tensor method's guarantee needs a Gaussian design, so treat the estimate as a "
+            "starting point and refine it by EM or MCMC",
+            ReliabilityWarning,
+            stacklevel=3,
+        )
+
+
+def estimate_experts(
+    x,
+    y=None,
+    *,
+    num_experts: int,
+    link: str | Link = "linear",
+    noise: float | None = None,
+    method: str = "tensor",
+    key: jax.Array | None = None,
+    standardize: bool = True,
+    decomposition: str = "power",
+    num_restarts: int = 10,
+    num_iterations: int = 50,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> ExpertEstimate:
+    """Estimate the experts of a mixture of experts by the tensor method of moments.
+
+    Two streamed passes over the data, O(n d^2 + n d k) work and O(d^2 + k^3) memory beyond one
+    chunk; no local optima (the power method's restarts handle the decomposition's).
+
+    Parameters
+    ----------
+    x, y
+        Inputs (n, d) and responses (n,); or ``y=None`` and ``x`` a re-iterable of
+        ``(x_chunk, y_chunk)`` pairs (a list, or a callable returning an iterator) for data that
+        does not fit in memory. Computation follows the arrays' dtype (float64 when JAX's x64
+        mode is on); sums are accumulated across chunks in float64.
+    num_experts
+        k <= d.
+    link
+        Expert link: name or callable (see `resolve_link`). Its transforms come from
+        `output_transforms`.
+    noise
+        Noise standard deviation, if known. If None it is estimated from the second moment of
+        y: ``s^2 = mean(y^2) - E[g(Z)^2]``, valid under the design assumptions below; EM refines it.
+    method
+        ``"tensor"``.
+    key
+        PRNG key for the power method's random restarts; None uses ``jax.random.key(0)``, so the
+        result is reproducible either way.
+    standardize
+        Centre and whiten x by its sample mean and covariance first (keep it on for real data);
+        the experts are reported in the original units of x, with the centring offsets in
+        ``expert_intercepts``. Off: x is taken to be N(0, I) as it is.
+    decomposition
+        ``"power"`` (robust tensor power method in JAX) or ``"tensorly"``
+        (``tensorly.decomposition.symmetric_parafac_power_iteration``).
+    num_restarts, num_iterations
+        Power-method restarts per component and iterations per run.
+    chunk_size
+        Rows per streamed chunk (memory use is O(chunk_size * d)); None picks a power of two
+        with about 2^21 entries (16 MB of float64).
+
+    Returns
+    -------
+    ExpertEstimate
+
+    Notes
+    -----
+    The consistency guarantee assumes a Gaussian design, unit-norm linearly independent experts
+    and every gate row orthogonal to every expert. When the assumptions fail the estimate is
+    biased and serves as a starting point for EM, MAP or NUTS. A `ReliabilityWarning` is issued
+    for a non-Gaussian-looking x, an unresolved T2 eigen-gap at k, a decomposition far from
+    orthogonal, or an impossible noise estimate.
+
+    Raises
+    ------
+    ValueError
+        For k > d (the experts cannot be linearly independent: fit by EM from several random
+        starts instead), too few samples, non-finite data, or an unknown link or method.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if decomposition not in DECOMPOSITIONS:
+        raise ValueError(f"decomposition: expected one of {DECOMPOSITIONS}, got {decomposition!r}")
+    link = resolve_link(link)
+    key = jax.random.key(0) if key is None else check_key(key)
+    if chunk_size is not None:
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+    num_restarts = check_positive_int(num_restarts, "num_restarts")
+    num_iterations = check_positive_int(num_iterations, "num_iterations")
+    if noise is not None:
+        noise = check_positive(noise, "noise")
+    source = as_data_source(x, y, chunk_size=chunk_size)
+    chunk_size = resolve_chunk_size(chunk_size, source.dim)
+    num_experts = check_positive_int(num_experts, "num_experts")
+    if num_experts > source.dim:
+        raise ValueError(
+            f"num_experts: the tensor method needs num_experts <= dim so the experts can be linearly "
+            f"independent; got num_experts={num_experts}, dim={source.dim}. Fit by EM from several "
+            "random starts instead (or reduce num_experts)"
+        )
+
+    transforms = output_transforms(link, 0.0)
+    moment = _second_moment(source, transforms, standardize, chunk_size)
+    _warn_design(moment)
+    noise_source = "given"
+    if noise is None:
+        noise, noise_source = _estimate_noise(moment.stats, link), "moments"
+    transforms = output_transforms(link, noise)
+
+    d = source.dim
+    values = moment.eigenvalues
+    next_value = values[num_experts] if num_experts < d else 0.0
+    top = values[num_experts - 1]
+    if top <= 0:
+        raise ValueError(
+            f"num_experts: T2 has only {int((values > 0).sum())} positive eigenvalues, fewer than "
+            f"num_experts={num_experts}; the data do not support that many experts (see "
+            "suggest_num_experts)"
+        )
+    eigen_gap = (top - next_value) / moment.noise_floor if moment.noise_floor > 0 else np.inf
+    if eigen_gap < 1:
+        warnings.warn(
+            f"num_experts: the gap between T2's eigenvalues {num_experts} and {num_experts + 1} "
+            f"({top - next_value:.3g}) is below the sampling-noise floor ({moment.noise_floor:.3g}); "
+            "the k-th expert direction is not resolved: use more data or fewer experts",
+            ReliabilityWarning,
+            stacklevel=2,
+        )
+
+    basis = moment.eigenvectors[:, :num_experts]  # U (d, k), z-coordinates
+    scales = np.sqrt(values[:num_experts])
+    whiten = basis / scales  # M
+    standardization = moment.standardization
+    projection = standardization.whitening @ whiten
+    tensor = whitened_third_moment(
+        source, transforms, standardization.mean, projection, whiten.T @ whiten, moment.stats, chunk_size
+    ) / transforms.c3
+    result = decompose_symmetric_tensor(
+        tensor, num_experts, key=key, method=decomposition, num_restarts=num_restarts,
+        num_iterations=num_iterations,
+    )
+    if result.residual > DECOMPOSITION_RESIDUAL_LIMIT:
+        warnings.warn(
+            f"the whitened third moment is far from orthogonally decomposable (relative residual "
+            f"{result.residual:.2f}): sampling noise dominates or the design assumptions fail; treat "
+            "the experts as a starting point",
+            ReliabilityWarning,
+            stacklevel=2,
+        )
+
+    directions = (basis * scales) @ (result.eigenvalues[:, None] * result.eigenvectors).T  # (d, k)
+    directions = directions / np.linalg.norm(directions, axis=0, keepdims=True)
+    experts = (standardization.whitening @ directions).T
+    weights = 1.0 / result.eigenvalues**2
+    weights = weights / weights.sum()
+    intercepts = -experts @ standardization.mean if standardize else None
+    diagnostics = ExpertDiagnostics(
+        t2_eigenvalues=values,
+        noise_floor=moment.noise_floor,
+        eigen_gap=float(eigen_gap),
+        tensor_eigenvalues=result.eigenvalues,
+        decomposition_residual=result.residual,
+        skewness=moment.skewness,
+        excess_kurtosis=moment.excess_kurtosis,
+        noise_source=noise_source,
+        num_samples=int(moment.stats.count),
+    )
+    return ExpertEstimate(experts, weights, np.asarray(noise), intercepts, diagnostics, standardization)
+
+
+def suggest_num_experts(
+    x,
+    y=None,
+    *,
+    link: str | Link = "linear",
+    standardize: bool = True,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> NumExpertsSuggestion:
+    """Suggest k as the number of T2 eigenvalues above the sampling-noise floor.
+
+    One streamed pass (the first of `estimate_experts`). Under the model, T2 / c2 has k
+    eigenvalues ``~ pi_i`` and d - k at zero, perturbed by noise whose spectrum stays below
+    ``noise_floor`` (see `ExpertDiagnostics`). Inspect ``t2_eigenvalues`` too: a weak expert
+    (small ``pi_i``) can fall under the floor at small n.
+    """
+    link = resolve_link(link)
+    if chunk_size is not None:
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+    source = as_data_source(x, y, chunk_size=chunk_size)
+    chunk_size = resolve_chunk_size(chunk_size, source.dim)
+    moment = _second_moment(source, output_transforms(link, 0.0), standardize, chunk_size)
+    count = int((moment.eigenvalues > moment.noise_floor).sum())
+    return NumExpertsSuggestion(max(count, 1), moment.eigenvalues, moment.noise_floor)
+
+
+def bootstrap_standard_errors(
+    x,
+    y,
+    estimate: ExpertEstimate,
+    *,
+    key: jax.Array,
+    num_bootstrap: int = 50,
+    link: str | Link = "linear",
+    **estimate_kwargs,
+) -> np.ndarray:
+    """(k, d) bootstrap standard errors of ``estimate.experts`` (in-memory arrays only).
+
+    Each replicate re-estimates on rows drawn with replacement, is matched to ``estimate``'s
+    labelling (`match_experts`), and the entrywise standard deviation is returned. Warnings of
+    the replicates are collected into one.
+    """
+    if not isinstance(estimate, ExpertEstimate):
+        raise TypeError(f"estimate: expected ExpertEstimate, got {type(estimate).__name__}")
+    key = check_key(key)
+    num_bootstrap = check_positive_int(num_bootstrap, "num_bootstrap", minimum=2)
+    x, y = np.asarray(x), np.asarray(y)
+    k = estimate.experts.shape[0]
+    replicates = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ReliabilityWarning)
+        for replicate_key in jax.random.split(key, num_bootstrap):
+            draw_key, fit_key = jax.random.split(replicate_key)
+            rows = np.asarray(jax.random.randint(draw_key, (x.shape[0],), 0, x.shape[0]))
+            fit = estimate_experts(
+                x[rows], y[rows], num_experts=k, link=link, key=fit_key, **estimate_kwargs
+            )
+            match = match_experts(fit.experts, estimate.experts)
+            replicates.append(fit.experts[match.permutation])
+    unreliable = sum(isinstance(w.message, ReliabilityWarning) for w in caught)
+    if unreliable:
+        warnings.warn(
+            f"{unreliable} warnings in {num_bootstrap} bootstrap replicates: the standard errors "
+            "describe an estimate whose assumptions look violated",
+            ReliabilityWarning,
+            stacklevel=2,
+        )
+    return np.std(np.stack(replicates), axis=0, ddof=1)
