@@ -45,6 +45,7 @@ from numpyro_moe._params import (
     predictive_mean,
     responsibilities,
 )
+from numpyro_moe._pipeline import MoEFit, fit_moe
 from numpyro_moe._simulate import SimulatedData, sample_data, simulate, true_params
 from numpyro_moe._tensor import TensorDecomposition, decompose_symmetric_tensor
 from numpyro_moe._transforms import OutputTransforms, output_transforms
@@ -58,6 +59,7 @@ __all__ = [
     "ExpertDiagnostics",
     "ExpertEstimate",
     "MapResult",
+    "MoEFit",
     "NumExpertsSuggestion",
     "OutputTransforms",
     "ReliabilityWarning",
@@ -72,6 +74,7 @@ __all__ = [
     "fit_gating",
     "fit_likelihood_gd",
     "fit_map",
+    "fit_moe",
     "fit_squared_loss_gd",
     "joint_log_probs",
     "random_start",

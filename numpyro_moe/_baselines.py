@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from numpyro_moe._em import EMResult, em_iterations, split_augmented
+from numpyro_moe._em import EMResult, em_iterations, split_augmented, to_augmented
 from numpyro_moe._fit import _check_xy, _likelihood_gd, as_params, minimize_adam
 from numpyro_moe._links import Link, resolve_link
 from numpyro_moe._params import MoEParams, predictive_mean
@@ -69,6 +69,7 @@ def fit_em_restarts(
     num_restarts: int = 10,
     link: str | Link = "linear",
     starts: MoEParams | None = None,
+    intercepts: bool = False,
     max_iterations: int = 500,
     tol: float = 1e-8,
     progress: bool = False,
@@ -76,7 +77,8 @@ def fit_em_restarts(
     """Joint EM from ``num_restarts`` random starts (`random_start`), run in parallel (vmap).
 
     ``starts`` (stacked `MoEParams`, leading axis = restart) replaces the random starts, e.g. to
-    include a moment estimate among random ones. The best final likelihood wins.
+    include a moment estimate among random ones. The best final likelihood wins. With
+    ``intercepts`` the expert and gate intercepts are fitted too (random starts begin at zero).
     """
     x, y = _check_xy(x, y)
     link = resolve_link(link)
@@ -90,16 +92,21 @@ def fit_em_restarts(
         starts = jax.vmap(lambda k: random_start(k, x, y, num_experts=num_experts))(keys)
     elif not isinstance(starts, MoEParams) or starts.experts.ndim != 3:
         raise TypeError("starts: expected MoEParams stacked on a leading restart axis")
-    gates = starts.gates - starts.gates[:, -1:]
+    elif starts.experts.shape[1:] != (num_experts, x.shape[1]):
+        raise ValueError(
+            f"starts: expected experts of shape (restarts, {num_experts}, {x.shape[1]}), got {starts.experts.shape}"
+        )
+    experts, gates = jax.vmap(lambda start: to_augmented(start, intercepts))(starts)
+    design = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1) if intercepts else x
     experts, gates, noise, log_likelihoods, history, iterations = em_iterations(
-        jnp.asarray(starts.experts), jnp.asarray(gates), jnp.asarray(starts.noise), x, y, link=link,
+        experts, gates, jnp.asarray(starts.noise), design, y, link=link,
         update_experts=True, max_iterations=max_iterations, tol=tol,
         progress="EM restarts" if progress else None,
     )
     log_likelihoods = np.where(np.isfinite(log_likelihoods), log_likelihoods, -np.inf)
     best = int(np.argmax(log_likelihoods))
     count = int(iterations[best])
-    params = split_augmented(experts, gates, noise, False)
+    params = jax.vmap(lambda e, g, s: split_augmented(e, g, s, intercepts))(experts, gates, noise)
     best_result = EMResult(
         params=jax.tree_util.tree_map(lambda value: value[best], params),
         log_likelihood=float(log_likelihoods[best]),

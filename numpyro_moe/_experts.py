@@ -365,24 +365,21 @@ def estimate_experts(
     values = moment.eigenvalues
     next_value = values[num_experts] if num_experts < d else 0.0
     top = values[num_experts - 1]
-    if top <= 0:
-        raise ValueError(
-            f"num_experts: T2 has only {int((values > 0).sum())} positive eigenvalues, fewer than "
-            f"num_experts={num_experts}; the data do not support that many experts (see "
-            "suggest_num_experts)"
-        )
     eigen_gap = (top - next_value) / moment.noise_floor if moment.noise_floor > 0 else np.inf
-    if eigen_gap < 1:
+    if eigen_gap < 1 or top <= 0:
         warnings.warn(
             f"num_experts: the gap between T2's eigenvalues {num_experts} and {num_experts + 1} "
             f"({top - next_value:.3g}) is below the sampling-noise floor ({moment.noise_floor:.3g}); "
-            "the k-th expert direction is not resolved: use more data or fewer experts",
+            "the k-th expert direction is not resolved: use more data or fewer experts (see "
+            "suggest_num_experts). The estimate is only a starting point.",
             ReliabilityWarning,
             stacklevel=2,
         )
 
     basis = moment.eigenvectors[:, :num_experts]  # U (d, k), z-coordinates
-    scales = np.sqrt(values[:num_experts])
+    # Eigenvalues within the noise (even negative ones) are floored so the whitening exists.
+    floor = max(moment.noise_floor, 1e-12 * max(abs(values[0]), 1e-300))
+    scales = np.sqrt(np.maximum(values[:num_experts], floor))
     whiten = basis / scales  # M
     standardization = moment.standardization
     projection = standardization.whitening @ whiten

@@ -1,0 +1,198 @@
+"""Benchmark of the fitting pipeline (ICML 2019 tensor method -> EM) against the oracle and baselines.
+
+Prints, in one run:
+A. Papers' setting (orthogonal gates, d=10, k=3, noise 0.1, linear, n=20k), per seed: expert and
+   gating error of tensor -> gating EM -> joint EM, divided by the oracle's (joint EM started at
+   the truth). Target: expert ratio <= 1.1 on >= 48/50 seeds, gating ratio <= 1.2.
+B. Harder regimes: success rates (expert error < 0.1) of every method on the same seeds:
+   tensor -> EM (one start), `fit_moe` (tensor start + 4 random starts), joint EM from 1 random
+   start, best of 5 random-start EM (the same number of starts as `fit_moe`), gradient descent on
+   the squared loss and on the likelihood (1 random start each), and the oracle.
+C. Speed at n=200k, d=10, k=3: tensor + EM against R's flexmix
+   (`flexmix(y ~ x, k = 3, concomitant = FLXPmultinom(~ x))`) on the same data in the same run,
+   with the expert and gating error of each. Skipped, with a note, when R/flexmix is missing.
+
+Usage: python benchmarks/em_pipeline.py [--quick] [--seeds N] [--skip-flexmix]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+
+def _setup():
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import numpyro_moe
+
+    warnings.simplefilter("ignore")  # benchmarks report errors; warnings are tested elsewhere
+    return jax, numpyro_moe
+
+
+def papers_setting(num_seeds):
+    jax, moe = _setup()
+    expert_ratios, gate_ratios = [], []
+    start = time.perf_counter()
+    for seed in range(num_seeds):
+        x, y, truth = moe.simulate(jax.random.key(seed), num_samples=20_000, dim=10, num_experts=3)
+        x_test, _ = moe.sample_data(jax.random.key(10_000 + seed), truth, num_samples=20_000)
+        estimate = moe.estimate_experts(x, y, num_experts=3, key=jax.random.key(seed))
+        fitted = moe.fit_em(x, y, moe.fit_gating(x, y, estimate)).params
+        oracle = moe.fit_em(x, y, truth).params
+        expert_ratios.append(moe.expert_error(fitted, truth) / moe.expert_error(oracle, truth))
+        gate_ratios.append(moe.gating_error(fitted, truth, x_test) / moe.gating_error(oracle, truth, x_test))
+    expert_ratios, gate_ratios = np.array(expert_ratios), np.array(gate_ratios)
+    print(
+        f"  expert error / oracle: within 1.1x on {(expert_ratios <= 1.1).sum()}/{num_seeds} seeds "
+        f"(target >= 48/50), median {np.median(expert_ratios):.4f}, max {expert_ratios.max():.4f}\n"
+        f"  gating error / oracle: within 1.2x on {(gate_ratios <= 1.2).sum()}/{num_seeds} seeds, "
+        f"median {np.median(gate_ratios):.4f}, max {gate_ratios.max():.4f}  "
+        f"({time.perf_counter() - start:.0f} s)",
+        flush=True,
+    )
+
+
+REGIMES = {
+    "k=8, n=4000, gate scale 3": dict(num_experts=8, num_samples=4000, gate_scale=3.0),
+    "relu, k=5, n=2000": dict(num_experts=5, num_samples=2000, link="relu"),
+    "k=5, n=1500 (few samples per parameter)": dict(num_experts=5, num_samples=1500),
+    "correlated gates, k=4, n=10000": dict(num_experts=4, num_samples=10_000, gating="correlated"),
+}
+
+
+def hard_regimes(num_seeds, gd_steps):
+    jax, moe = _setup()
+    for name, setting in REGIMES.items():
+        setting = dict(setting)
+        link = setting.pop("link", "linear")
+        k = setting["num_experts"]
+        methods = {}
+
+        def record(method, params, truth):
+            methods.setdefault(method, []).append(moe.expert_error(params, truth))
+
+        start = time.perf_counter()
+        for seed in range(num_seeds):
+            x, y, truth = moe.simulate(jax.random.key(seed), dim=10, link=link, **setting)
+            key = jax.random.key(1000 + seed)
+            estimate = moe.estimate_experts(x, y, num_experts=k, link=link, key=key)
+            record("tensor -> EM (1 start)", moe.fit_em(x, y, moe.fit_gating(x, y, estimate, link=link), link=link).params, truth)
+            record("fit_moe: tensor + 4 random starts", moe.fit_moe(x, y, num_experts=k, key=key, link=link, num_restarts=4).params, truth)
+            record("EM, 1 random start", moe.fit_em_restarts(x, y, num_experts=k, key=key, num_restarts=1, link=link).best.params, truth)
+            record("EM, best of 5 random starts", moe.fit_em_restarts(x, y, num_experts=k, key=key, num_restarts=5, link=link).best.params, truth)
+            record("GD squared loss, 1 random start", moe.fit_squared_loss_gd(x, y, num_experts=k, key=key, link=link, num_steps=gd_steps), truth)
+            record("GD likelihood, 1 random start", moe.fit_likelihood_gd(x, y, num_experts=k, key=key, link=link, num_steps=gd_steps), truth)
+            record("oracle (EM from truth)", moe.fit_em(x, y, truth, link=link).params, truth)
+        print(f"  regime: {name} (d=10), {num_seeds} seeds, {time.perf_counter() - start:.0f} s", flush=True)
+        for method, errors in methods.items():
+            errors = np.array(errors)
+            print(f"    {method:36s} success {np.mean(errors < 0.1):5.0%}  median error {np.median(errors):.3f}")
+
+
+_FLEXMIX = r"""
+suppressMessages(library(flexmix))
+args <- commandArgs(trailingOnly = TRUE)
+data <- read.csv(args[1])
+y <- data$y
+x <- as.matrix(data[, -1])
+set.seed(1)
+elapsed <- system.time(fit <- flexmix(y ~ x, k = as.integer(args[2]), concomitant = FLXPmultinom(~ x)))[["elapsed"]]
+experts <- parameters(fit)
+gates <- parameters(fit, which = "concomitant")
+write.csv(experts, args[3], row.names = TRUE)
+write.csv(gates, args[4], row.names = TRUE)
+cat(elapsed, "\n")
+"""
+
+
+def flexmix_comparison(num_samples):
+    jax, moe = _setup()
+    k, d = 3, 10
+    x, y, truth = moe.simulate(jax.random.key(0), num_samples=num_samples, dim=d, num_experts=k)
+    x_test, _ = moe.sample_data(jax.random.key(1), truth, num_samples=20_000)
+
+    def ours():
+        estimate = moe.estimate_experts(x, y, num_experts=k, key=jax.random.key(0))
+        return jax.block_until_ready(moe.fit_em(x, y, moe.fit_gating(x, y, estimate)).params)
+
+    start = time.perf_counter()
+    ours()
+    cold = time.perf_counter() - start
+    start = time.perf_counter()
+    params = ours()
+    warm = time.perf_counter() - start
+    print(
+        f"  numpyro-moe tensor + EM: {warm:.2f} s warm ({cold:.2f} s with compilation), expert error "
+        f"{moe.expert_error(params, truth):.4f}, gating error {moe.gating_error(params, truth, x_test):.4f}",
+        flush=True,
+    )
+    if shutil.which("Rscript") is None:
+        print("  flexmix: R is not installed here (Debian: r-base-core, r-cran-flexmix); comparison skipped")
+        return
+    check = subprocess.run(["Rscript", "-e", "library(flexmix)"], capture_output=True)
+    if check.returncode != 0:
+        print("  flexmix: the R package flexmix is missing (Debian: r-cran-flexmix); comparison skipped")
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        data = np.column_stack([np.asarray(y), np.asarray(x)])
+        header = "y," + ",".join(f"x{j}" for j in range(d))
+        np.savetxt(folder / "data.csv", data, delimiter=",", header=header, comments="")
+        (folder / "fit.R").write_text(_FLEXMIX)
+        start = time.perf_counter()
+        result = subprocess.run(
+            ["Rscript", str(folder / "fit.R"), str(folder / "data.csv"), str(k), str(folder / "experts.csv"),
+             str(folder / "gates.csv")],
+            capture_output=True, text=True,
+        )
+        wall = time.perf_counter() - start
+        if result.returncode != 0:
+            print(f"  flexmix failed: {result.stderr.strip()[-500:]}")
+            return
+        fit_seconds = float(result.stdout.split()[-1])
+        experts_table = np.genfromtxt(folder / "experts.csv", delimiter=",", skip_header=1)[:, 1:]
+        gates_table = np.genfromtxt(folder / "gates.csv", delimiter=",", skip_header=1)[:, 1:]
+    # Rows of experts_table: intercept, x0..x9 slopes, sigma; columns: components.
+    flex_experts = experts_table[1 : d + 1].T
+    flex_noise = float(np.mean(experts_table[d + 1]))
+    gate_matrix = gates_table[1 : d + 1].T  # (k, d), first component's row is 0
+    flex = moe.MoEParams(flex_experts, gate_matrix - gate_matrix[-1], np.asarray(flex_noise))
+    print(
+        f"  flexmix: {fit_seconds:.1f} s fit ({wall:.1f} s with R start-up and CSV), expert error "
+        f"{moe.expert_error(flex, truth):.4f}, gating error {moe.gating_error(flex, truth, x_test):.4f} "
+        "(flexmix also fits intercepts, which the truth has at zero)"
+    )
+    print(f"  speed-up of numpyro-moe over flexmix: {fit_seconds / warm:.0f}x warm, {fit_seconds / cold:.0f}x cold (target >= 50x)")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per hard regime (default 10)")
+    parser.add_argument("--skip-flexmix", action="store_true")
+    parser.add_argument("--only", choices=["A", "B", "C"], default=None)
+    args = parser.parse_args()
+    started = time.perf_counter()
+    if args.only in (None, "A"):
+        print("A. Papers' setting: d=10, k=3, noise 0.1, n=20k, pipeline vs oracle")
+        papers_setting(5 if args.quick else 50)
+    if args.only in (None, "B"):
+        print("B. Harder regimes: success = expert error < 0.1, same seeds for every method")
+        hard_regimes(args.seeds or (2 if args.quick else 10), gd_steps=500 if args.quick else 3000)
+    if args.only in (None, "C") and not args.skip_flexmix:
+        print("C. Speed against R's flexmix, same data, same run")
+        flexmix_comparison(20_000 if args.quick else 200_000)
+    print(f"total benchmark time {time.perf_counter() - started:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
