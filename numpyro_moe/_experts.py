@@ -344,7 +344,7 @@ def estimate_experts(
     if noise is not None:
         noise = check_positive(noise, "noise")
     source = as_data_source(x, y, chunk_size=chunk_size)
-    chunk_size = resolve_chunk_size(chunk_size, source.dim)
+    chunk_size = resolve_chunk_size(chunk_size, source.dim, source.num_samples)
     num_experts = check_positive_int(num_experts, "num_experts")
     if num_experts > source.dim:
         raise ValueError(
@@ -438,7 +438,7 @@ def suggest_num_experts(
     if chunk_size is not None:
         chunk_size = check_positive_int(chunk_size, "chunk_size")
     source = as_data_source(x, y, chunk_size=chunk_size)
-    chunk_size = resolve_chunk_size(chunk_size, source.dim)
+    chunk_size = resolve_chunk_size(chunk_size, source.dim, source.num_samples)
     moment = _second_moment(source, output_transforms(link, 0.0), standardize, chunk_size)
     count = int((moment.eigenvalues > moment.noise_floor).sum())
     return NumExpertsSuggestion(max(count, 1), moment.eigenvalues, moment.noise_floor)

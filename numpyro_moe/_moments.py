@@ -35,12 +35,17 @@ DEFAULT_CHUNK_SIZE = None  # chosen from d by `resolve_chunk_size`
 _CHUNK_ELEMENTS = 2**21  # ~16 MB of float64 per chunk of x
 
 
-def resolve_chunk_size(chunk_size: int | None, dim: int) -> int:
-    """Rows per chunk: ``chunk_size`` if given, else a power of two with about 2^21 entries."""
+def resolve_chunk_size(chunk_size: int | None, dim: int, num_samples: int | None = None) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else a power of two with about 2^21 entries,
+    and no more than the next power of two above ``num_samples`` (no padding to a huge chunk
+    for small data, while data of similar size still share one compiled kernel)."""
     if chunk_size is not None:
         return chunk_size
     rows = max(_CHUNK_ELEMENTS // max(dim, 1), 1024)
-    return min(1 << (rows.bit_length() - 1), 1 << 18)
+    rows = min(1 << (rows.bit_length() - 1), 1 << 18)
+    if num_samples is not None:
+        rows = min(rows, 1 << max(num_samples - 1, 1).bit_length())
+    return rows
 
 
 class DataSource(NamedTuple):
@@ -73,7 +78,7 @@ def as_data_source(x, y=None, *, chunk_size: int | None = DEFAULT_CHUNK_SIZE) ->
                 f"y: expected shape ({x_shape[0]},) to match x's rows, got shape {y_shape}"
             )
         n = x_shape[0]
-        chunk_size = resolve_chunk_size(chunk_size, x_shape[1])
+        chunk_size = resolve_chunk_size(chunk_size, x_shape[1], n)
 
         def array_chunks():
             for start in range(0, n, chunk_size):

@@ -1,0 +1,219 @@
+"""Streamed cross-moments of the tensor method (Makkuva, Kannan, Oh, Viswanath, ICML 2019) against
+direct dense computations, and the chunked data path."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from numpyro_moe import estimate_experts, output_transforms, simulate
+from numpyro_moe._experts import _second_moment
+from numpyro_moe._moments import (
+    _first_pass_chunk,
+    _third_moment_chunk,
+    as_data_source,
+    first_pass,
+    whitened_third_moment,
+)
+
+NUM_SAMPLES, DIM, NUM_EXPERTS, NOISE = 3000, 6, 3, 0.1
+# Smaller than n, not dividing it: the arrays are cut into several chunks, the last one padded.
+CHUNK_SIZE = 700
+
+
+@pytest.fixture(scope="module")
+def data():
+    # The first rows of a larger simulated set (its shapes are shared with tests/test_experts.py,
+    # so the simulator compiles once for both).
+    x, y, _ = simulate(
+        jax.random.key(0), num_samples=50_000, dim=DIM, num_experts=NUM_EXPERTS, noise=NOISE
+    )
+    x, y = x[:NUM_SAMPLES], y[:NUM_SAMPLES]
+    return np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+
+def inverse_sqrt(matrix):
+    values, vectors = np.linalg.eigh(matrix)
+    return (vectors / np.sqrt(values)) @ vectors.T
+
+
+def standardized(x):
+    mean = x.mean(axis=0)
+    covariance = np.cov(x, rowvar=False, bias=True)
+    return (x - mean) @ inverse_sqrt(covariance)
+
+
+def dense_t2(x, y, transforms):
+    """E[(P2(y) - mean P2) z z^T] / c2 in standardised coordinates, directly."""
+    z = standardized(x)
+    p2 = transforms.p2(y)
+    return np.einsum("n,na,nb->ab", p2 - p2.mean(), z, z) / len(y) / transforms.c2
+
+
+def dense_third_moment(x, y, transforms):
+    """The full d x d x d tensor E[(P3(y) - mean P3) S3(z)], S3(z) = z^{(x)3} - sym(z (x) I)."""
+    z = standardized(x)
+    p3 = transforms.p3(y)
+    centred = p3 - p3.mean()
+    d = z.shape[1]
+    eye = np.eye(d)
+    cubes = np.einsum("na,nb,nc->nabc", z, z, z)
+    corrections = (
+        np.einsum("na,bc->nabc", z, eye)
+        + np.einsum("nb,ac->nabc", z, eye)
+        + np.einsum("nc,ab->nabc", z, eye)
+    )
+    return np.einsum("n,nabc->abc", centred, cubes - corrections) / len(y)
+
+
+def test_first_pass_sums_match_direct_sums(data):
+    x, y = data
+    transforms = output_transforms("linear", 0.0)
+    source = as_data_source(x, y, chunk_size=CHUNK_SIZE)
+    sums = first_pass(source, transforms, CHUNK_SIZE)
+    p2 = transforms.p2(y)
+    assert sums.count == NUM_SAMPLES
+    np.testing.assert_allclose(sums.sum_x, x.sum(0), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(sums.sum_xx, x.T @ x, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(sums.sum_p2x, p2 @ x, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(sums.sum_p2xx, (p2[:, None] * x).T @ x, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(sums.sum_x3, (x**3).sum(0), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(sums.sum_x4, (x**4).sum(0), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(sums.sum_y, [(y**m).sum() for m in range(1, 5)], rtol=1e-10)
+    assert sums.sum_p2sq == pytest.approx(p2 @ p2, rel=1e-10)
+
+
+@pytest.mark.parametrize("link", ["linear", "sigmoid"])
+def test_second_moment_matches_dense_computation(data, link):
+    x, y = data
+    transforms = output_transforms(link, 0.0)
+    source = as_data_source(x, y, chunk_size=CHUNK_SIZE)
+    moment = _second_moment(source, transforms, True, CHUNK_SIZE)
+    expected = dense_t2(x, y, transforms)
+    rebuilt = (moment.eigenvectors * moment.eigenvalues) @ moment.eigenvectors.T
+    np.testing.assert_allclose(rebuilt, expected, atol=1e-10)
+    np.testing.assert_allclose(moment.eigenvalues, np.linalg.eigvalsh(expected)[::-1], atol=1e-10)
+    assert np.all(np.diff(moment.eigenvalues) <= 0)
+    # The standardisation is the sample mean and the symmetric inverse square root of the
+    # (biased) sample covariance.
+    np.testing.assert_allclose(moment.standardization.mean, x.mean(0), atol=1e-12)
+    np.testing.assert_allclose(
+        moment.standardization.whitening, inverse_sqrt(np.cov(x, rowvar=False, bias=True)), atol=1e-10
+    )
+    np.testing.assert_allclose(moment.skewness, scipy_stats.skew(x, axis=0), atol=1e-10)
+    np.testing.assert_allclose(moment.excess_kurtosis, scipy_stats.kurtosis(x, axis=0), atol=1e-10)
+
+
+@pytest.mark.parametrize("whitening", ["from_t2", "random"])
+def test_whitened_third_moment_matches_dense_tensor(data, whitening):
+    x, y = data
+    transforms = output_transforms("linear", NOISE)
+    source = as_data_source(x, y, chunk_size=CHUNK_SIZE)
+    moment = _second_moment(source, output_transforms("linear", 0.0), True, CHUNK_SIZE)
+    if whitening == "from_t2":
+        # The M of the estimator: top-k eigenvectors of T2 scaled by eigenvalue^{-1/2}.
+        whiten = moment.eigenvectors[:, :NUM_EXPERTS] / np.sqrt(moment.eigenvalues[:NUM_EXPERTS])
+    else:
+        whiten = np.random.default_rng(3).normal(size=(DIM, NUM_EXPERTS))
+    standardization = moment.standardization
+    result = whitened_third_moment(
+        source,
+        transforms,
+        standardization.mean,
+        standardization.whitening @ whiten,
+        whiten.T @ whiten,
+        moment.stats,
+        CHUNK_SIZE,
+    )
+    dense = dense_third_moment(x, y, transforms)
+    expected = np.einsum("abc,ai,bj,ck->ijk", dense, whiten, whiten, whiten)
+    assert result.shape == (NUM_EXPERTS,) * 3
+    np.testing.assert_allclose(result, expected, atol=1e-10 * max(1.0, np.abs(expected).max()))
+    # Not a vacuous comparison: the tensor is far from zero.
+    assert np.abs(expected).max() > 0.1
+
+
+def uneven_chunks(x, y):
+    bounds = [0, 400, 1100, 1150, 2300, NUM_SAMPLES]
+    return [(x[start:stop], y[start:stop]) for start, stop in itertools.pairwise(bounds)]
+
+
+@pytest.fixture(scope="module")
+def in_memory_estimate(data):
+    x, y = data
+    return estimate_experts(x, y, num_experts=NUM_EXPERTS, key=jax.random.key(1))
+
+
+def assert_same_estimate(first, second, atol=1e-12):
+    np.testing.assert_allclose(first.experts, second.experts, atol=atol)
+    np.testing.assert_allclose(first.weights, second.weights, atol=atol)
+    np.testing.assert_allclose(first.noise, second.noise, atol=atol)
+    np.testing.assert_allclose(first.expert_intercepts, second.expert_intercepts, atol=atol)
+    np.testing.assert_allclose(
+        first.diagnostics.t2_eigenvalues, second.diagnostics.t2_eigenvalues, atol=atol
+    )
+    assert first.diagnostics.num_samples == second.diagnostics.num_samples
+
+
+@pytest.mark.parametrize("chunk_size", [500, 777])
+def test_chunked_sources_match_in_memory_arrays(data, in_memory_estimate, chunk_size):
+    x, y = data
+    chunks = uneven_chunks(x, y)
+    kwargs = {"num_experts": NUM_EXPERTS, "key": jax.random.key(1), "chunk_size": chunk_size}
+    before = (_first_pass_chunk._cache_size(), _third_moment_chunk._cache_size())
+    from_list = estimate_experts(chunks, **kwargs)
+    after_first = (_first_pass_chunk._cache_size(), _third_moment_chunk._cache_size())
+    from_callable = estimate_experts(lambda: (pair for pair in chunks), **kwargs)
+    from_arrays = estimate_experts(x, y, **kwargs)
+    after_all = (_first_pass_chunk._cache_size(), _third_moment_chunk._cache_size())
+    assert_same_estimate(from_list, in_memory_estimate)
+    assert_same_estimate(from_callable, in_memory_estimate)
+    assert_same_estimate(from_arrays, in_memory_estimate)
+    # Uneven chunks are re-cut and padded to chunk_size rows: each pass compiles at most once
+    # for a chunk_size (unpadded, these chunks would have 4 or more distinct lengths), and
+    # never again for other chunk sources with the same chunk_size.
+    assert all(a - b <= 1 for a, b in zip(after_first, before))
+    assert after_all == after_first
+
+
+def test_one_shot_iterator_is_refused(data):
+    x, y = data
+    chunks = uneven_chunks(x, y)
+    with pytest.raises(TypeError, match="x"):
+        estimate_experts((pair for pair in chunks), num_experts=NUM_EXPERTS)
+    with pytest.raises(TypeError, match="x"):
+        estimate_experts(iter(chunks), num_experts=NUM_EXPERTS)
+
+
+def test_chunk_with_other_columns_is_refused(data):
+    x, y = data
+    chunks = uneven_chunks(x, y)
+    chunks[2] = (chunks[2][0][:, :-1], chunks[2][1])
+    with pytest.raises(ValueError, match="chunk 2"):
+        estimate_experts(chunks, num_experts=NUM_EXPERTS)
+
+
+def test_chunk_that_is_not_a_pair_is_refused(data):
+    x, _y = data
+    with pytest.raises(TypeError, match="pair"):
+        estimate_experts([x[:100]], num_experts=NUM_EXPERTS)
+
+
+def test_chunk_with_nan_is_refused(data):
+    x, y = data
+    chunks = uneven_chunks(x, y)
+    bad = chunks[1][1].copy()
+    bad[5] = np.nan
+    chunks[1] = (chunks[1][0], bad)
+    # Values are checked inside the compiled pass, so the message names y, not the chunk.
+    with pytest.raises(ValueError, match="y: expected finite values, found 1 NaN"):
+        estimate_experts(chunks, num_experts=NUM_EXPERTS)
+
+
+def test_empty_chunk_source_is_refused():
+    with pytest.raises(ValueError, match="x"):
+        estimate_experts([], num_experts=NUM_EXPERTS)
