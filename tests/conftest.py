@@ -1,0 +1,16 @@
+"""Shared test set-up: double precision everywhere, so tolerances can be tight.
+
+Rank promotion. ``jax.config.update("jax_numpy_rank_promotion", "raise")`` was tried and is
+deliberately NOT enabled: NumPyro itself relies on implicit rank promotion under parallel
+enumeration (``Normal.log_prob`` broadcasts the observed ``y`` of shape (n,) against the
+enumerated means of shape (k, n)), so `moe_regression_enumerated`, ``infer_discrete`` and
+``numpyro.contrib.funsor.log_density`` all fail under it. The package also uses intended
+row-wise broadcasting ((k, d) - (d,) in `normalize_gates`, (n, k) + (k,) for intercepts).
+Shapes are instead asserted explicitly in the tests.
+"""
+
+from __future__ import annotations
+
+import numpyro
+
+numpyro.enable_x64()
