@@ -7,6 +7,16 @@ from numpyro_moe._baselines import (
     fit_squared_loss_gd,
     random_start,
 )
+from numpyro_moe._bayes import (
+    NutsResult,
+    Prediction,
+    chain_init_params,
+    init_to_estimate,
+    posterior_params,
+    predict,
+    relabel_draws,
+    run_nuts,
+)
 from numpyro_moe._em import EMResult
 from numpyro_moe._experts import (
     ExpertDiagnostics,
@@ -46,10 +56,11 @@ from numpyro_moe._params import (
     responsibilities,
 )
 from numpyro_moe._pipeline import MoEFit, fit_moe
-from numpyro_moe._simulate import SimulatedData, sample_data, simulate, true_params
+from numpyro_moe._simulate import SimulatedData, sample_data, sample_response, simulate, true_params
 from numpyro_moe._tensor import TensorDecomposition, decompose_symmetric_tensor
 from numpyro_moe._transforms import OutputTransforms, output_transforms
 from numpyro_moe._validation import ReliabilityWarning
+from numpyro_moe._workflow import CsvData, fit_csv, read_csv
 
 __version__ = "0.1.0"
 
@@ -67,8 +78,10 @@ __all__ = [
     "Standardization",
     "TensorDecomposition",
     "bootstrap_standard_errors",
+    "chain_init_params",
     "decompose_symmetric_tensor",
     "estimate_experts",
+    "fit_csv",
     "fit_em",
     "fit_em_restarts",
     "fit_gating",
@@ -78,20 +91,27 @@ __all__ = [
     "fit_squared_loss_gd",
     "joint_log_probs",
     "random_start",
+    "read_csv",
+    "relabel_draws",
+    "run_nuts",
     "responsibilities",
     "load_params",
     "output_folder",
     "output_transforms",
     "save_params",
     "suggest_num_experts",
+    "CsvData",
     "ExpertMatch",
     "Link",
     "MoEParams",
+    "NutsResult",
+    "Prediction",
     "SimulatedData",
     "expert_error",
     "expert_means",
     "gate_probabilities",
     "gating_error",
+    "init_to_estimate",
     "heldout_log_likelihood",
     "match_experts",
     "mean_squared_error",
@@ -100,9 +120,12 @@ __all__ = [
     "normalize_gates",
     "params_to_sites",
     "pointwise_log_likelihood",
+    "posterior_params",
+    "predict",
     "predictive_mean",
     "resolve_link",
     "sample_data",
+    "sample_response",
     "simulate",
     "sites_to_params",
     "true_params",

@@ -16,7 +16,7 @@ from numpyro_moe._validation import (
     check_positive_int,
 )
 
-__all__ = ["GATINGS", "SimulatedData", "sample_data", "simulate", "true_params"]
+__all__ = ["GATINGS", "SimulatedData", "sample_data", "sample_response", "simulate", "true_params"]
 
 GATINGS = ("orthogonal", "correlated")
 
@@ -108,13 +108,19 @@ def sample_data(
     num_samples = check_positive_int(num_samples, "num_samples")
     if not isinstance(params, MoEParams):
         raise TypeError(f"params: expected MoEParams, got {type(params).__name__}")
-    link = resolve_link(link)
-    x_key, z_key, noise_key = jax.random.split(key, 3)
+    x_key, y_key = jax.random.split(key)
     x = jax.random.normal(x_key, (num_samples, params.dim))
+    return x, sample_response(y_key, params, x, link=link)
+
+
+def sample_response(key: jax.Array, params: MoEParams, x, *, link: str | Link = "linear") -> jax.Array:
+    """Draw y (n,) given inputs x (n, d): an expert per point by the gate, then its noisy mean."""
+    key = check_key(key)
+    link = resolve_link(link)
+    z_key, noise_key = jax.random.split(key)
     z = jax.random.categorical(z_key, gate_logits(params, x), axis=-1)
     mean = jnp.take_along_axis(expert_means(params, x, link), z[:, None], axis=1)[:, 0]
-    y = mean + params.noise * jax.random.normal(noise_key, (num_samples,))
-    return x, y
+    return mean + params.noise * jax.random.normal(noise_key, mean.shape)
 
 
 def simulate(

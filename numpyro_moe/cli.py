@@ -30,6 +30,34 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit(args: argparse.Namespace) -> int:
+    import numpyro
+
+    numpyro.set_host_device_count(max(args.chains, 1))
+    numpyro.enable_x64()
+    from pathlib import Path
+
+    from numpyro_moe._workflow import fit_csv
+
+    out = args.out or f"{Path(args.data).stem}-moe-k{args.experts}"
+    fit_csv(
+        args.data,
+        target=args.target,
+        num_experts=args.experts,
+        out=out,
+        link=args.link,
+        features=args.features.split(",") if args.features else None,
+        nuts=args.nuts,
+        seed=args.seed,
+        num_restarts=args.restarts,
+        num_chains=args.chains,
+        num_warmup=args.num_warmup,
+        num_samples=args.num_draws,
+        overwrite=args.overwrite,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="numpyro-moe", description="Mixture-of-experts regression in NumPyro."
@@ -48,6 +76,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--link", default="linear")
     demo.add_argument("--restarts", type=int, default=10, help="random starts of the EM baseline")
     demo.set_defaults(run=_demo)
+
+    fit = commands.add_parser("fit", help="fit a CSV file: standardise, estimate, EM (and NUTS); write results")
+    fit.add_argument("data", metavar="DATA.csv", help="numeric CSV with a header row")
+    fit.add_argument("--target", required=True, help="name of the response column")
+    fit.add_argument("--experts", type=int, required=True, help="number of experts k")
+    fit.add_argument("--link", default="linear", help="expert link: linear, sigmoid, relu or tanh")
+    fit.add_argument("--features", help="comma-separated feature columns (default: all but the target)")
+    fit.add_argument("--nuts", action="store_true", help="also run NUTS from the fit and write a DataTree")
+    fit.add_argument("--out", help="output folder (default: <DATA>-moe-k<K>)")
+    fit.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--restarts", type=int, default=4, help="random EM starts beside the tensor start")
+    fit.add_argument("--chains", type=int, default=4)
+    fit.add_argument("--num-warmup", type=int, default=500)
+    fit.add_argument("--num-draws", type=int, default=500)
+    fit.set_defaults(run=_fit)
     return parser
 
 
