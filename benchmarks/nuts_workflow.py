@@ -109,22 +109,18 @@ def part_b(num_seeds, num_warmup, num_samples):
 
 
 def part_c(num_seeds, num_warmup, num_samples):
-    import arviz as az
-
     jax, moe = _setup()
     hits = 0
     for seed in range(num_seeds):
         x, y, truth = moe.simulate(jax.random.key(seed), num_samples=2000, dim=5, num_experts=3)
-        trees = {}
-        for k in (2, 3, 4):
-            fit = moe.fit_moe(x, y, num_experts=k, key=jax.random.key(seed), num_restarts=4)
-            trees[f"k={k}"] = moe.run_nuts(x, y, num_experts=k, init=fit, key=jax.random.key(200 + seed),
-                                           num_warmup=num_warmup, num_samples=num_samples).datatree
-        table = az.compare(trees)
-        best = table.index[0]
-        hits += best == "k=3"
+        comparison = moe.compare_num_experts(
+            x, y, candidates=(2, 3, 4), key=jax.random.key(200 + seed), num_warmup=num_warmup,
+            num_samples=num_samples,
+        )
+        hits += comparison.num_experts == 3
+        table = comparison.table
         elpd = ", ".join(f"{name} {table.loc[name, 'elpd']:.1f}" for name in ("k=2", "k=3", "k=4"))
-        print(f"  seed {seed}: best {best} (elpd_loo: {elpd})", flush=True)
+        print(f"  seed {seed}: best k={comparison.num_experts} (elpd_loo: {elpd})", flush=True)
     print(f"  az.compare ranks the true k=3 first on {hits}/{num_seeds} seeds (target >= 8/10)")
 
 

@@ -34,10 +34,13 @@ from numpyro_moe._validation import (
 )
 
 __all__ = [
+    "ComparisonResult",
     "NutsResult",
     "Prediction",
     "chain_init_params",
+    "compare_num_experts",
     "diagnostic_extreme",
+    "loo",
     "init_to_estimate",
     "posterior_params",
     "predict",
@@ -374,3 +377,74 @@ def predict(datatree, x_new, *, key: jax.Array, interval: float = 0.9, link: str
         upper=np.quantile(y_draws, 1 - tail, axis=0),
         gate_probabilities=np.asarray(probabilities.mean(0)),
     )
+
+
+PARETO_K_LIMIT = 0.7
+
+
+def loo(datatree, **kwargs):
+    """PSIS-LOO of a `run_nuts` DataTree (``arviz.loo`` with pointwise values).
+
+    Warns (`ReliabilityWarning`) when any Pareto k exceeds 0.7: those points' leave-one-out
+    estimates, and so the elpd, cannot be trusted.
+    """
+    import arviz as az
+
+    result = az.loo(datatree, pointwise=True, **kwargs)
+    pareto_k = np.asarray(result.pareto_k)
+    bad = int((pareto_k > PARETO_K_LIMIT).sum())
+    if bad:
+        warnings.warn(
+            f"LOO: {bad} of {pareto_k.size} points have Pareto k > {PARETO_K_LIMIT} (max {pareto_k.max():.2f}); "
+            "their leave-one-out estimates are unreliable: refit without them or use K-fold CV",
+            ReliabilityWarning,
+            stacklevel=2,
+        )
+    return result
+
+
+class ComparisonResult(NamedTuple):
+    """Result of `compare_num_experts`: ``table`` (``arviz.compare``, best first), the best
+    ``num_experts``, and the DataTree of every candidate keyed ``"k=<k>"``."""
+
+    table: object
+    num_experts: int
+    datatrees: dict
+
+
+def compare_num_experts(
+    x,
+    y,
+    *,
+    candidates=(2, 3, 4),
+    key: jax.Array,
+    link: str | Link = "linear",
+    num_restarts: int = 4,
+    **nuts_kwargs,
+) -> ComparisonResult:
+    """Fit each number of experts (`fit_moe`, then `run_nuts` from it) and rank them by PSIS-LOO.
+
+    ``nuts_kwargs`` go to `run_nuts` (chains, draws, intercepts, ...).
+    """
+    import arviz as az
+
+    from numpyro_moe._pipeline import fit_moe
+
+    key = check_key(key)
+    candidates = [check_positive_int(k, "candidates") for k in candidates]
+    if len(set(candidates)) < 2:
+        raise ValueError(f"candidates: expected at least two distinct numbers of experts, got {candidates}")
+    trees = {}
+    for k, candidate_key in zip(candidates, jax.random.split(key, len(candidates)), strict=True):
+        fit_key, nuts_key = jax.random.split(candidate_key)
+        fit = fit_moe(x, y, num_experts=k, key=fit_key, link=link, num_restarts=num_restarts,
+                      intercepts=nuts_kwargs.get("intercepts", False))
+        trees[f"k={k}"] = run_nuts(x, y, num_experts=k, init=fit, key=nuts_key, link=link, **nuts_kwargs).datatree
+    for name, tree in trees.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ReliabilityWarning)
+            loo(tree)
+        for warning in caught:
+            warnings.warn(f"{name}: {warning.message}", ReliabilityWarning, stacklevel=2)
+    table = az.compare(trees)
+    return ComparisonResult(table, int(str(table.index[0]).split("=")[1]), trees)

@@ -109,6 +109,8 @@ def _gate_newton(gates, x, targets, tol, max_steps):
     """Minimise `_gate_objective` over the free rows by Newton's method with a step search."""
     free = gates[:-1]
     k1, p = free.shape
+    if k1 == 0:  # one expert: the gate is constant
+        return gates
     n = x.shape[0]
 
     def step(carry):
