@@ -31,7 +31,6 @@ from numpyro_moe._params import MoEParams
 __all__ = ["EMResult", "em_iterations", "split_augmented", "to_augmented"]
 
 _RIDGE = 1e-8
-_STEP_SIZES = 0.5 ** jnp.arange(8.0)
 
 
 class EMResult(NamedTuple):
@@ -105,6 +104,29 @@ def _gate_objective(free, x, targets):
     return cross_entropy + 0.5 * _RIDGE * jnp.sum(free**2)
 
 
+def _backtrack(objective, point, direction, max_halvings=10):
+    """``point + t direction`` for the largest t in 1, 1/2, 1/4, ... that lowers ``objective``.
+
+    Returns ``(new_point, accepted)``; ``point`` itself when no step up to 2^-max_halvings
+    lowers it (so an EM block never decreases the likelihood).
+    """
+    current = objective(point)
+
+    def keep_halving(carry):
+        step, value, halvings = carry
+        return (value >= current) & (halvings < max_halvings)
+
+    def halve(carry):
+        step, _, halvings = carry
+        step = step / 2
+        return step, objective(point + step * direction), halvings + 1
+
+    one = jnp.asarray(1.0, point.dtype)
+    step, value, _ = jax.lax.while_loop(keep_halving, halve, (one, objective(point + direction), 0))
+    accepted = value < current
+    return jnp.where(accepted, point + step * direction, point), accepted
+
+
 def _gate_newton(gates, x, targets, tol, max_steps):
     """Minimise `_gate_objective` over the free rows by Newton's method with a step search."""
     free = gates[:-1]
@@ -118,19 +140,16 @@ def _gate_newton(gates, x, targets, tol, max_steps):
         logits = jnp.concatenate([x @ free.T, jnp.zeros((n, 1), x.dtype)], axis=1)
         probs = jax.nn.softmax(logits, axis=-1)[:, :-1]
         gradient = (probs - targets[:, :-1]).T @ x / n + _RIDGE * free
-        diagonal = jnp.einsum("ni,na,nb->iab", probs, x, x) / n
-        weighted = probs[:, :, None] * x[:, None, :]  # (n, k-1, p)
-        hessian = -jnp.einsum("nia,njb->iajb", weighted, weighted) / n
+        # Hessian blocks sum_n (p_ni delta_ij - p_ni p_nj) x_n x_n^T, as two plain matrix
+        # products over an (n, (k-1) p) matrix (XLA's CPU einsum of three operands is far slower).
+        weighted = (probs[:, :, None] * x[:, None, :]).reshape(n, k1 * p)
+        diagonal = (weighted.T @ x).reshape(k1, p, p) / n
+        hessian = -(weighted.T @ weighted).reshape(k1, p, k1, p) / n
         hessian = hessian + jnp.einsum("iab,ij->iajb", diagonal, jnp.eye(k1, dtype=x.dtype))
         hessian = hessian.reshape(k1 * p, k1 * p) + _RIDGE * jnp.eye(k1 * p, dtype=x.dtype)
         direction = jnp.linalg.solve(hessian, gradient.reshape(-1)).reshape(k1, p)
-        candidates = free[None] - _STEP_SIZES[:, None, None] * direction[None]
-        values = jax.vmap(_gate_objective, in_axes=(0, None, None))(candidates, x, targets)
-        current = _gate_objective(free, x, targets)
-        best = jnp.argmin(values)
-        accept = values[best] < current
-        new_free = jnp.where(accept, candidates[best], free)
-        return new_free, jnp.where(accept, jnp.max(jnp.abs(gradient)), 0.0), count + 1
+        new_free, accepted = _backtrack(lambda candidate: _gate_objective(candidate, x, targets), free, -direction)
+        return new_free, jnp.where(accepted, jnp.max(jnp.abs(gradient)), 0.0), count + 1
 
     def keep_going(carry):
         _, gradient_size, count = carry
@@ -151,16 +170,15 @@ def _expert_gauss_newton(experts, x, y, weights, link_function, num_steps):
         means, slopes = jax.jvp(link_function, (pre,), (jnp.ones_like(pre),))
         residual = y[:, None] - means
         scaled = weights * slopes**2  # (n, k)
-        normal = jnp.einsum("ni,na,nb->iab", scaled, x, x)
-        rhs = jnp.einsum("ni,na->ia", weights * slopes * residual, x)
+        rows, k = scaled.shape
+        normal = ((scaled[:, :, None] * x[:, None, :]).reshape(rows, k * x.shape[1]).T @ x).reshape(k, x.shape[1], x.shape[1])
+        rhs = (weights * slopes * residual).T @ x
         damping = 1e-10 * jnp.trace(normal, axis1=1, axis2=2)[:, None, None] + 1e-30
         direction = jnp.linalg.solve(normal + damping * jnp.eye(x.shape[1], dtype=x.dtype), rhs[..., None])[..., 0]
-        candidates = experts[None] + _STEP_SIZES[:, None, None] * direction[None]
-        values = jax.vmap(loss)(candidates)  # (steps, k)
-        values = jnp.concatenate([values, loss(experts)[None]], axis=0)
-        candidates = jnp.concatenate([candidates, experts[None]], axis=0)
-        best = jnp.argmin(values, axis=0)  # per expert, never worse than staying
-        return candidates[best, jnp.arange(experts.shape[0])], None
+        # The loss separates over experts, so its sum decreases iff the step is a descent step
+        # for the experts taken together; halve the step until it is.
+        experts, _ = _backtrack(lambda candidate: jnp.sum(loss(candidate)), experts, direction)
+        return experts, None
 
     experts, _ = jax.lax.scan(step, experts, None, length=num_steps)
     return experts
