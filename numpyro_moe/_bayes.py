@@ -186,6 +186,7 @@ def run_nuts(
     jitter: float = 0.01,
     relabel: bool = True,
     chain_method: str | None = None,
+    dense_mass: bool = False,
     progress_bar: bool = False,
     **model_kwargs,
 ) -> NutsResult:
@@ -214,6 +215,8 @@ def run_nuts(
         Standard deviation of the per-chain perturbation in unconstrained space.
     relabel
         Align draws with ``init``'s expert labels (`relabel_draws`).
+    dense_mass
+        Adapt a dense mass matrix (captures the correlation between experts and gates).
 
     Warns
     -----
@@ -246,7 +249,7 @@ def run_nuts(
         model, start, num_chains=num_chains, key=chain_key, jitter=jitter, model_args=(x, y),
         model_kwargs=model_kwargs,
     )
-    kernel = NUTS(model, init_strategy=init_to_estimate(start))
+    kernel = NUTS(model, init_strategy=init_to_estimate(start), dense_mass=dense_mass)
     mcmc = MCMC(
         kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
         chain_method=chain_method or _chain_method(num_chains), progress_bar=progress_bar,
@@ -294,7 +297,8 @@ def run_nuts(
 
     max_rhat = diagnostic_extreme(az.rhat(datatree), max) if num_chains > 1 else float("nan")
     divergences = int(diverging.sum())
-    if max_rhat > RHAT_LIMIT or divergences:
+    # A NaN r_hat (chains that never moved) fails the check too.
+    if (num_chains > 1 and not max_rhat <= RHAT_LIMIT) or divergences:
         warnings.warn(
             f"NUTS: max r_hat {max_rhat:.3f} (limit {RHAT_LIMIT}) and {divergences} divergent transitions; "
             "the chains may not agree: run longer, check the start, or inspect az.plot_trace",
@@ -305,9 +309,15 @@ def run_nuts(
 
 
 def diagnostic_extreme(result, reduce=max) -> float:
-    """Max (or min, with ``reduce=min``) over all variables of an ArviZ diagnostic's DataTree."""
+    """Max (or min, with ``reduce=min``) over all variables of an ArviZ diagnostic's DataTree.
+
+    NaN if any entry is NaN (e.g. the r_hat of chains that never moved).
+    """
     dataset = result.to_dataset() if hasattr(result, "to_dataset") else result
-    return float(reduce(float(reduce(np.ravel(np.asarray(value)))) for value in dataset.data_vars.values()))
+    values = np.concatenate([np.ravel(np.asarray(value, dtype=float)) for value in dataset.data_vars.values()])
+    if np.isnan(values).any():
+        return float("nan")
+    return float(reduce(values))
 
 
 def posterior_params(datatree) -> MoEParams:

@@ -54,9 +54,15 @@ def read_csv(path: str | os.PathLike, *, target: str, features: list[str] | None
         if not header:
             raise ValueError(f"DATA: {str(path)!r} is empty; expected a header row of column names")
         header = [name.strip() for name in header]
-        rows = [row for row in reader if any(cell.strip() for cell in row)]
+        # Blank lines are skipped; each row keeps its line number in the file for messages.
+        rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    duplicated = sorted({name for name in header if header.count(name) > 1})
+    if duplicated:
+        raise ValueError(f"DATA: {str(path)!r} repeats the column names {duplicated}; expected unique names")
     if target not in header:
         raise ValueError(f"--target: column {target!r} is not in {str(path)!r}; columns are {header}")
+    if features is not None and target in features:
+        raise ValueError(f"--features: the target {target!r} cannot also be a feature")
     if features is None:
         features = [name for name in header if name != target]
     missing = [name for name in features if name not in header]
@@ -69,7 +75,7 @@ def read_csv(path: str | os.PathLike, *, target: str, features: list[str] | None
     columns = [target, *features]
     index = {name: header.index(name) for name in columns}
     values = np.empty((len(rows), len(columns)))
-    for row_number, row in enumerate(rows, start=2):
+    for row_index, (row_number, row) in enumerate(rows):
         if len(row) != len(header):
             raise ValueError(f"DATA: line {row_number} has {len(row)} fields, expected {len(header)}")
         for column_number, name in enumerate(columns):
@@ -82,7 +88,7 @@ def read_csv(path: str | os.PathLike, *, target: str, features: list[str] | None
                 ) from None
             if not np.isfinite(value):
                 raise ValueError(f"column {name!r}: line {row_number} holds {cell!r}; expected a finite number")
-            values[row_number - 2, column_number] = value
+            values[row_index, column_number] = value
     return CsvData(values[:, 1:], values[:, 0], list(features), target)
 
 
