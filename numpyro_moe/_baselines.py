@@ -14,14 +14,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_moe._em import EMResult, em_iterations, split_augmented, to_augmented
-from numpyro_moe._fit import _check_xy, _likelihood_gd, as_params, minimize_adam
+from numpyro_moe._fit import (
+    _check_link_output,
+    _check_xy,
+    _likelihood_gd,
+    as_params,
+    minimize_adam,
+    resolvable_tol,
+)
 from numpyro_moe._links import Link, resolve_link
 from numpyro_moe._params import MoEParams, predictive_mean
 from numpyro_moe._validation import (
+    check_design,
     check_key,
     check_num_experts,
     check_positive,
     check_positive_int,
+    check_response,
 )
 
 __all__ = [
@@ -54,6 +63,9 @@ class RestartsResult(NamedTuple):
 def random_start(key: jax.Array, x, y, *, num_experts: int) -> MoEParams:
     """A random start: unit-norm Gaussian expert directions, a uniform gate, noise = sd(y)."""
     key = check_key(key)
+    x = check_design(x)
+    y = check_response(y, x.shape[0])
+    num_experts = check_positive_int(num_experts, "num_experts")
     dim = x.shape[1]
     experts = jax.random.normal(key, (num_experts, dim), x.dtype)
     experts = experts / jnp.linalg.norm(experts, axis=1, keepdims=True)
@@ -86,7 +98,7 @@ def fit_em_restarts(
     num_experts = check_num_experts(num_experts, x.shape[1], require_k_le_d=False)
     num_restarts = check_positive_int(num_restarts, "num_restarts")
     max_iterations = check_positive_int(max_iterations, "max_iterations")
-    tol = check_positive(tol, "tol")
+    tol = resolvable_tol(check_positive(tol, "tol"), x.dtype)
     if starts is None:
         keys = jax.random.split(key, num_restarts)
         starts = jax.vmap(lambda k: random_start(k, x, y, num_experts=num_experts))(keys)
@@ -96,6 +108,7 @@ def fit_em_restarts(
         raise ValueError(
             f"starts: expected experts of shape (restarts, {num_experts}, {x.shape[1]}), got {starts.experts.shape}"
         )
+    _check_link_output(link, x, jax.tree_util.tree_map(lambda value: value[0], starts))
     experts, gates = jax.vmap(lambda start: to_augmented(start, intercepts))(starts)
     design = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1) if intercepts else x
     experts, gates, noise, log_likelihoods, history, iterations = em_iterations(

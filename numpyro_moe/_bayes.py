@@ -233,6 +233,10 @@ def run_nuts(
     num_warmup = check_positive_int(num_warmup, "num_warmup")
     num_samples = check_positive_int(num_samples, "num_samples")
     jitter = check_positive(jitter, "jitter")
+    if chain_method not in (None, "parallel", "sequential", "vectorized"):
+        raise ValueError(
+            f"chain_method: expected None, 'parallel', 'sequential' or 'vectorized', got {chain_method!r}"
+        )
     start = as_params(_as_start(init), "init", x.shape[1], num_experts=num_experts)
     if not np.isfinite(float(start.noise)) or float(start.noise) <= 0:
         start = start._replace(noise=jnp.std(y) / 2)
@@ -249,6 +253,8 @@ def run_nuts(
         model, start, num_chains=num_chains, key=chain_key, jitter=jitter, model_args=(x, y),
         model_kwargs=model_kwargs,
     )
+    if num_chains == 1:  # MCMC takes a single chain's start without the chain axis
+        init_params = jax.tree_util.tree_map(lambda value: value[0], init_params)
     kernel = NUTS(model, init_strategy=init_to_estimate(start), dense_mass=dense_mass)
     mcmc = MCMC(
         kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
@@ -364,6 +370,10 @@ def predict(datatree, x_new, *, key: jax.Array, interval: float = 0.9, link: str
     x_new = check_design(x_new, "x_new")
     if not 0 < interval < 1:
         raise ValueError(f"interval: expected a probability in (0, 1), got {interval}")
+    if not hasattr(datatree, "children") or "posterior" not in datatree.children:
+        raise TypeError(
+            f"datatree: expected the DataTree of run_nuts (with a posterior group), got {type(datatree).__name__}"
+        )
     link = resolve_link(link or datatree.attrs.get("link", "linear"))
     draws = posterior_params(datatree)
     if x_new.shape[1] != draws.experts.shape[-1]:

@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import jax
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from numpyro_moe._links import Link, resolve_link
 from numpyro_moe._metrics import match_experts
@@ -33,9 +34,11 @@ from numpyro_moe._tensor import DECOMPOSITIONS, decompose_symmetric_tensor
 from numpyro_moe._transforms import OutputTransforms, gaussian_expectation_nodes, output_transforms
 from numpyro_moe._validation import (
     ReliabilityWarning,
+    check_design,
     check_key,
     check_positive,
     check_positive_int,
+    check_response,
 )
 
 __all__ = [
@@ -54,6 +57,11 @@ METHODS = ("tensor",)
 SKEWNESS_LIMIT = 0.25
 KURTOSIS_LIMIT = 0.5
 DECOMPOSITION_RESIDUAL_LIMIT = 0.25
+# 1 - |cos| between the components and those of a second run from other random starts (same
+# settings, so no recompilation). Converged runs agree to rounding (measured: <= 4e-11, mostly
+# 1e-16, on papers'-setting and noisy small-n fits; unconverged ones differ by 4e-5 to 0.6);
+# 1e-6 (an angle of 1.4e-3 rad) is far below any statistical error.
+DECOMPOSITION_CHANGE_LIMIT = 1e-6
 
 
 class Standardization(NamedTuple):
@@ -91,6 +99,10 @@ class ExpertDiagnostics(NamedTuple):
         ``"given"`` or ``"moments"`` (estimated as in `estimate_experts`).
     num_samples
         n.
+    decomposition_change
+        Largest ``1 - |cos|`` between a component and its match in a second decomposition from
+        other random starts; above 1e-6 the power method had not converged (or its restarts
+        disagree).
     """
 
     t2_eigenvalues: np.ndarray
@@ -102,6 +114,7 @@ class ExpertDiagnostics(NamedTuple):
     excess_kurtosis: np.ndarray
     noise_source: str
     num_samples: int
+    decomposition_change: float = 0.0
 
 
 class ExpertEstimate(NamedTuple):
@@ -138,6 +151,8 @@ class ExpertEstimate(NamedTuple):
         """
         k, d = self.experts.shape
         gates = np.zeros((k, d)) if gates is None else np.asarray(gates)
+        if gates.shape != (k, d):
+            raise ValueError(f"gates: expected shape ({k}, {d}) like the experts (all k rows), got {gates.shape}")
         if intercepts:
             expert_intercepts = self.expert_intercepts if self.expert_intercepts is not None else np.zeros(k)
             return MoEParams(self.experts, gates, self.noise, expert_intercepts, np.zeros(k))
@@ -168,6 +183,13 @@ def _second_moment(source: DataSource, transforms: OutputTransforms, standardize
     if n < d + 2:
         raise ValueError(
             f"x: too few samples: the moments need more rows than columns + 1; got n={int(n)}, d={d}"
+        )
+    y_first, y_second = stats.sum_y[0] / n, stats.sum_y[1] / n
+    y_variance = y_second - y_first**2
+    if y_variance <= 1e-12 * y_second:  # also y == 0
+        raise ValueError(
+            f"y: expected responses that vary, got a constant y (mean {y_first:.6g}, variance "
+            f"{max(y_variance, 0.0):.3g}); its moments carry no information about the experts"
         )
     mean = stats.sum_x / n
     second = stats.sum_xx / n
@@ -213,6 +235,17 @@ def _second_moment(source: DataSource, transforms: OutputTransforms, standardize
     )
 
 
+def _y_second_moment(stats: FirstPass, link: Link) -> tuple[float, float, float]:
+    """mean(y^2), its standard error, and E[g(Z)^2] (what unit-norm experts give without noise)."""
+    n = stats.count
+    nodes, weights = gaussian_expectation_nodes("piecewise")
+    with jax.enable_x64(True):
+        g = np.asarray(link.function(jax.numpy.asarray(nodes)), dtype=np.float64)
+    y2_mean = stats.sum_y[1] / n
+    standard_error = np.sqrt(max(stats.sum_y[3] / n - y2_mean**2, 0.0) / n)
+    return y2_mean, standard_error, float(weights @ g**2)
+
+
 def _estimate_noise(stats: FirstPass, link: Link) -> float:
     """s^2 = E[y^2] - E[g(Z)^2]: under the design (z ~ N(0, I), unit experts, orthogonal gates)
     each expert's input a_i . z is N(0, 1) independently of the gate.
@@ -222,13 +255,8 @@ def _estimate_noise(stats: FirstPass, link: Link) -> float:
     this n). Only a significantly negative difference (3 standard errors) means the design
     assumptions fail, and warns.
     """
-    n = stats.count
-    nodes, weights = gaussian_expectation_nodes("piecewise")
-    with jax.enable_x64(True):
-        g = np.asarray(link.function(jax.numpy.asarray(nodes)), dtype=np.float64)
-    y2_mean = stats.sum_y[1] / n
-    variance = y2_mean - float(weights @ g**2)
-    standard_error = np.sqrt(max(stats.sum_y[3] / n - y2_mean**2, 0.0) / n)
+    y2_mean, standard_error, g2_mean = _y_second_moment(stats, link)
+    variance = y2_mean - g2_mean
     if variance < -3 * standard_error:
         warnings.warn(
             f"noise: mean(y^2) is {-variance:.3g} below what unit-norm experts give (3 standard "
@@ -239,6 +267,40 @@ def _estimate_noise(stats: FirstPass, link: Link) -> float:
         )
     variance = max(variance, standard_error, 1e-12 * max(y2_mean, 1e-300))
     return float(np.sqrt(variance))
+
+
+def _warn_given_noise(stats: FirstPass, link: Link, noise: float) -> None:
+    """A given noise fixes the scale of y the transforms expect: E[y^2] = E[g(Z)^2] + s^2 for
+    unit-norm experts. A mismatch that is both significant (3 standard errors) and practically
+    relevant (over 10 %) biases the transforms: for y scaled by 1e-4 the estimate is unrelated to
+    the experts (measured expert error 1.2 against 0.06 unscaled)."""
+    y2_mean, standard_error, g2_mean = _y_second_moment(stats, link)
+    expected = g2_mean + noise**2
+    if abs(y2_mean - expected) > max(3 * standard_error, 0.1 * expected):
+        warnings.warn(
+            f"noise: with noise={noise:.3g}, unit-norm experts give mean(y^2) ~ {expected:.3g}, but "
+            f"the data have {y2_mean:.3g} (3 standard errors: {3 * standard_error:.3g}): y's scale "
+            "does not fit the method's assumption of unit-norm experts, so its transforms are "
+            "biased. Rescale y, pass noise=None, or treat the estimate as a starting point for EM.",
+            ReliabilityWarning,
+            stacklevel=3,
+        )
+
+
+def _decomposition_change(result, check) -> float:
+    """Largest 1 - |cos| between matched components of two decompositions."""
+    cosines = np.abs(result.eigenvectors @ check.eigenvectors.T)
+    rows, cols = linear_sum_assignment(-cosines)
+    return float(np.max(1.0 - cosines[rows, cols]))
+
+
+def _check_source(x, y) -> None:
+    """An in-memory x needs its y: only a re-iterable of chunks goes without."""
+    if y is None and isinstance(x, np.ndarray | jax.Array):
+        raise TypeError(
+            f"y: expected an (n,) array of responses to go with the {type(x).__name__} x, got None; "
+            "pass y, or pass x as a re-iterable of (x_chunk, y_chunk) pairs"
+        )
 
 
 def _warn_design(moment: _SecondMoment) -> None:
@@ -285,8 +347,9 @@ def estimate_experts(
     x, y
         Inputs (n, d) and responses (n,); or ``y=None`` and ``x`` a re-iterable of
         ``(x_chunk, y_chunk)`` pairs (a list, or a callable returning an iterator) for data that
-        does not fit in memory. Computation follows the arrays' dtype (float64 when JAX's x64
-        mode is on); sums are accumulated across chunks in float64.
+        does not fit in memory. Chunks are computed in JAX's default float dtype (float64 when
+        x64 mode is on, whatever the input's dtype; float32 otherwise) and summed across chunks
+        in float64; the results are float64 NumPy arrays.
     num_experts
         k <= d.
     link
@@ -322,14 +385,19 @@ def estimate_experts(
     The consistency guarantee assumes a Gaussian design, unit-norm linearly independent experts
     and every gate row orthogonal to every expert. When the assumptions fail the estimate is
     biased and serves as a starting point for EM, MAP or NUTS. A `ReliabilityWarning` is issued
-    for a non-Gaussian-looking x, an unresolved T2 eigen-gap at k, a decomposition far from
-    orthogonal, or an impossible noise estimate.
+    for a non-Gaussian-looking x, an unresolved T2 eigen-gap at k, a power method that had not
+    converged (a second run from other random starts disagrees), a
+    decomposition far from orthogonal, an impossible noise estimate, or a given noise that does
+    not fit the scale of y.
 
     Raises
     ------
     ValueError
         For k > d (the experts cannot be linearly independent: fit by EM from several random
-        starts instead), too few samples, non-finite data, or an unknown link or method.
+        starts instead), too few samples, non-finite data, a constant y, or an unknown link or
+        method.
+    TypeError
+        For ``y=None`` with an array ``x``, or non-numeric data.
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
@@ -343,6 +411,7 @@ def estimate_experts(
     num_iterations = check_positive_int(num_iterations, "num_iterations")
     if noise is not None:
         noise = check_positive(noise, "noise")
+    _check_source(x, y)
     source = as_data_source(x, y, chunk_size=chunk_size)
     chunk_size = resolve_chunk_size(chunk_size, source.dim, source.num_samples)
     num_experts = check_positive_int(num_experts, "num_experts")
@@ -359,6 +428,8 @@ def estimate_experts(
     noise_source = "given"
     if noise is None:
         noise, noise_source = _estimate_noise(moment.stats, link), "moments"
+    else:
+        _warn_given_noise(moment.stats, link, noise)
     transforms = output_transforms(link, noise)
 
     d = source.dim
@@ -390,6 +461,21 @@ def estimate_experts(
         tensor, num_experts, key=key, method=decomposition, num_restarts=num_restarts,
         num_iterations=num_iterations,
     )
+    change = _decomposition_change(
+        result,
+        decompose_symmetric_tensor(
+            tensor, num_experts, key=jax.random.fold_in(key, 1), method=decomposition,
+            num_restarts=num_restarts, num_iterations=num_iterations,
+        ),
+    )
+    if change > DECOMPOSITION_CHANGE_LIMIT:
+        warnings.warn(
+            f"the tensor power method did not converge in num_iterations={num_iterations}: a second "
+            f"run from other random starts moves a component by 1 - |cos| = {change:.2g}; raise "
+            "num_iterations or num_restarts",
+            ReliabilityWarning,
+            stacklevel=2,
+        )
     if result.residual > DECOMPOSITION_RESIDUAL_LIMIT:
         warnings.warn(
             f"the whitened third moment is far from orthogonally decomposable (relative residual "
@@ -415,6 +501,7 @@ def estimate_experts(
         excess_kurtosis=moment.excess_kurtosis,
         noise_source=noise_source,
         num_samples=int(moment.stats.count),
+        decomposition_change=change,
     )
     return ExpertEstimate(experts, weights, np.asarray(noise), intercepts, diagnostics, standardization)
 
@@ -437,6 +524,7 @@ def suggest_num_experts(
     link = resolve_link(link)
     if chunk_size is not None:
         chunk_size = check_positive_int(chunk_size, "chunk_size")
+    _check_source(x, y)
     source = as_data_source(x, y, chunk_size=chunk_size)
     chunk_size = resolve_chunk_size(chunk_size, source.dim, source.num_samples)
     moment = _second_moment(source, output_transforms(link, 0.0), standardize, chunk_size)
@@ -464,8 +552,11 @@ def bootstrap_standard_errors(
         raise TypeError(f"estimate: expected ExpertEstimate, got {type(estimate).__name__}")
     key = check_key(key)
     num_bootstrap = check_positive_int(num_bootstrap, "num_bootstrap", minimum=2)
-    x, y = np.asarray(x), np.asarray(y)
-    k = estimate.experts.shape[0]
+    x = np.asarray(check_design(x))
+    y = np.asarray(check_response(y, x.shape[0]))
+    k, d = estimate.experts.shape
+    if x.shape[1] != d:
+        raise ValueError(f"x: expected {d} columns like estimate.experts, got {x.shape[1]}")
     replicates = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ReliabilityWarning)

@@ -20,11 +20,12 @@ from numpyro_moe._em import EMResult, em_iterations, split_augmented, to_augment
 from numpyro_moe._experts import ExpertEstimate
 from numpyro_moe._links import Link, resolve_link
 from numpyro_moe._map import fit_map
-from numpyro_moe._params import MoEParams, normalize_gates, pointwise_log_likelihood
+from numpyro_moe._params import MoEParams, expert_means, normalize_gates, pointwise_log_likelihood
 from numpyro_moe._validation import (
     ReliabilityWarning,
     check_design,
     check_key,
+    check_params,
     check_positive,
     check_positive_int,
     check_response,
@@ -36,13 +37,31 @@ GATING_METHODS = ("em", "map", "likelihood_gd")
 
 
 def as_params(value, name: str, dim: int, *, num_experts: int | None = None) -> MoEParams:
-    """Accept `MoEParams`, an `ExpertEstimate`, or a (k, d) experts array as a starting point."""
+    """Accept `MoEParams`, an `ExpertEstimate`, or a (k, d) experts array as a starting point.
+
+    Raises
+    ------
+    TypeError
+        For anything else, e.g. a fit result (``EMResult``, ``MoEFit``, ``MapResult``: pass
+        its ``.params``).
+    ValueError
+        For experts not of shape (k, d) with d = ``dim`` (and k = ``num_experts`` when given),
+        gates or intercepts of the wrong shape, or non-finite values.
+    """
     if isinstance(value, ExpertEstimate):
         params = value.to_params()
     elif isinstance(value, MoEParams):
         params = value
+    elif isinstance(value, tuple) and hasattr(value, "_fields"):  # another result NamedTuple
+        check_params(value, name)  # raises a TypeError naming the type (and .params, if any)
     elif hasattr(value, "shape") or isinstance(value, list | tuple):
-        experts = np.asarray(value, dtype=float)
+        try:
+            experts = np.asarray(value, dtype=float)
+        except (TypeError, ValueError) as error:
+            raise TypeError(
+                f"{name}: expected MoEParams, ExpertEstimate or a (k, d) array, got {type(value).__name__} "
+                "that is not a numeric array"
+            ) from error
         if experts.ndim != 2:
             raise ValueError(f"{name}: expected experts of shape (k, d), got shape {experts.shape}")
         params = MoEParams(experts, np.zeros_like(experts), np.asarray(np.nan))
@@ -50,14 +69,9 @@ def as_params(value, name: str, dim: int, *, num_experts: int | None = None) -> 
         raise TypeError(
             f"{name}: expected MoEParams, ExpertEstimate or a (k, d) array, got {type(value).__name__}"
         )
-    if params.experts.shape[1] != dim:
-        raise ValueError(f"{name}: expected experts with {dim} columns like x, got {params.experts.shape[1]}")
-    if num_experts is not None and params.experts.shape[0] != num_experts:
-        raise ValueError(f"{name}: expected {num_experts} experts, got {params.experts.shape[0]}")
-    for field in ("experts", "gates"):
-        if not np.isfinite(np.asarray(getattr(params, field))).all():
-            raise ValueError(f"{name}: {field} must be finite")
-    return params
+    if np.ndim(params.experts) != 2:
+        raise ValueError(f"{name}: expected experts of shape (k, d), got shape {np.shape(params.experts)}")
+    return check_params(params, name, dim=dim, num_experts=num_experts)
 
 
 def _starting_noise(params: MoEParams, noise, x, y, link) -> float:
@@ -71,7 +85,18 @@ def _starting_noise(params: MoEParams, noise, x, y, link) -> float:
     return float(jnp.sqrt(jnp.maximum(jnp.mean(best), 1e-6 * jnp.var(y) + 1e-12)))
 
 
+def resolvable_tol(tol: float, dtype) -> float:
+    """``tol`` floored at 8 float epsilons of ``dtype`` (about 1e-6 in float32, 2e-15 in float64).
+
+    The mean log-likelihood per point is O(1), so changes below a few epsilons are rounding: a
+    float32 EM with tol=1e-8 otherwise runs to max_iterations (measured: 500 iterations where
+    float64 needs 6).
+    """
+    return max(tol, 8 * float(jnp.finfo(dtype).eps))
+
+
 def _em_fit(params, x, y, link, *, update_experts, intercepts, max_iterations, tol, progress):
+    tol = resolvable_tol(tol, x.dtype)
     experts, gates = to_augmented(params, intercepts)
     design = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1) if intercepts else x
     experts, gates, noise, log_likelihood, history, iterations = em_iterations(
@@ -102,9 +127,20 @@ def _em_fit(params, x, y, link, *, update_experts, intercepts, max_iterations, t
 
 
 def _check_xy(x, y):
+    """Validated (x, y) in JAX's default float dtype (float64 under x64, else float32).
+
+    Narrower float input (float32 under x64, float16) is promoted, as `estimate_experts` does:
+    the fits' compiled loops carry the data's dtype and mixing the two is an error.
+    """
     x = check_design(x)
     y = check_response(y, x.shape[0])
-    return x, y
+    dtype = jnp.result_type(float)
+    return x.astype(dtype), y.astype(dtype)
+
+
+def _check_link_output(link: Link, x, params: MoEParams) -> None:
+    """Raise (naming ``link``) unless the link maps the experts' (n, k) inputs elementwise."""
+    expert_means(params._replace(experts=jnp.asarray(params.experts, x.dtype)), x[:2], link)
 
 
 def fit_em(
@@ -125,7 +161,8 @@ def fit_em(
     Parameters
     ----------
     x, y
-        (n, d) inputs and (n,) responses.
+        (n, d) inputs and (n,) responses; computed in JAX's default float dtype (float32 input
+        is promoted to float64 when x64 mode is on).
     init
         Start: `MoEParams`, an `ExpertEstimate` (gates start at zero, i.e. a uniform gate), or a
         (k, d) experts array.
@@ -140,7 +177,8 @@ def fit_em(
         Hold the experts at ``init`` (EM over the gate and noise only: see `fit_gating`).
     max_iterations, tol
         Stop after ``max_iterations`` or when the mean log-likelihood per point changes by less
-        than ``tol``; hitting the cap warns (`ReliabilityWarning`).
+        than ``tol`` (floored at 8 float epsilons of the data's dtype, below which the change is
+        rounding); hitting the cap warns (`ReliabilityWarning`).
     progress
         Show a progress bar (updated every 20 iterations).
 
@@ -152,6 +190,7 @@ def fit_em(
     x, y = _check_xy(x, y)
     link = resolve_link(link)
     params = as_params(init, "init", x.shape[1])
+    _check_link_output(link, x, params)
     max_iterations = check_positive_int(max_iterations, "max_iterations")
     tol = check_positive(tol, "tol")
     params = normalize_gates(params._replace(noise=jnp.asarray(_starting_noise(params, noise, x, y, link))))
@@ -255,6 +294,7 @@ def fit_gating(
     link = resolve_link(link)
     key = jax.random.key(0) if key is None else check_key(key)
     params = as_params(experts, "experts", x.shape[1])
+    _check_link_output(link, x, params)
     params = normalize_gates(params._replace(noise=jnp.asarray(_starting_noise(params, noise, x, y, link))))
     if method == "em":
         return _em_fit(

@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,10 +20,20 @@ _FIELDS = MoEParams._fields
 
 
 def save_params(path: str | os.PathLike, params: MoEParams) -> Path:
-    """Write `MoEParams` to an ``.npz`` file, exactly (values and dtypes); returns the path."""
+    """Write `MoEParams` to an ``.npz`` file, exactly (values and dtypes); returns the path.
+
+    Raises
+    ------
+    TypeError
+        If ``params`` is not `MoEParams`.
+    FileNotFoundError
+        If the folder of ``path`` does not exist.
+    """
     if not isinstance(params, MoEParams):
         raise TypeError(f"params: expected MoEParams, got {type(params).__name__}")
     path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"path: the folder {str(path.parent)!r} does not exist; create it first")
     arrays = {
         name: np.asarray(value) for name, value in zip(_FIELDS, params, strict=True) if value is not None
     }
@@ -32,11 +43,25 @@ def save_params(path: str | os.PathLike, params: MoEParams) -> Path:
 
 
 def load_params(path: str | os.PathLike) -> MoEParams:
-    """Read `MoEParams` written by `save_params`."""
+    """Read `MoEParams` written by `save_params`.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` is not a file.
+    ValueError
+        If it is not an ``.npz`` file holding at least experts, gates and noise.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no such file {str(path)!r}")
-    with np.load(path) as data:
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"path: {str(path)!r} is not a saved MoEParams (expected an .npz file): {error}") from error
+    if not hasattr(data, "files"):  # np.load gives an array for a .npy file
+        raise ValueError(f"path: {str(path)!r} is not a saved MoEParams (expected an .npz file, got one array)")
+    with data:
         missing = {"experts", "gates", "noise"} - set(data.files)
         if missing:
             raise ValueError(f"path: {str(path)!r} is not a saved MoEParams (missing {sorted(missing)})")

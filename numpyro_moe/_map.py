@@ -17,12 +17,15 @@ from numpyro_moe._validation import (
     check_design,
     check_key,
     check_num_experts,
+    check_params,
     check_positive,
     check_positive_int,
     check_response,
 )
 
 __all__ = ["MapResult", "fit_map"]
+
+PRIOR_SCALES = ("expert_prior_scale", "gate_prior_scale", "noise_prior_scale")
 
 
 class MapResult(NamedTuple):
@@ -69,14 +72,14 @@ def fit_map(
     init
         Start here (via ``init_to_value``); None starts at the prior median plus jitter.
     fix
-        Site names held at their ``init`` values by ``handlers.condition``, e.g.
+        A tuple of site names held at their ``init`` values by ``handlers.condition``, e.g.
         ``("experts",)`` to learn only the gate and noise.
     num_steps, learning_rate
         Adam steps and step size.
     progress_bar
         Show NumPyro's progress bar.
     **model_kwargs
-        Passed to `moe_regression` (priors, ``intercepts``).
+        Passed to `moe_regression` (priors, ``intercepts``); prior scales must be > 0.
     """
     x = check_design(x)
     y = check_response(y, x.shape[0])
@@ -87,12 +90,18 @@ def fit_map(
     learning_rate = check_positive(learning_rate, "learning_rate")
     if init is not None and not isinstance(init, MoEParams):
         raise TypeError(f"init: expected MoEParams or None, got {type(init).__name__}")
+    if isinstance(fix, str):
+        raise TypeError(f"fix: expected a tuple of site names, e.g. ('experts',), got the string {fix!r}")
+    for name in PRIOR_SCALES:
+        if name in model_kwargs:
+            check_positive(model_kwargs[name], name)
     if fix and init is None:
         raise ValueError(f"fix: fixing sites {tuple(fix)} needs their values in init; got init=None")
 
     model = moe_regression
     init_strategy = init_to_median
     if init is not None:
+        check_params(init, "init", require_noise=True)
         if init.dim != x.shape[1] or init.num_experts != num_experts:
             raise ValueError(
                 f"init: expected {num_experts} experts of dim {x.shape[1]}, got "

@@ -15,7 +15,7 @@ from numpyro_moe._params import (
     pointwise_log_likelihood,
     predictive_mean,
 )
-from numpyro_moe._validation import check_design, check_response
+from numpyro_moe._validation import check_design, check_params, check_response
 
 __all__ = [
     "ExpertMatch",
@@ -43,8 +43,18 @@ class ExpertMatch(NamedTuple):
 
 
 def _experts_of(value, name: str) -> np.ndarray:
+    if isinstance(getattr(value, "params", None), MoEParams):  # EMResult, MoEFit, MapResult
+        raise TypeError(
+            f"{name}: expected a (k, d) experts array or an object with .experts, got "
+            f"{type(value).__name__} (pass its .params)"
+        )
     experts = value.experts if hasattr(value, "experts") else value
-    experts = np.asarray(experts, dtype=float)
+    try:
+        experts = np.asarray(experts, dtype=float)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"{name}: expected a (k, d) experts array or an object with .experts, got {type(value).__name__}"
+        ) from error
     if experts.ndim != 2:
         raise ValueError(f"{name}: expected experts of shape (k, d), got shape {experts.shape}")
     if not np.isfinite(experts).all():
@@ -52,16 +62,8 @@ def _experts_of(value, name: str) -> np.ndarray:
     return experts
 
 
-def _check_params(value, name: str) -> MoEParams:
-    if not isinstance(value, MoEParams):
-        raise TypeError(f"{name}: expected MoEParams, got {type(value).__name__}")
-    experts_shape, gates_shape = np.shape(value.experts), np.shape(value.gates)
-    if len(experts_shape) != 2 or gates_shape != experts_shape:
-        raise ValueError(
-            f"{name}: expected experts and gates of one shape (k, d) (all k gate rows, the last "
-            f"zero), got experts {experts_shape} and gates {gates_shape}"
-        )
-    return value
+def _check_params(value, name: str, *, require_noise: bool = False) -> MoEParams:
+    return check_params(value, name, require_noise=require_noise)
 
 
 def match_experts(estimate, truth) -> ExpertMatch:
@@ -74,6 +76,13 @@ def match_experts(estimate, truth) -> ExpertMatch:
     ----------
     estimate, truth
         (k, d) arrays, or objects with an ``experts`` attribute of that shape.
+
+    Raises
+    ------
+    TypeError
+        For values that are not numeric arrays, or fit results (pass their ``.params``).
+    ValueError
+        For shapes other than one (k, d), non-finite values, or an all-zero ``truth``.
     """
     estimate = _experts_of(estimate, "estimate")
     truth = _experts_of(truth, "truth")
@@ -82,9 +91,12 @@ def match_experts(estimate, truth) -> ExpertMatch:
             f"estimate: expected experts of shape {truth.shape} like truth, got {estimate.shape}"
         )
     cost = ((truth[:, None, :] - estimate[None, :, :]) ** 2).sum(-1)  # cost[i, j]: truth i, est j
+    truth_norm = np.linalg.norm(truth)
+    if truth_norm == 0:
+        raise ValueError("truth: expected experts with a non-zero norm (the error is relative to it), got all zeros")
     rows, cols = linear_sum_assignment(cost)
     permutation = cols[np.argsort(rows)]
-    error = np.linalg.norm(estimate[permutation] - truth) / np.linalg.norm(truth)
+    error = np.linalg.norm(estimate[permutation] - truth) / truth_norm
     return ExpertMatch(float(error), permutation)
 
 
@@ -107,8 +119,7 @@ def gating_error(params: MoEParams, truth: MoEParams, x) -> float:
         (n, d) held-out inputs.
     """
     for name, value in (("params", params), ("truth", truth)):
-        _check_params(value, name)
-        _experts_of(value, name)  # finite
+        _check_params(value, name)  # shapes, finite experts, gates and intercepts
     if params.experts.shape != truth.experts.shape:
         raise ValueError(
             f"params: expected experts of shape {truth.experts.shape} like truth, got "
@@ -124,7 +135,7 @@ def gating_error(params: MoEParams, truth: MoEParams, x) -> float:
 
 
 def _check_eval_inputs(params, x, y):
-    _check_params(params, "params")
+    _check_params(params, "params", require_noise=True)
     x = check_design(x)
     y = check_response(y, x.shape[0])
     if x.shape[1] != params.dim:

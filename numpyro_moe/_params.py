@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import logsumexp
 
 from numpyro_moe._links import Link, resolve_link
@@ -65,7 +66,23 @@ class MoEParams(NamedTuple):
         """Relabel the experts: expert ``i`` of the result is expert ``permutation[i]`` of self.
 
         The gates are re-normalised so the last row stays zero.
+
+        Raises
+        ------
+        ValueError
+            If ``permutation`` (when concrete) is not a permutation of ``0 .. k-1``.
         """
+        if not isinstance(permutation, jax.core.Tracer):
+            given = np.asarray(permutation)
+            if (
+                given.shape != (self.num_experts,)
+                or not np.issubdtype(given.dtype, np.integer)
+                or not np.array_equal(np.sort(given), np.arange(self.num_experts))
+            ):
+                raise ValueError(
+                    f"permutation: expected a permutation of 0..{self.num_experts - 1} (each index "
+                    f"once), got {given.tolist()}"
+                )
         permutation = jnp.asarray(permutation)
         take = lambda value: None if value is None else value[permutation]  # noqa: E731
         permuted = self._replace(
@@ -105,7 +122,13 @@ def expert_means(params: MoEParams, x: jax.Array, link: str | Link = "linear") -
     pre_activation = x @ params.experts.T
     if params.expert_intercepts is not None:
         pre_activation = pre_activation + params.expert_intercepts
-    return link.function(pre_activation)
+    means = link.function(pre_activation)
+    if jnp.shape(means) != pre_activation.shape:  # static: costs nothing under jit
+        raise ValueError(
+            f"link: {link.name!r} must map arrays elementwise to arrays of the same shape; it "
+            f"mapped shape {pre_activation.shape} to shape {jnp.shape(means)}"
+        )
+    return means
 
 
 def joint_log_probs(params: MoEParams, x: jax.Array, y: jax.Array, link: str | Link = "linear") -> jax.Array:

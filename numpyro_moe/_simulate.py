@@ -10,8 +10,10 @@ import jax.numpy as jnp
 from numpyro_moe._links import Link, resolve_link
 from numpyro_moe._params import MoEParams, expert_means, gate_logits
 from numpyro_moe._validation import (
+    check_design,
     check_key,
     check_num_experts,
+    check_params,
     check_positive,
     check_positive_int,
 )
@@ -106,16 +108,26 @@ def sample_data(
     """
     key = check_key(key)
     num_samples = check_positive_int(num_samples, "num_samples")
-    if not isinstance(params, MoEParams):
-        raise TypeError(f"params: expected MoEParams, got {type(params).__name__}")
+    params = check_params(params, "params", require_noise=True)
     x_key, y_key = jax.random.split(key)
     x = jax.random.normal(x_key, (num_samples, params.dim))
     return x, sample_response(y_key, params, x, link=link)
 
 
 def sample_response(key: jax.Array, params: MoEParams, x, *, link: str | Link = "linear") -> jax.Array:
-    """Draw y (n,) given inputs x (n, d): an expert per point by the gate, then its noisy mean."""
+    """Draw y (n,) given inputs x (n, d): an expert per point by the gate, then its noisy mean.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a bad key, ``params`` that are not well-formed `MoEParams` with noise > 0, or ``x``
+        that is not a finite (n, d) array with d = ``params.dim``.
+    """
     key = check_key(key)
+    params = check_params(params, "params", require_noise=True)
+    x = check_design(x)
+    if x.shape[1] != params.dim:
+        raise ValueError(f"x: expected {params.dim} columns like params.experts, got {x.shape[1]}")
     link = resolve_link(link)
     z_key, noise_key = jax.random.split(key)
     z = jax.random.categorical(z_key, gate_logits(params, x), axis=-1)

@@ -31,7 +31,7 @@ from numpy.polynomial.hermite_e import hermegauss
 from numpy.polynomial.legendre import leggauss
 
 from numpyro_moe._links import LINKS, Link, resolve_link
-from numpyro_moe._validation import ReliabilityWarning
+from numpyro_moe._validation import ReliabilityWarning, check_nonnegative
 
 __all__ = ["OutputTransforms", "gaussian_expectation_nodes", "output_transforms"]
 
@@ -93,19 +93,26 @@ def output_transforms(link: str | Link = "linear", noise: float = 0.0) -> Output
 
     Raises
     ------
+    TypeError
+        If ``noise`` is not a number, or ``link`` is a callable that fails on a jax array.
     ValueError
-        If the link makes the conditions singular (e.g. an even link, for which E[g'(Z)] = 0:
+        If ``noise`` is negative or not finite, if the link does not act elementwise, or if it
+        makes the conditions singular (e.g. an even link, for which E[g'(Z)] = 0:
         the moments then carry no first-order information about the experts).
     """
     link = resolve_link(link)
-    noise = float(noise)
-    if not np.isfinite(noise) or noise < 0:
-        raise ValueError(f"noise: expected a finite number >= 0, got {noise}")
+    noise = check_nonnegative(noise, "noise")
     smooth = link.name in _SMOOTH_LINKS and LINKS[link.name] is link.function
     rule = "hermite" if smooth else "piecewise"
     nodes, weights = gaussian_expectation_nodes(rule)
-    with jax.enable_x64(True):
-        values = np.asarray(link.function(jnp.asarray(nodes, dtype=jnp.float64)), dtype=np.float64)
+    try:
+        with jax.enable_x64(True):
+            values = np.asarray(link.function(jnp.asarray(nodes, dtype=jnp.float64)), dtype=np.float64)
+    except Exception as error:  # a user callable that does not take a jax array
+        raise TypeError(
+            f"link: {link.name!r} must map a jax array elementwise to an array of the same shape; "
+            f"calling it on a 1-d array raised {type(error).__name__}: {error}"
+        ) from error
     if values.shape != nodes.shape or not np.isfinite(values).all():
         raise ValueError(
             f"link: {link.name!r} must map arrays elementwise to finite values of the same shape"

@@ -8,11 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from numpyro_moe._params import MoEParams
+
 __all__ = [
     "ReliabilityWarning",
     "check_design",
     "check_key",
+    "check_nonnegative",
     "check_num_experts",
+    "check_params",
     "check_positive",
     "check_positive_int",
     "check_response",
@@ -27,7 +31,9 @@ def _as_float_array(value, name: str) -> jax.Array:
     try:
         array = jnp.asarray(value)
     except (TypeError, ValueError) as error:
-        raise TypeError(f"{name}: expected a numeric array, got {type(value).__name__}") from error
+        dtype = getattr(value, "dtype", None)
+        given = type(value).__name__ + (f" of dtype {dtype}" if dtype is not None else "")
+        raise TypeError(f"{name}: expected a numeric array, got {given}") from error
     if not (jnp.issubdtype(array.dtype, jnp.floating) or jnp.issubdtype(array.dtype, jnp.integer)
             or array.dtype == jnp.bool_):
         raise TypeError(f"{name}: expected a real numeric array, got dtype {array.dtype}")
@@ -90,13 +96,94 @@ def check_num_experts(num_experts, dim: int, *, require_k_le_d: bool) -> int:
     return num_experts
 
 
+def _as_real_number(value, name: str, expected: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | np.ndarray | jax.Array):
+        raise TypeError(f"{name}: expected {expected}, got {value!r}")
+    if isinstance(value, np.ndarray | jax.Array) and (
+        value.size != 1
+        or not (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer))
+    ):
+        raise TypeError(f"{name}: expected {expected}, got an array of dtype {value.dtype} and shape {value.shape}")
+    return float(np.asarray(value).reshape(()))
+
+
 def check_positive(value, name: str) -> float:
     """Return ``value`` as a finite float > 0, or raise naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real | np.ndarray | jax.Array):
-        raise TypeError(f"{name}: expected a positive number, got {value!r}")
-    value = float(value)
+    value = _as_real_number(value, name, "a positive number")
     if not np.isfinite(value) or value <= 0:
         raise ValueError(f"{name}: expected a finite number > 0, got {value}")
+    return value
+
+
+def check_nonnegative(value, name: str) -> float:
+    """Return ``value`` as a finite float >= 0, or raise naming ``name``."""
+    value = _as_real_number(value, name, "a number >= 0")
+    if not np.isfinite(value) or value < 0:
+        raise ValueError(f"{name}: expected a finite number >= 0, got {value}")
+    return value
+
+
+def _count_nonfinite(value) -> int:
+    if isinstance(value, jax.core.Tracer):  # inside a trace: shapes only
+        return 0
+    array = np.asarray(value)
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        return array.size
+    return int(array.size - np.isfinite(array).sum())
+
+
+def check_params(
+    value,
+    name: str = "params",
+    *,
+    dim: int | None = None,
+    num_experts: int | None = None,
+    require_noise: bool = False,
+) -> MoEParams:
+    """Return ``value`` if it is a well-formed `MoEParams`, or raise naming ``name``.
+
+    Checks: the type; experts and gates of one shape (k, d) (all k gate rows, the last zero);
+    intercepts of shape (k,) when set; a scalar noise; finite experts, gates and intercepts;
+    ``dim`` columns and ``num_experts`` rows when given; and, with ``require_noise``, a finite
+    noise > 0 (needed wherever the likelihood is evaluated). Values inside a jit trace are not
+    checked (shapes are).
+    """
+    if not isinstance(value, MoEParams):
+        hint = ""
+        inner = getattr(value, "params", None)
+        if isinstance(inner, MoEParams) and np.ndim(inner.experts) == 2:
+            hint = " (pass its .params)"
+        elif isinstance(getattr(getattr(value, "best", None), "params", None), MoEParams):
+            hint = " (pass its .best.params)"
+        elif hasattr(value, "to_params"):
+            hint = " (use its .to_params())"
+        raise TypeError(f"{name}: expected MoEParams, got {type(value).__name__}{hint}")
+    experts_shape, gates_shape = np.shape(value.experts), np.shape(value.gates)
+    if len(experts_shape) != 2 or gates_shape != experts_shape or 0 in experts_shape:
+        raise ValueError(
+            f"{name}: expected experts and gates of one shape (k, d) (all k gate rows, the last "
+            f"zero), got experts {experts_shape} and gates {gates_shape}"
+        )
+    k, d = experts_shape
+    for field in ("expert_intercepts", "gate_intercepts"):
+        intercepts = getattr(value, field)
+        if intercepts is not None and np.shape(intercepts) != (k,):
+            raise ValueError(f"{name}: expected {field} of shape ({k},), got shape {np.shape(intercepts)}")
+    if np.shape(value.noise) != ():
+        raise ValueError(f"{name}: expected a scalar noise, got shape {np.shape(value.noise)}")
+    if dim is not None and d != dim:
+        raise ValueError(f"{name}: expected experts with {dim} columns like x, got {d}")
+    if num_experts is not None and k != num_experts:
+        raise ValueError(f"{name}: expected {num_experts} experts, got {k}")
+    for field in ("experts", "gates", "expert_intercepts", "gate_intercepts"):
+        field_value = getattr(value, field)
+        bad = 0 if field_value is None else _count_nonfinite(field_value)
+        if bad:
+            raise ValueError(f"{name}: expected finite {field}, found {bad} NaN or inf entries")
+    if require_noise and not isinstance(value.noise, jax.core.Tracer):
+        noise = np.asarray(value.noise)
+        if _count_nonfinite(noise) or not float(noise) > 0:
+            raise ValueError(f"{name}: expected noise > 0 (a finite standard deviation), got {noise}")
     return value
 
 

@@ -138,20 +138,21 @@ def test_noise_given_or_estimated(population, population_fit):
 
 def test_noise_estimate_is_floored_at_its_standard_error(moderate):
     x, y, truth = moderate
-    # s^2 = mean(y^2) - E[g(Z)^2] (= 1 for the linear link). Shrinking y by 1 % puts mean(y^2)
-    # about 1.5 standard errors below 1: not resolved, so s^2 is floored at the standard error
-    # of mean(y^2), without a warning.
-    shrunk = 0.99 * y
+    # s^2 = mean(y^2) - E[g(Z)^2] (= 1 for the linear link). Shrinking y so that mean(y^2) sits
+    # 1.5 standard errors below 1 leaves s^2 unresolved: it is floored at the standard error of
+    # mean(y^2), without a warning.
+    y_squared_se = float(np.sqrt(np.var(np.asarray(y) ** 2) / len(y)))
+    shrunk = np.sqrt((1 - 1.5 * y_squared_se) / np.mean(np.asarray(y) ** 2)) * np.asarray(y)
     standard_error = np.sqrt(np.var(shrunk**2) / len(y))
     assert -3 * standard_error < np.mean(shrunk**2) - 1 < 0
     estimate, caught = fit_recording_warnings(x, shrunk, num_experts=NUM_EXPERTS)
     assert float(estimate.noise) == pytest.approx(np.sqrt(standard_error), rel=1e-8)
     assert caught == []
     assert expert_error(estimate, truth) < 0.1
-    # Shrunk by 3 %, mean(y^2) is more than 3 standard errors short: the design assumptions
-    # fail (expert scale), which warns.
+    # Five standard errors short, the design assumptions fail (expert scale), which warns.
+    far = np.sqrt((1 - 5 * y_squared_se) / np.mean(np.asarray(y) ** 2)) * np.asarray(y)
     with pytest.warns(ReliabilityWarning, match="noise"):
-        estimate_experts(x, 0.97 * y, num_experts=NUM_EXPERTS)
+        estimate_experts(x, far, num_experts=NUM_EXPERTS)
 
 
 @pytest.mark.parametrize(
