@@ -35,18 +35,19 @@ Choice of ``mu`` and ``lam`` (orthonormal experts, population T4, ``c_ji = b_j .
   ``t_i = lam / (lam - mu pi_i)`` (minimise ``-mu pi t^2 + lam (t - 1)^2``) and value
   ``-sum_i lam mu pi_i / (lam - mu pi_i)``. The norms depend on ``pi_i``, so the result is
   normalised to unit norm; ``pi_i`` is then read off as ``T4(a_i, a_i, a_i, a_i)``. They are
-  strict local minima for any ``mu > 0``: the Hessian's coefficients are ``4 lam`` radially,
-  ``pi_m t_m + mu pi_j t_j`` towards another expert and ``mu pi_j t_j`` out of their span.
+  strict local minima for any ``mu > 0``: the Hessian's eigenvalues are ``8 lam`` (radial),
+  ``4 (pi_m t_m + mu pi_j t_j)`` (row j towards expert m) and ``4 mu pi_j t_j`` (out of the
+  experts' span).
 - Two rows on one expert (``b_j = s_j a_i``, ``b_l = s_l a_i``): turning ``b_l`` by an angle
   theta towards an uncovered expert changes L4 by ``2 pi_i s_l^2 (mu s_l^2 - s_j^2) theta^2``,
   negative for the shorter row whenever ``mu < 1``: a saddle for ``mu < 1``, a spurious local
-  minimum for ``mu > 1``. A zero row is never a minimum (curvature ``-4 lam`` towards an expert
-  the other k - 1 rows leave uncovered).
+  minimum for ``mu > 1``. A zero row next to rows on experts is never a minimum (curvature
+  ``-4 lam`` towards an expert they leave uncovered).
 - Measured in the reduced problem (k = d, below), Adam from 200 random starts per setting,
   k = 3, 5, 8, weights uniform or as skewed as (0.85, 0.1, 0.05): every start reached the
   experts for every mu in [0.25, 0.9] and lam in {1.05 mu pi_max, 0.5, 1, 4}; mu = 0.1 missed
-  up to 1% in 1000 steps (the pull towards an expert scales with mu); mu = 1.1 and 1.5 ended in
-  two rows on one expert from 5-70% of the starts.
+  up to 1% in 1000 steps (the pull towards an expert scales with mu); mu = 1.1 and 1.5 left two
+  rows on one expert from up to 42% and 72% of the starts (every failure was such a pair).
 
 Hence ``mu = 0.5``: the middle of (0, 1), a factor 2 from the threshold at which duplicated
 experts become local minima, and far enough from 0 that the landscape is not flat. ``lam = 1``:
@@ -56,19 +57,32 @@ not depend on them (mean 0.061-0.066 over mu in [0.25, 0.9], lam in {0.6, 1, 4})
 
 Span restriction. For d > k, a row orthogonal to every expert has zero T4 terms, and turning it
 towards an uncovered expert lowers L4 only at fourth order (``-mu pi_m sin^4 theta``): no local
-minimum, but a flat region where gradient descent crawls. From random starts in R^6 (k = 3)
-Adam reached the experts from 84% of the starts in 2000 steps (98% in 10000); the rest held a row
-nearly orthogonal to every expert. (Ge, Lee & Ma's landscape is the square case k = d.) So L4 is
-minimised over ``B = C U^T``, C (k, k), U (d, k) the top-k eigenvectors of
+minimum, but a flat region where gradient descent crawls (for k = d it does not exist). From
+random starts in R^6 (k = 3) Adam reached the experts from 84% of 50 starts in 2000 steps (98% in
+10000), in R^10 from 10-15 of 20 in 1000 steps (17 of 20 in 5000); the rest held a row nearly
+orthogonal to every expert. Starting in the experts' span is not enough: Adam scales each
+coordinate separately, so its steps leave the span (93% success from such starts at d = 10).
+So L4 is minimised over ``B = C U^T``, C (k, k), U (d, k) the top-k eigenvectors of
 ``T2 = E[P2(y) S2(z)] / c2 = sum_i pi_i a_i a_i^T`` (DESIGN section 2), which span the experts:
-the k = d problem, with the same minimisers when the experts lie in span(U). Freeing B in R^d
-afterwards was tried and made the error 2-3 times worse (0.17-0.22 against 0.05-0.075 at
-n = 50k): the fourth moment resolves directions outside the span far worse than T2 does.
+the k = d problem, with the same minimisers when the experts lie in span(U). Freeing B in R^d afterwards was tried and made the error 2-3 times
+worse (0.17-0.22 against 0.05-0.075 at n = 50k, five data sets): the fourth moment resolves directions outside
+the span far worse than T2 does.
 
 Cost. In the reduced coordinates ``w = U^T z`` (k of them) every term of L4 is a contraction of
 ``mean q (w w^T)^{(x)2}`` (p x p over the p = k (k + 1) / 2 products ``w_a w_b``) and
 ``mean q w w^T``: one O(n (d k + p^2)) pass, after which a loss and gradient evaluation costs
 O(k p^2 + k^3), independent of n; all starts run together in one jitted Adam scan.
+
+Limits (measured, d = 10, k = 3, noise 0.1). Accuracy is that of a fourth moment: expert error
+0.08-0.14 at n = 20k, 0.05-0.09 at 50k, 0.026-0.054 at 200k, 0.017-0.021 at 800k (the tensor
+method of `estimate_experts` on the same data: 0.046-0.064, 0.021-0.031, 0.011-0.014). relu is far noisier (its Q4 has large
+coefficients and c4 = 0.50): 0.17-0.27 at 200k, 0.04 at 1M. Unit-norm experts that are not
+orthogonal (`simulate`'s default, overlaps up to 0.37) bias the minima, since the cross terms no
+longer vanish at the truth: 0.13-0.24 at 200k against 0.02-0.03 for the tensor method.
+Whitening by T2 as well (rows ``U L^{-1/2} c``, so the experts become orthonormal with weights
+``L_min / pi_i``) removed that bias at 200k (0.03-0.05) but failed on one of three data sets at
+50k (the weakest direction's noise is amplified), so it is not done. Either way the estimate is
+a starting point that EM refines.
 
 Sign. L4 is even in each row; each expert's sign is chosen so that ``a_i . E[(y - ybar) z]``
 has the sign of ``E[g'(Z)]``: by Stein, ``E[y z] = E[g'(Z)] sum_j pi_j a_j`` plus gate terms
@@ -283,8 +297,13 @@ def minimize_landscape(pairwise, starts, *, mu: float, lam: float, num_steps: in
     final, _ = minimize_adam(
         lambda vectors: jnp.sum(per_start(vectors)), starts, num_steps=num_steps, learning_rate=schedule
     )
-    gradients = jax.grad(lambda vectors: jnp.sum(per_start(vectors)))(final)
-    return final, per_start(final), jnp.sqrt(jnp.sum(gradients**2, axis=(1, 2)))
+
+    @jax.jit  # one compiled program instead of one per eager operation
+    def losses_and_gradient_norms(vectors):
+        gradients = jax.grad(lambda v: jnp.sum(per_start(v)))(vectors)
+        return per_start(vectors), jnp.sqrt(jnp.sum(gradients**2, axis=(1, 2)))
+
+    return final, *losses_and_gradient_norms(final)
 
 
 def orient_experts(directions, first_moment, slope_sign: float):
@@ -326,6 +345,9 @@ class LandscapeResult(NamedTuple):
     subspace_eigenvalues
         (d,) eigenvalues of T2 / c2 in standardised coordinates, descending; the experts are
         sought in the span of the top k eigenvectors.
+    subspace_noise_floor
+        () size below which a T2 eigenvalue is indistinguishable from sampling noise (as in
+        `ExpertDiagnostics`); the k-th eigenvalue should clear the (k+1)-th by more.
     expert_intercepts
         (k,) offsets ``-a_i . mean(x)`` from centring x, or None without standardisation.
     standardization
@@ -345,6 +367,7 @@ class LandscapeResult(NamedTuple):
     mu: float
     lam: float
     subspace_eigenvalues: np.ndarray
+    subspace_noise_floor: float
     expert_intercepts: np.ndarray | None
     standardization: Standardization
 
@@ -435,7 +458,7 @@ def landscape_experts(
         y = np.asarray(check_response(y, x.shape[0]), dtype=np.float64)
         key = check_key(key)
         link = resolve_link(link)
-        num_samples, dim = x.shape
+        dim = x.shape[1]
         num_experts = check_num_experts(num_experts, dim, require_k_le_d=True)
         if noise is not None:
             noise = check_positive(noise, "noise")
@@ -470,10 +493,7 @@ def landscape_experts(
         final, losses, gradient_norms = minimize_landscape(
             pairwise, starts, mu=mu, lam=lam, num_steps=num_steps, learning_rate=learning_rate
         )
-        directions = final / jnp.maximum(jnp.linalg.norm(final, axis=-1, keepdims=True), 1e-300)
-        fourth = jax.vmap(lambda vectors: jnp.diag(pairwise(vectors)))(directions)  # (S, k)
-        first_moment = z.T @ (responses - jnp.mean(responses)) / num_samples
-        directions = orient_experts(directions @ basis.T, first_moment, _slope_sign(link))
+        directions, fourth = _finish(final, moments, basis, z, responses, _slope_sign(link))
 
         losses = np.asarray(losses)
         best = int(np.argmin(losses))
@@ -498,9 +518,19 @@ def landscape_experts(
         mu=mu,
         lam=lam,
         subspace_eigenvalues=moment.eigenvalues,
+        subspace_noise_floor=moment.noise_floor,
         expert_intercepts=-experts @ standardization.mean if standardize else None,
         standardization=standardization,
     )
+
+
+@jax.jit
+def _finish(final, moments: FourthMoments, basis, z, responses, slope_sign):
+    """Unit rows in z-coordinates, signed (S, k, d), and their T4(a, a, a, a) (S, k)."""
+    directions = final / jnp.maximum(jnp.linalg.norm(final, axis=-1, keepdims=True), 1e-300)
+    fourth = jax.vmap(lambda vectors: jnp.diag(pairwise_fourth_moment(vectors, moments)))(directions)
+    first_moment = z.T @ (responses - jnp.mean(responses)) / z.shape[0]
+    return orient_experts(directions @ basis.T, first_moment, slope_sign), fourth
 
 
 def _slope_sign(link: Link) -> float:
