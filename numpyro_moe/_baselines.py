@@ -130,10 +130,17 @@ def fit_em_restarts(
     return RestartsResult(best_result, log_likelihoods, params)
 
 
-def _start(init, key, x, y, num_experts):
+def _descent_start(x, y, key, link, num_experts, init):
+    """Checked inputs of the descent baselines and their start (``init``, or `random_start`)."""
+    x, y = _check_xy(x, y)
+    link = resolve_link(link)
+    key = check_key(key)
+    num_experts = check_num_experts(num_experts, x.shape[1], require_k_le_d=False)
     if init is None:
-        return random_start(key, x, y, num_experts=num_experts)
-    return as_params(init, "init", x.shape[1], num_experts=num_experts)
+        start = random_start(key, x, y, num_experts=num_experts)
+    else:
+        start = as_params(init, "init", x.shape[1], num_experts=num_experts)
+    return x, y, link, start
 
 
 def fit_likelihood_gd(
@@ -148,11 +155,7 @@ def fit_likelihood_gd(
     learning_rate: float = 0.01,
 ) -> MoEParams:
     """Adam on the joint negative log-likelihood (experts, gates, noise), from ``init`` or random."""
-    x, y = _check_xy(x, y)
-    link = resolve_link(link)
-    key = check_key(key)
-    num_experts = check_num_experts(num_experts, x.shape[1], require_k_le_d=False)
-    params = _start(init, key, x, y, num_experts)
+    x, y, link, params = _descent_start(x, y, key, link, num_experts, init)
     params = params._replace(noise=jnp.std(y) if not np.isfinite(float(params.noise)) else params.noise)
     fitted, _ = _likelihood_gd(
         params, x, y, link, num_steps=check_positive_int(num_steps, "num_steps"),
@@ -176,11 +179,7 @@ def fit_squared_loss_gd(
 
     The noise of the result is the root of the final mean squared error.
     """
-    x, y = _check_xy(x, y)
-    link = resolve_link(link)
-    key = check_key(key)
-    num_experts = check_num_experts(num_experts, x.shape[1], require_k_le_d=False)
-    start = _start(init, key, x, y, num_experts)
+    x, y, link, start = _descent_start(x, y, key, link, num_experts, init)
     dim = x.shape[1]
     variables = {"experts": jnp.asarray(start.experts, x.dtype), "gates": jnp.asarray(start.gates[:-1], x.dtype)}
 
