@@ -31,7 +31,7 @@ from numpyro_moe._experts import (
     suggest_num_experts,
 )
 from numpyro_moe._fit import fit_em, fit_gating
-from numpyro_moe._io import load_params, output_folder, save_params
+from numpyro_moe._io import load_params, load_result, output_folder, save_params, save_result
 from numpyro_moe._links import LINKS, Link, resolve_link
 from numpyro_moe._map import MapResult, fit_map
 from numpyro_moe._metrics import (
@@ -100,10 +100,12 @@ __all__ = [
     "run_nuts",
     "responsibilities",
     "load_params",
+    "load_result",
     "loo",
     "output_folder",
     "output_transforms",
     "save_params",
+    "save_result",
     "suggest_num_experts",
     "ComparisonResult",
     "CsvData",

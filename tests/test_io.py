@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import numpyro_moe as moe
 from numpyro_moe import MoEParams
 from numpyro_moe._io import load_params, output_folder, save_params
 
@@ -148,3 +150,47 @@ def test_output_folder_overwrite_keeps_the_old_folder_when_the_body_raises(tmp_p
         raise KeyboardInterrupt
     assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
     assert _leftovers(tmp_path) == []
+
+
+def _assert_same(left, right, where="result"):
+    if hasattr(left, "dtype") and not isinstance(left, np.generic):
+        # Arrays (NumPy or JAX) come back as NumPy arrays with the same dtype and bits.
+        assert isinstance(right, np.ndarray), where
+        assert left.dtype == right.dtype, where
+        np.testing.assert_array_equal(np.asarray(left), right, err_msg=where)
+        return
+    assert type(left) is type(right), where
+    if left is None:
+        return
+    if isinstance(left, tuple) and hasattr(left, "_fields"):
+        for field in left._fields:
+            _assert_same(getattr(left, field), getattr(right, field), f"{where}.{field}")
+    elif isinstance(left, str | bool | int | float):
+        assert left == right, where
+    else:
+        left, right = np.asarray(left), np.asarray(right)
+        assert left.dtype == right.dtype, where
+        np.testing.assert_array_equal(left, right, err_msg=where)
+
+
+def test_results_save_and_reload_exactly(tmp_path):
+    x, y, truth = moe.simulate(jax.random.key(21), num_samples=3000, dim=5, num_experts=2)
+    estimate = moe.estimate_experts(x, y, num_experts=2)
+    fit = moe.fit_moe(x, y, num_experts=2, key=jax.random.key(22), num_restarts=1)
+    for name, result in (("estimate", estimate), ("em", fit.em), ("fit", fit), ("params", truth)):
+        path = moe.save_result(tmp_path / f"{name}.npz", result)
+        reloaded = moe.load_result(path)
+        # Exact: same types all the way down (nested NamedTuples, None, str, float, int, bool)
+        # and bit-identical arrays with their dtypes.
+        _assert_same(result, reloaded)
+    assert isinstance(moe.load_result(tmp_path / "fit.npz").estimate, moe.ExpertEstimate)
+
+
+def test_save_result_refuses_other_objects_and_load_result_foreign_files(tmp_path):
+    with pytest.raises(TypeError, match=r"^result: expected one of"):
+        moe.save_result(tmp_path / "x.npz", {"experts": 1})
+    np.savez(tmp_path / "other.npz", a=np.arange(3))
+    with pytest.raises(ValueError, match=r"^path: .*was not written by save_result"):
+        moe.load_result(tmp_path / "other.npz")
+    with pytest.raises(FileNotFoundError, match=r"^path: no such file"):
+        moe.load_result(tmp_path / "missing.npz")
