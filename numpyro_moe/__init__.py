@@ -32,6 +32,12 @@ from numpyro_moe._experts import (
 )
 from numpyro_moe._fit import fit_em, fit_gating
 from numpyro_moe._io import load_params, load_result, output_folder, save_params, save_result
+from numpyro_moe._landscape import (
+    FourthOrderTransform,
+    LandscapeResult,
+    fourth_order_transform,
+    landscape_experts,
+)
 from numpyro_moe._links import LINKS, Link, resolve_link
 from numpyro_moe._map import MapResult, fit_map
 from numpyro_moe._metrics import (
@@ -94,6 +100,7 @@ __all__ = [
     "fit_moe",
     "fit_squared_loss_gd",
     "joint_log_probs",
+    "landscape_experts",
     "random_start",
     "read_csv",
     "relabel_draws",
@@ -110,6 +117,8 @@ __all__ = [
     "ComparisonResult",
     "CsvData",
     "ExpertMatch",
+    "FourthOrderTransform",
+    "LandscapeResult",
     "Link",
     "MoEParams",
     "NutsResult",
@@ -117,6 +126,7 @@ __all__ = [
     "SimulatedData",
     "expert_error",
     "expert_means",
+    "fourth_order_transform",
     "gate_probabilities",
     "gating_error",
     "init_to_estimate",
