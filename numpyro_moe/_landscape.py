@@ -101,9 +101,9 @@ import optax
 
 from numpyro_moe._experts import Standardization, _estimate_noise, _second_moment, _warn_design
 from numpyro_moe._fit import minimize_adam
-from numpyro_moe._links import LINKS, Link, resolve_link
+from numpyro_moe._links import Link, resolve_link
 from numpyro_moe._moments import as_data_source, resolve_chunk_size
-from numpyro_moe._transforms import _SMOOTH_LINKS, gaussian_expectation_nodes, output_transforms
+from numpyro_moe._transforms import hermite_moments, link_at_nodes, output_transforms
 from numpyro_moe._validation import (
     ReliabilityWarning,
     check_design,
@@ -150,25 +150,6 @@ class FourthOrderTransform(NamedTuple):
         return ((y + self.b3) * y + self.b2) * y * y + self.b1 * y
 
 
-def _link_at_nodes(link: Link) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Quadrature nodes, weights and g at the nodes, by the rule `output_transforms` picks."""
-    smooth = link.name in _SMOOTH_LINKS and LINKS[link.name] is link.function
-    nodes, weights = gaussian_expectation_nodes("hermite" if smooth else "piecewise")
-    with jax.enable_x64(True):
-        values = np.asarray(link.function(jnp.asarray(nodes, dtype=jnp.float64)), dtype=np.float64)
-    if values.shape != nodes.shape or not np.isfinite(values).all():
-        raise ValueError(
-            f"link: {link.name!r} must map arrays elementwise to finite values of the same shape"
-        )
-    return nodes, weights, values
-
-
-def _hermite_moments(values: np.ndarray, nodes, weights) -> np.ndarray:
-    """E[f(Z) He_m(Z)] for m = 1, 2, 3, 4, given f at the nodes."""
-    hermite = np.stack([nodes, nodes**2 - 1, nodes**3 - 3 * nodes, nodes**4 - 6 * nodes**2 + 3])
-    return hermite @ (weights * values)
-
-
 def fourth_order_transform(link: str | Link = "linear", noise: float = 0.0) -> FourthOrderTransform:
     """Solve for the quartic transform Q4 of the expert loss for ``link`` at noise sd ``noise``.
 
@@ -195,9 +176,9 @@ def fourth_order_transform(link: str | Link = "linear", noise: float = 0.0) -> F
     noise = float(noise)
     if not np.isfinite(noise) or noise < 0:
         raise ValueError(f"noise: expected a finite number >= 0, got {noise}")
-    nodes, weights, values = _link_at_nodes(link)
+    nodes, weights, values = link_at_nodes(link)
     # moments[p - 1][m - 1] = E[g^p He_m]
-    moments = [_hermite_moments(values**power, nodes, weights) for power in (1, 2, 3, 4)]
+    moments = [hermite_moments(values**power, nodes, weights) for power in (1, 2, 3, 4)]
     system = np.stack([moments[2][:3], moments[1][:3], moments[0][:3]], axis=1)
     scale = max(np.abs(system).max(), 1e-300)
     if abs(np.linalg.det(system)) < 1e-10 * scale**3:
@@ -535,7 +516,7 @@ def _finish(final, moments: FourthMoments, basis, z, responses, slope_sign):
 
 def _slope_sign(link: Link) -> float:
     """sign E[g'(Z)] = sign E[g(Z) Z]; nonzero for any link the quartic transform accepts."""
-    nodes, weights, values = _link_at_nodes(link)
+    nodes, weights, values = link_at_nodes(link)
     return 1.0 if weights @ (values * nodes) >= 0 else -1.0
 
 

@@ -33,7 +33,13 @@ from numpy.polynomial.legendre import leggauss
 from numpyro_moe._links import LINKS, Link, resolve_link
 from numpyro_moe._validation import ReliabilityWarning, check_nonnegative
 
-__all__ = ["OutputTransforms", "gaussian_expectation_nodes", "output_transforms"]
+__all__ = [
+    "OutputTransforms",
+    "gaussian_expectation_nodes",
+    "hermite_moments",
+    "link_at_nodes",
+    "output_transforms",
+]
 
 _SMOOTH_LINKS = ("linear", "sigmoid", "tanh")
 
@@ -82,10 +88,39 @@ def gaussian_expectation_nodes(rule: str) -> tuple[np.ndarray, np.ndarray]:
     raise ValueError(f"rule: expected 'hermite' or 'piecewise', got {rule!r}")
 
 
-def _hermite_moments(values: np.ndarray, nodes, weights) -> np.ndarray:
-    """E[f(Z) He_m(Z)] for m = 1, 2, 3, given f at the nodes."""
-    hermite = np.stack([nodes, nodes**2 - 1, nodes**3 - 3 * nodes])
+def hermite_moments(values: np.ndarray, nodes, weights) -> np.ndarray:
+    """E[f(Z) He_m(Z)] for m = 1, 2, 3, 4, given f at the quadrature nodes."""
+    hermite = np.stack([nodes, nodes**2 - 1, nodes**3 - 3 * nodes, nodes**4 - 6 * nodes**2 + 3])
     return hermite @ (weights * values)
+
+
+def link_at_nodes(link: Link) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Quadrature nodes, weights and the link at the nodes (float64).
+
+    Gauss-Hermite for the built-in smooth links, piecewise Gauss-Legendre otherwise.
+
+    Raises
+    ------
+    TypeError
+        If the link is a callable that fails on a jax array.
+    ValueError
+        If it does not map arrays elementwise to finite values.
+    """
+    smooth = link.name in _SMOOTH_LINKS and LINKS[link.name] is link.function
+    nodes, weights = gaussian_expectation_nodes("hermite" if smooth else "piecewise")
+    try:
+        with jax.enable_x64(True):
+            values = np.asarray(link.function(jnp.asarray(nodes, dtype=jnp.float64)), dtype=np.float64)
+    except Exception as error:  # a user callable that does not take a jax array
+        raise TypeError(
+            f"link: {link.name!r} must map a jax array elementwise to an array of the same shape; "
+            f"calling it on a 1-d array raised {type(error).__name__}: {error}"
+        ) from error
+    if values.shape != nodes.shape or not np.isfinite(values).all():
+        raise ValueError(
+            f"link: {link.name!r} must map arrays elementwise to finite values of the same shape"
+        )
+    return nodes, weights, values
 
 
 def output_transforms(link: str | Link = "linear", noise: float = 0.0) -> OutputTransforms:
@@ -102,24 +137,10 @@ def output_transforms(link: str | Link = "linear", noise: float = 0.0) -> Output
     """
     link = resolve_link(link)
     noise = check_nonnegative(noise, "noise")
-    smooth = link.name in _SMOOTH_LINKS and LINKS[link.name] is link.function
-    rule = "hermite" if smooth else "piecewise"
-    nodes, weights = gaussian_expectation_nodes(rule)
-    try:
-        with jax.enable_x64(True):
-            values = np.asarray(link.function(jnp.asarray(nodes, dtype=jnp.float64)), dtype=np.float64)
-    except Exception as error:  # a user callable that does not take a jax array
-        raise TypeError(
-            f"link: {link.name!r} must map a jax array elementwise to an array of the same shape; "
-            f"calling it on a 1-d array raised {type(error).__name__}: {error}"
-        ) from error
-    if values.shape != nodes.shape or not np.isfinite(values).all():
-        raise ValueError(
-            f"link: {link.name!r} must map arrays elementwise to finite values of the same shape"
-        )
-    m_g = _hermite_moments(values, nodes, weights)
-    m_g2 = _hermite_moments(values**2, nodes, weights)
-    m_g3 = _hermite_moments(values**3, nodes, weights)
+    nodes, weights, values = link_at_nodes(link)
+    m_g = hermite_moments(values, nodes, weights)
+    m_g2 = hermite_moments(values**2, nodes, weights)
+    m_g3 = hermite_moments(values**3, nodes, weights)
 
     scale = max(abs(m_g[0]), 1e-300)
     if abs(m_g[0]) < 1e-8:
