@@ -333,6 +333,8 @@ class LandscapeResult(NamedTuple):
         (k,) offsets ``-a_i . mean(x)`` from centring x, or None without standardisation.
     standardization
         `Standardization` applied to x.
+    skewness, excess_kurtosis
+        (d,) marginal sample skewness and excess kurtosis of x (0 for a Gaussian design).
     """
 
     experts: np.ndarray
@@ -351,6 +353,8 @@ class LandscapeResult(NamedTuple):
     subspace_noise_floor: float
     expert_intercepts: np.ndarray | None
     standardization: Standardization
+    skewness: np.ndarray
+    excess_kurtosis: np.ndarray
 
 
 def _check_constants(mu, lam) -> tuple[float, float]:
@@ -502,6 +506,8 @@ def landscape_experts(
         subspace_noise_floor=moment.noise_floor,
         expert_intercepts=-experts @ standardization.mean if standardize else None,
         standardization=standardization,
+        skewness=moment.skewness,
+        excess_kurtosis=moment.excess_kurtosis,
     )
 
 

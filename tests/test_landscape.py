@@ -318,6 +318,43 @@ def test_empirical_loss_recovers_experts():
     np.testing.assert_allclose(np.linalg.norm(start_standardized, axis=1), 1.0, atol=1e-10)
 
 
+def test_estimate_experts_landscape_method_is_the_landscape_fit():
+    """`estimate_experts(method="landscape")` returns `landscape_experts`' result as an
+    `ExpertEstimate` (same key, same options), usable wherever a tensor estimate is."""
+    from numpyro_moe import ExpertEstimate, estimate_experts
+
+    x, y, truth = papers_setting()
+    result = papers_fit()
+    estimate = estimate_experts(
+        x, y, num_experts=NUM_EXPERTS, method="landscape", key=jax.random.key(1),
+        landscape_options={"num_starts": 4},
+    )
+    assert isinstance(estimate, ExpertEstimate)
+    np.testing.assert_allclose(estimate.experts, result.experts, atol=1e-12)
+    np.testing.assert_allclose(estimate.weights, result.weights, atol=1e-12)
+    np.testing.assert_allclose(estimate.expert_intercepts, result.expert_intercepts, atol=1e-12)
+    assert float(estimate.noise) == pytest.approx(result.noise)
+    diagnostics = estimate.diagnostics
+    assert diagnostics.method == "landscape" and diagnostics.noise_source == "moments"
+    np.testing.assert_allclose(diagnostics.t2_eigenvalues, result.subspace_eigenvalues)
+    assert diagnostics.eigen_gap > 1
+    assert np.isnan(diagnostics.decomposition_residual) and np.all(np.isnan(diagnostics.tensor_eigenvalues))
+    assert diagnostics.skewness.shape == (DIM,) and np.all(np.abs(diagnostics.skewness) < 0.05)
+    assert expert_error(estimate.to_params(), truth) < 0.1
+
+
+def test_estimate_experts_landscape_errors():
+    from numpyro_moe import estimate_experts
+
+    x, y, _ = papers_setting(num_samples=2000)
+    with pytest.raises(TypeError, match="^y: method='landscape'"):
+        estimate_experts([(x, y)], num_experts=NUM_EXPERTS, method="landscape")
+    with pytest.raises(ValueError, match="^landscape_options: unknown"):
+        estimate_experts(x, y, num_experts=NUM_EXPERTS, method="landscape", landscape_options={"steps": 3})
+    with pytest.raises(ValueError, match="^landscape_options: only used"):
+        estimate_experts(x, y, num_experts=NUM_EXPERTS, landscape_options={"num_steps": 3})
+
+
 def test_empirical_weights_track_gate_probabilities():
     """pi_i = T4(a_i, a_i, a_i, a_i), normalised: measured max |error| 0.010-0.047 on data keys
     0-5 at n = 200k (up to 0.14 at 50k), so 0.1 is the bound."""

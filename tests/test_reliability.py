@@ -132,7 +132,7 @@ BAD_INPUTS = [
     pytest.param(lambda c: moe.estimate_experts(c.xn.astype(complex), c.yn, num_experts=2), TypeError,
                  r"^x: expected a real numeric array, got dtype complex128", id="estimate-complex-x"),
     pytest.param(lambda c: moe.estimate_experts(c.xn, c.yn, num_experts=2, method="em"), ValueError,
-                 r"^method: expected one of \('tensor',\), got 'em'", id="estimate-unknown-method"),
+                 r"^method: expected one of \('tensor', 'landscape'\), got 'em'", id="estimate-unknown-method"),
     pytest.param(lambda c: moe.estimate_experts(c.xn, c.yn, num_experts=2, decomposition="svd"), ValueError,
                  r"^decomposition: expected one of \('power', 'tensorly'\)", id="estimate-unknown-decomposition"),
     pytest.param(lambda c: moe.estimate_experts(c.xn, c.yn, num_experts=2, noise=-1.0), ValueError,
