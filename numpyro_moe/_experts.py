@@ -26,6 +26,7 @@ from numpyro_moe._moments import (
     FirstPass,
     as_data_source,
     first_pass,
+    p2_sketch,
     resolve_chunk_size,
     whitened_third_moment,
 )
@@ -51,7 +52,13 @@ __all__ = [
     "suggest_num_experts",
 ]
 
-METHODS = ("tensor",)
+METHODS = ("tensor", "landscape")
+EIGENSOLVERS = ("auto", "dense", "randomized")
+# Probes beyond k of the randomised eigensolver (the usual oversampling of randomised range
+# finders): enough that the top-k eigenspace of a rank-k-plus-noise T2 is captured.
+OVERSAMPLING = 10
+# Passes over the data of the randomised eigensolver beyond the first (subspace iterations).
+POWER_ITERATIONS = 2
 # A marginal skewness / excess kurtosis this far from 0 is a practically relevant departure
 # from the Gaussian design (and, at the sample sizes used, also a significant one).
 SKEWNESS_LIMIT = 0.25
@@ -103,6 +110,9 @@ class ExpertDiagnostics(NamedTuple):
         Largest ``1 - |cos|`` between a component and its match in a second decomposition from
         other random starts; above 1e-6 the power method had not converged (or its restarts
         disagree).
+    method
+        ``"tensor"``, or ``"landscape"`` (then ``tensor_eigenvalues``, ``decomposition_residual``
+        and ``decomposition_change`` are NaN: there is no third-moment decomposition).
     """
 
     t2_eigenvalues: np.ndarray
@@ -115,6 +125,7 @@ class ExpertDiagnostics(NamedTuple):
     noise_source: str
     num_samples: int
     decomposition_change: float = 0.0
+    method: str = "tensor"
 
 
 class ExpertEstimate(NamedTuple):
@@ -177,8 +188,16 @@ class _SecondMoment(NamedTuple):
     excess_kurtosis: np.ndarray
 
 
-def _second_moment(source: DataSource, transforms: OutputTransforms, standardize: bool, chunk_size: int):
-    stats = first_pass(source, transforms, chunk_size)
+def _second_moment(
+    source: DataSource,
+    transforms: OutputTransforms,
+    standardize: bool,
+    chunk_size: int,
+    probes: np.ndarray | None = None,
+):
+    """Pass 1 and T2's eigenpairs in standardised coordinates: all d of them (dense), or, with
+    ``probes`` (d, p), the top p by the randomised single-pass eigensolver (`_sketched_eigh`)."""
+    stats = first_pass(source, transforms, chunk_size, probes)
     n, d = stats.count, source.dim
     if n < d + 2:
         raise ValueError(
@@ -219,13 +238,27 @@ def _second_moment(source: DataSource, transforms: OutputTransforms, standardize
 
     y_mean, y2_mean = stats.sum_y[0] / n, stats.sum_y[1] / n
     p2_mean = y2_mean + transforms.gamma * y_mean
-    weighted = (stats.sum_p2xx - p2_mean * stats.sum_xx) / n  # E[(P2 - mean P2) x x^T]
     weighted_first = (stats.sum_p2x - p2_mean * stats.sum_x) / n
-    centred = weighted - np.outer(weighted_first, mean) - np.outer(mean, weighted_first)
-    t2 = whitening.T @ centred @ whitening / transforms.c2
-    t2 = (t2 + t2.T) / 2
-    eigenvalues, eigenvectors = np.linalg.eigh(t2)
-    eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]
+
+    def centred_times(sketch, vectors):
+        # C V for C = E[(P2 - mean P2)(x - mean)(x - mean)^T], from sketch = sum P2 x x^T V.
+        weighted = (sketch - p2_mean * stats.sum_xx @ vectors) / n
+        return weighted - np.outer(weighted_first, mean @ vectors) - np.outer(mean, weighted_first @ vectors)
+
+    # In z-coordinates T2 = W C W / c2 (W = whitening, symmetric).
+    if probes is None:
+        t2 = whitening @ centred_times(stats.sum_p2xx, np.eye(d)) @ whitening / transforms.c2
+        eigenvalues, eigenvectors = np.linalg.eigh((t2 + t2.T) / 2)
+        eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]
+    else:
+
+        def t2_times(vectors):  # one more pass over the data
+            sketch = p2_sketch(source, transforms, whitening @ vectors, chunk_size)
+            return whitening @ centred_times(sketch, whitening @ vectors) / transforms.c2
+
+        # T2 applied to W^{-1} Omega is W C Omega / c2, from pass 1's sketch.
+        image = whitening @ centred_times(stats.sum_p2xx, stats.probes) / transforms.c2
+        eigenvalues, eigenvectors = _subspace_eigh(image, t2_times, POWER_ITERATIONS)
 
     p2_variance = max(stats.sum_p2sq / n - p2_mean**2, 0.0)
     noise_floor = 2 * np.sqrt(d) * np.sqrt(p2_variance / n) / abs(transforms.c2)
@@ -233,6 +266,33 @@ def _second_moment(source: DataSource, transforms: OutputTransforms, standardize
         stats, Standardization(mean, whitening), eigenvalues, eigenvectors, float(noise_floor),
         skewness, excess_kurtosis,
     )
+
+
+def _probes(key, dim: int, num_experts: int, eigensolver: str) -> np.ndarray | None:
+    """Gaussian (d, k + OVERSAMPLING) probes for the randomised eigensolver, or None (dense)."""
+    width = num_experts + OVERSAMPLING
+    if eigensolver == "dense" or width >= dim or (eigensolver == "auto" and dim < 4 * width):
+        return None
+    return np.asarray(jax.random.normal(jax.random.fold_in(key, 2), (dim, width)), dtype=np.float64)
+
+
+def _subspace_eigh(image: np.ndarray, t2_times, power_iterations: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top eigenpairs of the symmetric T2 by randomised subspace iteration, matrix-free.
+
+    ``image`` (d, p) is T2 applied to random probes; ``t2_times(V)`` applies T2 by one pass over
+    the data. Each power iteration multiplies the ratio of noise to signal in the subspace by
+    lambda_{k+1} / lambda_k (Halko, Martinsson, Tropp 2011, algorithm 4.4); the last pass gives the
+    exact Rayleigh-Ritz projection Q^T T2 Q. Returns p eigenvalues (descending) and the (d, p)
+    eigenvectors.
+    """
+    basis, _ = np.linalg.qr(image)
+    for iteration in range(power_iterations):
+        image = t2_times(basis)
+        if iteration < power_iterations - 1:
+            basis, _ = np.linalg.qr(image)
+    small = basis.T @ image
+    values, vectors = np.linalg.eigh((small + small.T) / 2)
+    return values[::-1], basis @ vectors[:, ::-1]
 
 
 def _y_second_moment(stats: FirstPass, link: Link) -> tuple[float, float, float]:
@@ -336,6 +396,8 @@ def estimate_experts(
     num_restarts: int = 10,
     num_iterations: int = 50,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    eigensolver: str = "auto",
+    landscape_options: dict | None = None,
 ) -> ExpertEstimate:
     """Estimate the experts of a mixture of experts by the tensor method of moments.
 
@@ -359,10 +421,13 @@ def estimate_experts(
         Noise standard deviation, if known. If None it is estimated from the second moment of
         y: ``s^2 = mean(y^2) - E[g(Z)^2]``, valid under the design assumptions below; EM refines it.
     method
-        ``"tensor"``.
+        ``"tensor"``: the ICML 2019 method of moments (above). ``"landscape"``: gradient descent
+        (Adam) on the AISTATS 2020 expert loss L4 inside the span of T2's top k eigenvectors
+        (`landscape_experts`; in-memory arrays only); ``landscape_options`` passes its
+        ``num_starts``, ``num_steps``, ``learning_rate``, ``mu`` and ``lam``.
     key
-        PRNG key for the power method's random restarts; None uses ``jax.random.key(0)``, so the
-        result is reproducible either way.
+        PRNG key for the power method's random restarts (or the landscape's random starts); None
+        uses ``jax.random.key(0)``, so the result is reproducible either way.
     standardize
         Centre and whiten x by its sample mean and covariance first (keep it on for real data);
         the experts are reported in the original units of x, with the centring offsets in
@@ -375,6 +440,11 @@ def estimate_experts(
     chunk_size
         Rows per streamed chunk (memory use is O(chunk_size * d)); None picks a power of two
         with about 2^21 entries (16 MB of float64).
+    eigensolver
+        How T2's top-k eigenspace is found: ``"dense"`` forms the d x d matrix (O(n d^2) work in
+        pass 1 beyond the covariance); ``"randomized"`` is matrix-free, from the sketch of T2 on
+        k + 10 random probes (O(n d k) work; the diagnostics then hold the top k + 10 T2
+        eigenvalues); ``"auto"`` picks ``"randomized"`` when d >= 4 (k + 10).
 
     Returns
     -------
@@ -401,10 +471,16 @@ def estimate_experts(
     """
     if method not in METHODS:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
+    if eigensolver not in EIGENSOLVERS:
+        raise ValueError(f"eigensolver: expected one of {EIGENSOLVERS}, got {eigensolver!r}")
     if decomposition not in DECOMPOSITIONS:
         raise ValueError(f"decomposition: expected one of {DECOMPOSITIONS}, got {decomposition!r}")
     link = resolve_link(link)
     key = jax.random.key(0) if key is None else check_key(key)
+    if method == "landscape":
+        return _landscape_estimate(x, y, num_experts, link, noise, key, standardize, landscape_options)
+    if landscape_options is not None:
+        raise ValueError("landscape_options: only used with method='landscape'")
     if chunk_size is not None:
         chunk_size = check_positive_int(chunk_size, "chunk_size")
     num_restarts = check_positive_int(num_restarts, "num_restarts")
@@ -423,7 +499,8 @@ def estimate_experts(
         )
 
     transforms = output_transforms(link, 0.0)
-    moment = _second_moment(source, transforms, standardize, chunk_size)
+    probes = _probes(key, source.dim, num_experts, eigensolver)
+    moment = _second_moment(source, transforms, standardize, chunk_size, probes)
     _warn_design(moment)
     noise_source = "given"
     if noise is None:
@@ -432,9 +509,8 @@ def estimate_experts(
         _warn_given_noise(moment.stats, link, noise)
     transforms = output_transforms(link, noise)
 
-    d = source.dim
     values = moment.eigenvalues
-    next_value = values[num_experts] if num_experts < d else 0.0
+    next_value = values[num_experts] if num_experts < len(values) else 0.0
     top = values[num_experts - 1]
     eigen_gap = (top - next_value) / moment.noise_floor if moment.noise_floor > 0 else np.inf
     if eigen_gap < 1 or top <= 0:
@@ -504,6 +580,46 @@ def estimate_experts(
         decomposition_change=change,
     )
     return ExpertEstimate(experts, weights, np.asarray(noise), intercepts, diagnostics, standardization)
+
+
+def _landscape_estimate(x, y, num_experts, link, noise, key, standardize, options) -> ExpertEstimate:
+    """`estimate_experts(method="landscape")`: `landscape_experts` as an `ExpertEstimate`."""
+    from numpyro_moe._landscape import landscape_experts  # the landscape module builds on this one
+
+    if y is None:
+        raise TypeError(
+            "y: method='landscape' needs in-memory arrays x (n, d) and y (n,); a chunk source "
+            "works with method='tensor'"
+        )
+    options = dict(options or {})
+    allowed = {"num_starts", "num_steps", "learning_rate", "mu", "lam"}
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise ValueError(f"landscape_options: unknown option(s) {unknown}; expected some of {sorted(allowed)}")
+    result = landscape_experts(
+        x, y, num_experts=num_experts, link=link, noise=noise, key=key, standardize=standardize, **options
+    )
+    values = result.subspace_eigenvalues
+    next_value = values[num_experts] if num_experts < len(values) else 0.0
+    floor = result.subspace_noise_floor
+    gap = (values[num_experts - 1] - next_value) / floor if floor > 0 else np.inf
+    diagnostics = ExpertDiagnostics(
+        t2_eigenvalues=values,
+        noise_floor=floor,
+        eigen_gap=float(gap),
+        tensor_eigenvalues=np.full(num_experts, np.nan),
+        decomposition_residual=float("nan"),
+        skewness=result.skewness,
+        excess_kurtosis=result.excess_kurtosis,
+        noise_source=result.noise_source,
+        num_samples=int(np.shape(x)[0]),
+        decomposition_change=float("nan"),
+        method="landscape",
+    )
+    return ExpertEstimate(
+        result.experts, result.weights, np.asarray(result.noise), result.expert_intercepts, diagnostics,
+        result.standardization,
+    )
 
 
 def suggest_num_experts(

@@ -4,16 +4,20 @@ Pass 1 accumulates, per fixed-size chunk, ``sum x``, ``sum x x^T`` and ``sum P2(
 matrix product ``x^T [x, P2(y) x]``), plus power sums of y and of each feature. From them come the
 standardisation ``z = W^T (x - mean)`` (W = covariance^{-1/2}) and T2 in z-coordinates, with the
 sample mean of P2(y) subtracted (``E[S2(z)] = 0``, so this is the same expectation with less
-variance). Pass 2 projects each chunk onto k whitened directions, ``u = B^T (x - mean)``, and
+variance). For large d, T2's top eigenspace is found matrix-free instead: pass 1 then keeps only
+the sketch ``sum P2(y) x x^T Omega`` for a random (d, p) probe matrix Omega, p a little above k
+(a single-pass randomised eigensolver), so that part costs O(n d p). Pass 2 projects each chunk onto k whitened directions, ``u = B^T (x - mean)``, and
 accumulates the k x k x k third moment: no d x d x d tensor is ever formed.
 
 Data come as arrays or as a re-iterable source of ``(x_chunk, y_chunk)`` pairs; every chunk is
-re-cut and zero-padded to ``chunk_size`` rows with a 0/1 row weight, so each pass compiles once.
+re-cut and zero-padded to ``chunk_size`` rows (the kernel masks the padding), so each pass
+compiles once; the sums stay on the device between chunks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -28,6 +32,7 @@ __all__ = [
     "FirstPass",
     "as_data_source",
     "first_pass",
+    "p2_sketch",
     "whitened_third_moment",
 ]
 
@@ -129,28 +134,56 @@ def _check_chunk(pair, where: str, dim):
     return x_chunk, y_chunk
 
 
-def _padded(source: DataSource, chunk_size: int):
-    """Yield (x, y, weight) blocks of exactly ``chunk_size`` rows (zero rows have weight 0)."""
-    dtype = jnp.result_type(float)
+def _blocks(source: DataSource, chunk_size: int):
+    """Yield ``(x, y, rows)`` blocks of exactly ``chunk_size`` rows, zero-padded after ``rows``.
+
+    Host arrays stay host arrays (NumPy views, no copy until the compiled kernel takes them);
+    JAX arrays are sliced where they live.
+    """
     for x_chunk, y_chunk in source.chunks():
+        xp = jnp if isinstance(x_chunk, jax.Array) else np
+        x_chunk, y_chunk = xp.asarray(x_chunk), xp.asarray(y_chunk)
         for start in range(0, len(x_chunk), chunk_size):
-            xb = jnp.asarray(x_chunk[start : start + chunk_size], dtype=dtype)
-            yb = jnp.asarray(y_chunk[start : start + chunk_size], dtype=dtype)
+            xb = x_chunk[start : start + chunk_size]
+            yb = y_chunk[start : start + chunk_size]
             rows = xb.shape[0]
-            weight = jnp.ones(rows, dtype)
             if rows < chunk_size:
                 pad = chunk_size - rows
-                xb = jnp.pad(xb, ((0, pad), (0, 0)))
-                yb = jnp.pad(yb, (0, pad))
-                weight = jnp.pad(weight, (0, pad))
-            yield xb, yb, weight
+                xb = xp.pad(xb, ((0, pad), (0, 0)))
+                yb = xp.pad(yb, (0, pad))
+            yield xb, yb, rows
+
+
+# Chunk sums are accumulated on the device (no host synchronisation per chunk, so copying the
+# next chunk overlaps the work on this one) and moved into float64 host totals every this many
+# chunks, which bounds the rounding of float32 accumulation.
+_FLUSH_EVERY = 16
+
+
+def _accumulate(kernel, zeros, blocks, *args):
+    """Sum ``kernel(totals, x, y, rows, *args)`` over blocks; float64 NumPy totals."""
+    host = None
+    device = zeros()
+    for index, (xb, yb, rows) in enumerate(blocks, start=1):
+        device = kernel(device, xb, yb, rows, *args)
+        if index % _FLUSH_EVERY == 0:
+            host = _add_host(host, device)
+            device = zeros()
+    return _add_host(host, device)
+
+
+def _add_host(host, device):
+    parts = [np.asarray(part, dtype=np.float64) for part in jax.device_get(device)]
+    return parts if host is None else [h + p for h, p in zip(host, parts, strict=True)]
 
 
 class FirstPass(NamedTuple):
     """Sums from pass 1 (float64 numpy), n = ``count``.
 
-    ``sum_x`` (d,), ``sum_xx`` (d, d), ``sum_p2x`` (d,), ``sum_p2xx`` (d, d), ``sum_x3``/``sum_x4``
-    (d,) per-feature power sums, ``sum_y`` (4,) holding sum y^1..y^4, ``sum_p2sq`` sum P2(y)^2.
+    ``sum_x`` (d,), ``sum_xx`` (d, d), ``sum_p2x`` (d,), ``sum_p2xx`` (d, d) ``sum P2(y) x x^T``
+    or, when pass 1 ran with probes (d, p), the sketch ``sum P2(y) x x^T probes`` (d, p);
+    ``sum_x3``/``sum_x4`` (d,) per-feature power sums, ``sum_y`` (4,) holding sum y^1..y^4,
+    ``sum_p2sq`` sum P2(y)^2; ``probes`` None or the (d, p) probe matrix.
     """
 
     count: float
@@ -162,66 +195,114 @@ class FirstPass(NamedTuple):
     sum_x4: np.ndarray
     sum_y: np.ndarray
     sum_p2sq: float
+    probes: np.ndarray | None = None
 
 
-@jax.jit
-def _first_pass_chunk(x, y, weight, gamma):
-    # Padding rows are zero in x and y and carry weight 0.
+@partial(jax.jit, donate_argnums=0)
+def _first_pass_chunk(totals, x, y, rows, gamma, probes):
+    dtype = totals[1].dtype
+    nonfinite = jnp.stack([jnp.sum(~jnp.isfinite(x)), jnp.sum(~jnp.isfinite(y))]).astype(dtype)
+    x, y = x.astype(dtype), y.astype(dtype)
+    # Padding rows are zero in x and y; P2(0) = 0 too, but the weight keeps that explicit.
+    weight = (jnp.arange(x.shape[0]) < rows).astype(dtype)
     p2 = (y * y + gamma * y) * weight
     x_squared = x * x
+    if probes is None:
+        both = x.T @ jnp.concatenate([x, p2[:, None] * x], axis=1)  # one GEMM for both grams
+        gram, p2_gram = both[:, : x.shape[1]], both[:, x.shape[1] :]
+    else:
+        # Matrix-free: only the sketch sum P2 x x^T probes, O(d p) per row.
+        gram, p2_gram = x.T @ x, x.T @ (p2[:, None] * (x @ probes))
     sums = (
         weight.sum(),
         jnp.sum(x, axis=0),
-        x.T @ x,
+        gram,
         p2 @ x,
-        (p2[:, None] * x).T @ x,
+        p2_gram,
         jnp.sum(x_squared * x, axis=0),
         jnp.sum(x_squared * x_squared, axis=0),
         jnp.stack([jnp.sum(y**m) for m in range(1, 5)]),
         p2 @ p2,
+        nonfinite,
     )
-    nonfinite = jnp.stack([jnp.sum(~jnp.isfinite(x)), jnp.sum(~jnp.isfinite(y))])
-    return sums, nonfinite
+    return tuple(total + part for total, part in zip(totals, sums, strict=True))
 
 
-def first_pass(source: DataSource, transforms: OutputTransforms, chunk_size: int) -> FirstPass:
+def first_pass(
+    source: DataSource, transforms: OutputTransforms, chunk_size: int, probes: np.ndarray | None = None
+) -> FirstPass:
     """Accumulate the pass-1 sums over all chunks (one compiled chunk kernel).
+
+    With ``probes`` (d, p), ``sum_p2xx`` is the (d, p) sketch ``sum P2(y) x x^T probes`` instead of
+    the (d, d) matrix: O(n d p) work instead of O(n d^2) for that part.
 
     Raises
     ------
     ValueError
         If x or y holds NaN or inf (counted inside the kernel, so the check costs no extra pass).
     """
-    totals = None
-    nonfinite = np.zeros(2, dtype=np.int64)
-    for xb, yb, weight in _padded(source, chunk_size):
-        parts, bad = _first_pass_chunk(xb, yb, weight, transforms.gamma)
-        parts = [np.asarray(part, dtype=np.float64) for part in parts]
-        nonfinite += np.asarray(bad)
-        totals = parts if totals is None else [t + p for t, p in zip(totals, parts, strict=True)]
+    dtype = jnp.result_type(float)
+    d = source.dim
+    width = d if probes is None else probes.shape[1]
+    shapes = [(), (d,), (d, d), (d,), (d, width), (d,), (d,), (4,), (), (2,)]
+    probes_j = None if probes is None else jnp.asarray(probes, dtype)
+    gamma = jnp.asarray(transforms.gamma, dtype)
+
+    def zeros():
+        return tuple(jnp.zeros(shape, dtype) for shape in shapes)
+
+    totals = _accumulate(_first_pass_chunk, zeros, _blocks(source, chunk_size), gamma, probes_j)
+    *totals, nonfinite = totals
     for name, count in zip("xy", nonfinite, strict=True):
         if count:
             raise ValueError(f"{name}: expected finite values, found {int(count)} NaN or inf entries")
     totals[0] = float(totals[0])
     totals[-1] = float(totals[-1])
-    return FirstPass(*totals)
+    return FirstPass(*totals, probes=None if probes is None else np.asarray(probes, np.float64))
 
 
-@jax.jit
-def _third_moment_chunk(x, y, weight, mean, projection, coefficients, centers):
+@partial(jax.jit, donate_argnums=0)
+def _sketch_chunk(totals, x, y, rows, gamma, vectors):
+    dtype = totals.dtype
+    x, y = x.astype(dtype), y.astype(dtype)
+    weight = (jnp.arange(x.shape[0]) < rows).astype(dtype)
+    p2 = (y * y + gamma * y) * weight
+    return totals + x.T @ (p2[:, None] * (x @ vectors))
+
+
+def p2_sketch(
+    source: DataSource, transforms: OutputTransforms, vectors: np.ndarray, chunk_size: int
+) -> np.ndarray:
+    """``sum P2(y) x x^T vectors`` (d, p) by one pass: T2 applied to p vectors, matrix-free."""
+    dtype = jnp.result_type(float)
+    (total,) = _accumulate(
+        lambda totals, *args: (_sketch_chunk(totals[0], *args),),
+        lambda: (jnp.zeros(vectors.shape, dtype),),
+        _blocks(source, chunk_size),
+        jnp.asarray(transforms.gamma, dtype),
+        jnp.asarray(vectors, dtype),
+    )
+    return total
+
+
+@partial(jax.jit, donate_argnums=0)
+def _third_moment_chunk(totals, x, y, rows, mean, projection, coefficients, centers):
     """Sums of centred P3 parts times u^{(x)3} and u, for u = projection^T (x - mean)."""
-    u = (x - mean) @ projection  # (c, k)
+    dtype = totals[0].dtype
+    x, y = x.astype(dtype), y.astype(dtype)
+    weight = (jnp.arange(x.shape[0]) < rows).astype(dtype)
+    u = (x - mean) @ projection  # (c, k); centred first, which keeps float32 accurate
     alpha, beta_noiseless = coefficients
     p3_noiseless = (y**3 + alpha * y**2 + beta_noiseless * y - centers[0]) * weight
     linear = (y - centers[1]) * weight
     both = jnp.stack([p3_noiseless, linear])  # (2, c)
-    rows, k = u.shape
+    count, k = u.shape
     # sum_n both[s, n] u_na u_nb u_nc as one (2k x c) @ (c x k^2) product.
-    weighted = (both[:, :, None] * u[None]).transpose(0, 2, 1).reshape(2 * k, rows)
-    outer = (u[:, :, None] * u[:, None, :]).reshape(rows, k * k)
+    weighted = (both[:, :, None] * u[None]).transpose(0, 2, 1).reshape(2 * k, count)
+    outer = (u[:, :, None] * u[:, None, :]).reshape(count, k * k)
     cubes = (weighted @ outer).reshape(2, k, k, k)
     firsts = both @ u
-    return cubes, firsts
+    return totals[0] + cubes, totals[1] + firsts
 
 
 def whitened_third_moment(
@@ -244,15 +325,16 @@ def whitened_third_moment(
     p3_noiseless_mean = y_means[2] + transforms.alpha * y_means[1] + transforms.beta_noiseless * y_means[0]
     centers = jnp.asarray([p3_noiseless_mean, y_means[0]])
     coefficients = jnp.asarray([transforms.alpha, transforms.beta_noiseless])
-    mean_j, projection_j = jnp.asarray(mean), jnp.asarray(projection)
-    cubes = firsts = 0.0
-    for xb, yb, weight in _padded(source, chunk_size):
-        chunk_cubes, chunk_firsts = _third_moment_chunk(
-            xb, yb, weight, mean_j.astype(xb.dtype), projection_j.astype(xb.dtype),
-            coefficients.astype(xb.dtype), centers.astype(xb.dtype),
-        )
-        cubes = cubes + np.asarray(chunk_cubes, dtype=np.float64)
-        firsts = firsts + np.asarray(chunk_firsts, dtype=np.float64)
+    dtype = jnp.result_type(float)
+    k = projection.shape[1]
+
+    def zeros():
+        return jnp.zeros((2, k, k, k), dtype), jnp.zeros((2, k), dtype)
+
+    cubes, firsts = _accumulate(
+        _third_moment_chunk, zeros, _blocks(source, chunk_size), jnp.asarray(mean, dtype),
+        jnp.asarray(projection, dtype), coefficients.astype(dtype), centers.astype(dtype),
+    )
     combine = np.array([1.0, -3.0 * transforms.noise**2])
     cube = np.tensordot(combine, cubes, axes=1) / n
     first = np.tensordot(combine, firsts, axes=1) / n

@@ -429,6 +429,7 @@ def test_wrong_response_length_is_refused(moderate):
         ({"link": "softplus"}, "link"),
         ({"method": "em"}, "method"),
         ({"decomposition": "als"}, "decomposition"),
+        ({"eigensolver": "lanczos"}, "eigensolver"),
         ({"noise": 0.0}, "noise"),
         ({"noise": -0.1}, "noise"),
         ({"num_experts": 0}, "num_experts"),
