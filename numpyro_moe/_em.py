@@ -104,13 +104,14 @@ def _gate_objective(free, x, targets):
     return cross_entropy + 0.5 * _RIDGE * jnp.sum(free**2)
 
 
-def _backtrack(objective, point, direction, max_halvings=10):
+def _backtrack(objective, point, direction, max_halvings=10, current=None):
     """``point + t direction`` for the largest t in 1, 1/2, 1/4, ... that lowers ``objective``.
 
     Returns ``(new_point, accepted)``; ``point`` itself when no step up to 2^-max_halvings
-    lowers it (so an EM block never decreases the likelihood).
+    lowers it (so an EM block never decreases the likelihood). ``current`` is
+    ``objective(point)`` when the caller has it already.
     """
-    current = objective(point)
+    current = objective(point) if current is None else current
 
     def keep_halving(carry):
         step, value, halvings = carry
@@ -138,7 +139,9 @@ def _gate_newton(gates, x, targets, tol, max_steps):
     def step(carry):
         free, _, count = carry
         logits = jnp.concatenate([x @ free.T, jnp.zeros((n, 1), x.dtype)], axis=1)
-        probs = jax.nn.softmax(logits, axis=-1)[:, :-1]
+        log_probs = jax.nn.log_softmax(logits, axis=-1)
+        current = -jnp.mean(jnp.sum(targets * log_probs, axis=-1)) + 0.5 * _RIDGE * jnp.sum(free**2)
+        probs = jnp.exp(log_probs[:, :-1])
         gradient = (probs - targets[:, :-1]).T @ x / n + _RIDGE * free
         # Hessian blocks sum_n (p_ni delta_ij - p_ni p_nj) x_n x_n^T, as two plain matrix
         # products over an (n, (k-1) p) matrix (XLA's CPU einsum of three operands is far slower).
@@ -148,7 +151,9 @@ def _gate_newton(gates, x, targets, tol, max_steps):
         hessian = hessian + jnp.einsum("iab,ij->iajb", diagonal, jnp.eye(k1, dtype=x.dtype))
         hessian = hessian.reshape(k1 * p, k1 * p) + _RIDGE * jnp.eye(k1 * p, dtype=x.dtype)
         direction = jnp.linalg.solve(hessian, gradient.reshape(-1)).reshape(k1, p)
-        new_free, accepted = _backtrack(lambda candidate: _gate_objective(candidate, x, targets), free, -direction)
+        new_free, accepted = _backtrack(
+            lambda candidate: _gate_objective(candidate, x, targets), free, -direction, current=current
+        )
         return new_free, jnp.where(accepted, jnp.max(jnp.abs(gradient)), 0.0), count + 1
 
     def keep_going(carry):
