@@ -1,4 +1,11 @@
-"""The end-to-end demo on simulated data in the papers' setting: fit, then compare to the truth."""
+"""The end-to-end demo on simulated data in the papers' setting: fit, then compare to the truth.
+
+`run_demo` (behind ``numpyro-moe demo`` and ``make demo``) runs the whole pipeline: the tensor
+method of moments for the experts -> EM over the gate -> joint EM, beside random-start EM
+baselines and the oracle; then a small NUTS run started at the joint-EM fit on a subsample of the
+training data, with its ArviZ summary, diagnostics (max r_hat, min bulk ESS, divergences) and
+plots (posterior predictive check, trace, gate probabilities against the inputs).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ import jax
 import numpy as np
 
 from numpyro_moe._baselines import fit_em_restarts
+from numpyro_moe._bayes import diagnostic_extreme, posterior_params, run_nuts
 from numpyro_moe._experts import estimate_experts
 from numpyro_moe._fit import fit_em, fit_gating
 from numpyro_moe._io import output_folder, save_params
@@ -22,6 +30,7 @@ from numpyro_moe._metrics import (
 )
 from numpyro_moe._params import MoEParams
 from numpyro_moe._simulate import sample_data, simulate
+from numpyro_moe._validation import check_positive_int
 
 __all__ = ["format_table", "run_demo"]
 
@@ -45,6 +54,104 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _row(method: str, params: MoEParams, seconds: float, truth: MoEParams, x_test, y_test, link: str) -> dict:
+    # The experts-only stage has no gate: its gate and held-out columns are NaN by design.
+    experts_only = method == "tensor_experts_only"
+    nan = float("nan")
+    return {
+        "method": method,
+        "expert_error": expert_error(params, truth),
+        "gating_error": nan if experts_only else gating_error(params, truth, x_test),
+        "heldout_loglik": nan if experts_only else heldout_log_likelihood(params, x_test, y_test, link=link),
+        "heldout_mse": nan if experts_only else mean_squared_error(params, x_test, y_test, link=link),
+        "seconds": seconds,
+    }
+
+
+def _save_plot(collection, path: Path) -> None:
+    """Save an ArviZ ``PlotCollection`` (matplotlib backend) and close its figure."""
+    import matplotlib.pyplot as plt
+
+    collection.savefig(path)
+    plt.close(collection.get_viz("figure"))
+
+
+def _nuts_stage(staging: Path, x, y, *, start: MoEParams, num_experts: int, link: str, key: jax.Array,
+                num_chains: int, num_warmup: int, num_draws: int) -> tuple[MoEParams, float, object, dict]:
+    """NUTS from ``start`` on (x, y); writes posterior.nc, summary.csv and the three plots.
+
+    Returns the posterior-mean parameters, the NUTS seconds, the ``az.summary`` table and the
+    diagnostics.
+    """
+    import arviz as az
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from numpyro_moe._workflow import _plot_gates
+
+    began = time.perf_counter()
+    result = run_nuts(
+        x, y, num_experts=num_experts, init=start, key=key, link=link,
+        num_chains=num_chains, num_warmup=num_warmup, num_samples=num_draws,
+    )
+    seconds = time.perf_counter() - began
+    datatree = result.datatree
+    # Draws are relabelled to the start's expert labels, so their mean is a point estimate.
+    mean = jax.tree_util.tree_map(lambda value: value.mean(axis=0), posterior_params(datatree))
+    table = az.summary(datatree)
+    diagnostics = {
+        "rows": int(x.shape[0]),
+        "chains": num_chains,
+        "warmup": num_warmup,
+        "draws": num_draws,
+        "seconds": seconds,
+        # r_hat compares chains: undefined for one.
+        "max_r_hat": diagnostic_extreme(az.rhat(datatree), max) if num_chains > 1 else float("nan"),
+        "min_ess_bulk": diagnostic_extreme(az.ess(datatree, method="bulk"), min),
+        "divergences": int(np.asarray(datatree["sample_stats"]["diverging"]).sum()),
+    }
+    datatree.to_netcdf(staging / "posterior.nc", engine="h5netcdf")
+    table.to_csv(staging / "summary.csv")
+    _plot_gates(mean, np.asarray(x), [f"x{i}" for i in range(x.shape[1])], staging / "gate_probabilities.png")
+    _save_plot(az.plot_ppc_dist(datatree, backend="matplotlib"), staging / "ppc.png")
+    _plot_trace(datatree, staging / "trace.png")
+    return mean, seconds, table, diagnostics
+
+
+MAX_TRACE_PANELS = 60
+
+
+def _plot_trace(datatree, path: Path) -> None:
+    """``az.plot_trace`` of every parameter, or of the first features when that is over 60 panels."""
+    import arviz as az
+
+    posterior = datatree["posterior"]
+    per_feature = sum(
+        int(np.prod([posterior.sizes[dim] for dim in value.dims if dim not in ("chain", "draw", "feature")]))
+        for value in posterior.data_vars.values() if "feature" in value.dims
+    )
+    others = sum(
+        int(np.prod([posterior.sizes[dim] for dim in value.dims if dim not in ("chain", "draw")]))
+        for value in posterior.data_vars.values() if "feature" not in value.dims
+    )
+    features = posterior.sizes["feature"]
+    if per_feature:
+        features = max(1, min(features, (MAX_TRACE_PANELS - others) // per_feature))
+    coords = {"feature": np.arange(features)} if features < posterior.sizes["feature"] else None
+    with az.rc_context({"plot.max_subplots": others + per_feature * features}):
+        _save_plot(az.plot_trace(datatree, coords=coords, backend="matplotlib"), path)
+
+
+def _nuts_note(method: str, diagnostics: dict) -> str:
+    return (
+        f"{method}: posterior mean of NUTS started at the joint-EM fit, {diagnostics['chains']} chains x "
+        f"({diagnostics['warmup']} warmup + {diagnostics['draws']} draws) on the first {diagnostics['rows']} "
+        f"training rows (experts free, draws relabelled to the start); max r_hat "
+        f"{diagnostics['max_r_hat']:.4f}, min bulk ESS {diagnostics['min_ess_bulk']:.0f}, "
+        f"{diagnostics['divergences']} divergent transitions."
+    )
+
+
 def run_demo(
     out: str | Path,
     *,
@@ -55,6 +162,11 @@ def run_demo(
     noise: float = 0.1,
     link: str = "linear",
     num_restarts: int = 10,
+    nuts: bool = True,
+    nuts_samples: int = 2000,
+    num_chains: int = 2,
+    num_warmup: int = 1000,
+    num_draws: int = 1000,
     overwrite: bool = False,
     verbose: bool = True,
 ) -> list[dict]:
@@ -65,13 +177,30 @@ def run_demo(
     random start, the best of ``num_restarts`` random-start EM runs, and the oracle (joint EM
     started at the truth).
 
+    With ``nuts`` (the default), then runs `run_nuts` (experts free) with ``num_chains`` chains
+    of ``num_warmup`` warmup + ``num_draws`` draws, started at the joint-EM fit, on the first
+    ``min(num_samples, nuts_samples)`` training rows, and adds the row
+    ``nuts_posterior_mean_n<rows>``: the posterior mean of the (relabelled) draws, scored like
+    the other fits. Its ``seconds`` is the NUTS run (compilation, sampling, predictive).
+
     Writes into ``out`` (atomically; an existing folder is refused unless ``overwrite``):
     ``data.npz`` (train and held-out x, y), ``truth.npz`` and one ``<method>.npz`` per fit
-    (`save_params` format), ``results.json`` and ``results.txt``. Returns the table rows.
+    (`save_params` format), ``results.json`` and ``results.txt``; with ``nuts`` also
+    ``posterior.nc`` (the `run_nuts` DataTree, netCDF), ``summary.csv`` (``az.summary``),
+    ``nuts.json`` (settings, seconds, max r_hat, min bulk ESS, divergences), ``ppc.png``
+    (posterior predictive check), ``trace.png`` and ``gate_probabilities.png`` (gate
+    probabilities at the posterior mean against the inputs). Returns the table rows.
     """
     out = Path(out)
+    if nuts:  # checked before any work, so that a bad setting costs nothing
+        nuts_samples = check_positive_int(nuts_samples, "nuts_samples")
+        num_chains = check_positive_int(num_chains, "num_chains")
+        num_warmup = check_positive_int(num_warmup, "num_warmup")
+        num_draws = check_positive_int(num_draws, "num_draws")
     key = jax.random.key(seed)
     data_key, test_key, tensor_key, restart_key = jax.random.split(key, 4)
+    nuts_key = jax.random.fold_in(key, 4)  # apart from the split: the fits do not depend on `nuts`
+    notes = []
     with output_folder(out, overwrite=overwrite) as staging:
         _say(
             f"simulating n={num_samples}, d={dim}, k={num_experts}, link={link}, noise={noise}, "
@@ -109,32 +238,39 @@ def run_demo(
             ),
             ("oracle_em_from_truth", lambda: fit_em(x, y, truth, link=link).params),
         ]
+        steps = len(fits) + int(nuts)
         rows = []
         for step, (name, fit) in enumerate(fits, start=1):
-            _say(f"[{step}/{len(fits)}] {name} ...", verbose)
+            _say(f"[{step}/{steps}] {name} ...", verbose)
             start = time.perf_counter()
             params = jax.block_until_ready(fit())
             seconds = time.perf_counter() - start
             stages[name] = params
             save_params(staging / f"{name.replace('+', '_')}.npz", params)
-            experts_only = name == "tensor_experts_only"
-            rows.append(
-                {
-                    "method": name,
-                    "expert_error": expert_error(params, truth),
-                    "gating_error": float("nan") if experts_only else gating_error(params, truth, x_test),
-                    "heldout_loglik": float("nan") if experts_only else heldout_log_likelihood(
-                        params, x_test, y_test, link=link
-                    ),
-                    "heldout_mse": float("nan") if experts_only else mean_squared_error(
-                        params, x_test, y_test, link=link
-                    ),
-                    "seconds": seconds,
-                }
-            )
+            rows.append(_row(name, params, seconds, truth, x_test, y_test, link))
             _say(f"      done in {seconds:.2f} s, expert error {rows[-1]['expert_error']:.4f}", verbose)
+
+        if nuts:
+            rows_used = min(num_samples, nuts_samples)
+            name = f"nuts_posterior_mean_n{rows_used}"
+            _say(
+                f"[{steps}/{steps}] {name}: NUTS from the joint-EM fit, {num_chains} chains x "
+                f"({num_warmup} warmup + {num_draws} draws) on the first {rows_used} training rows ...",
+                verbose,
+            )
+            mean, seconds, summary, diagnostics = _nuts_stage(
+                staging, x[:rows_used], y[:rows_used], start=stages["tensor+gating_em+joint_em"],
+                num_experts=num_experts, link=link, key=nuts_key, num_chains=num_chains,
+                num_warmup=num_warmup, num_draws=num_draws,
+            )
+            save_params(staging / f"{name}.npz", mean)
+            rows.append(_row(name, mean, seconds, truth, x_test, y_test, link))
+            (staging / "nuts.json").write_text(json.dumps(diagnostics, indent=2) + "\n")
+            notes.append(_nuts_note(name, diagnostics))
+            _say(f"      done in {seconds:.2f} s, expert error {rows[-1]['expert_error']:.4f}", verbose)
+            _say("\nposterior summary (az.summary, also in summary.csv):\n" + summary.to_string(), verbose)
         table = format_table(rows)
-        (staging / "results.txt").write_text(table + "\n")
+        (staging / "results.txt").write_text("\n\n".join([table, *notes]) + "\n")
         (staging / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
     _say("\n" + table, verbose)
     _say(
@@ -142,5 +278,7 @@ def run_demo(
         "variation of the gate on held-out x; loglik/pt and MSE on held-out data.",
         verbose,
     )
+    for note in notes:
+        _say(note, verbose)
     _say(f"outputs written to {out}/", verbose)
     return rows

@@ -12,6 +12,8 @@ __all__ = ["main"]
 def _demo(args: argparse.Namespace) -> int:
     import numpyro
 
+    # Before JAX starts: one host device per chain, so that NUTS chains run in parallel.
+    numpyro.set_host_device_count(max(args.chains, 1))
     numpyro.enable_x64()
     from numpyro_moe._demo import run_demo
 
@@ -25,6 +27,11 @@ def _demo(args: argparse.Namespace) -> int:
         noise=args.noise,
         link=args.link,
         num_restarts=args.restarts,
+        nuts=args.nuts,
+        nuts_samples=args.nuts_samples,
+        num_chains=args.chains,
+        num_warmup=args.num_warmup,
+        num_draws=args.num_draws,
         overwrite=args.overwrite,
     )
     return 0
@@ -64,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser(
-        "demo", help="simulate the papers' setting, fit (tensor method -> EM), print recovery against the truth"
+        "demo",
+        help="simulate the papers' setting, fit (tensor method -> EM -> small NUTS), print recovery against "
+        "the truth",
     )
     demo.add_argument("--out", help="output folder (default: numpyro-moe-demo-<timestamp>)")
     demo.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -75,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--noise", type=float, default=0.1)
     demo.add_argument("--link", default="linear")
     demo.add_argument("--restarts", type=int, default=10, help="random starts of the EM baseline")
+    demo.add_argument("--no-nuts", dest="nuts", action="store_false", help="skip the NUTS stage")
+    demo.add_argument("--nuts-samples", type=int, default=2000,
+                      help="NUTS runs on the first this many training rows")
+    demo.add_argument("--chains", type=int, default=2, help="NUTS chains (run in parallel)")
+    demo.add_argument("--num-warmup", type=int, default=1000, help="NUTS warmup iterations per chain")
+    demo.add_argument("--num-draws", type=int, default=1000, help="NUTS draws per chain")
     demo.set_defaults(run=_demo)
 
     fit = commands.add_parser("fit", help="fit a CSV file: standardise, estimate, EM (and NUTS); write results")
