@@ -5,11 +5,12 @@ Prints, in one run:
    seeds at n = 20k, 63k, 200k, and the fitted slope of log(error) on log(n) (theory: -1/2).
 2. Non-linear links: median error by n, and the smallest n tried with median error < 0.1.
 3. Correlated gates (assumption w ⟂ a dropped): median error by n; a plateau is the bias.
-4. Speed and memory at n=1e6, d=100, k=5: `estimate_experts` against one `x.T @ x` on the same
-   array (both jitted, best of repeats), and peak resident memory during the call relative to
-   the data's size, measured in a fresh process, in float64 and float32.
+4. Speed and memory at n=1e6, d=100, k=5: `estimate_experts` (dense and randomised T2
+   eigensolvers, and the automatic choice) against one jitted `x.T @ x` on the same array (best
+   of repeats), and the process's peak resident memory during one call relative to the data's
+   size, measured in a fresh process, in float64 and float32.
 
-Usage: python benchmarks/tensor_estimator.py [--quick] [--seeds N] [--skip-speed]
+Usage: python benchmarks/tensor_estimator.py [--quick] [--seeds N] [--skip-speed | --speed-only]
 """
 
 from __future__ import annotations
@@ -58,71 +59,98 @@ def accuracy(link, gating, sizes, seeds, *, dim=10, num_experts=3, noise=0.1):
 
 
 _SPEED_CHILD = r"""
-import json, sys, time
+import json, sys, time, warnings
 import jax
-dtype = sys.argv[1]
+mode, dtype = sys.argv[1], sys.argv[2]
 if dtype == "float64":
     jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp
 import numpy as np
 import numpyro_moe as nm
 
+warnings.simplefilter("ignore", nm.ReliabilityWarning)
+
+
 def status(field):
     for line in open("/proc/self/status"):
         if line.startswith(field):
             return int(line.split()[1]) * 1024
 
+
 n, d, k = 1_000_000, 100, 5
 truth = nm.true_params(jax.random.key(0), dim=d, num_experts=k)
+runtime = status("VmRSS")  # Python, NumPy and the JAX runtime, before any data
 x = np.empty((n, d), dtype=dtype)
 y = np.empty(n, dtype=dtype)
 for i, start in enumerate(range(0, n, 100_000)):
     xc, yc = nm.sample_data(jax.random.key(i + 1), truth, num_samples=100_000)
     x[start:start + 100_000], y[start:start + 100_000] = np.asarray(xc), np.asarray(yc)
+    del xc, yc
 data_bytes = x.nbytes + y.nbytes
+record = {"dtype": dtype, "data_bytes": data_bytes, "runtime_rss": runtime}
+solvers = sys.argv[3].split(",")
 
-gram = jax.jit(lambda a: a.T @ a)
-x_device = jnp.asarray(x)
-gram(x_device).block_until_ready()
-gram_times = []
-for _ in range(5):
-    start = time.perf_counter(); gram(x_device).block_until_ready(); gram_times.append(time.perf_counter() - start)
-del x_device
-
-nm.estimate_experts(x[:300_000], y[:300_000], num_experts=k)  # compile outside the timing
-baseline = status("VmRSS")
-with open("/proc/self/clear_refs", "w") as handle:  # reset the peak-RSS counter
-    handle.write("5")
-times = []
-for _ in range(3):
-    start = time.perf_counter()
-    estimate = nm.estimate_experts(x, y, num_experts=k)
-    times.append(time.perf_counter() - start)
-peak = status("VmHWM")
-print(json.dumps({
-    "dtype": dtype, "gram_seconds": min(gram_times), "estimate_seconds": min(times),
-    "data_bytes": data_bytes, "rss_before": baseline, "peak_rss": peak,
-    "expert_error": nm.expert_error(estimate, truth),
-}))
+if mode == "memory":
+    # Compile on a slice of the same shape per chunk, then measure the peak of one call.
+    nm.estimate_experts(x[:300_000], y[:300_000], num_experts=k, eigensolver=solvers[0])
+    record["rss_before"] = status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as handle:  # reset the peak-RSS counter
+        handle.write("5")
+    nm.estimate_experts(x, y, num_experts=k, eigensolver=solvers[0])
+    record["peak_rss"] = status("VmHWM")
+else:
+    gram = jax.jit(lambda a: a.T @ a)
+    x_device = jnp.asarray(x)
+    gram(x_device).block_until_ready()
+    gram_times = []
+    for _ in range(5):
+        start = time.perf_counter(); gram(x_device).block_until_ready(); gram_times.append(time.perf_counter() - start)
+    del x_device
+    record["gram_seconds"] = min(gram_times)
+    for solver in solvers:
+        nm.estimate_experts(x[:300_000], y[:300_000], num_experts=k, eigensolver=solver)  # compile
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            estimate = nm.estimate_experts(x, y, num_experts=k, eigensolver=solver)
+            times.append(time.perf_counter() - start)
+        record[solver] = {"seconds": min(times), "expert_error": nm.expert_error(estimate, truth)}
+print(json.dumps(record))
 """
 
 
-def speed(dtype):
+def _child(mode, dtype, solvers):
     result = subprocess.run(
-        [sys.executable, "-c", _SPEED_CHILD, dtype], capture_output=True, text=True, check=True
+        [sys.executable, "-c", _SPEED_CHILD, mode, dtype, ",".join(solvers)],
+        capture_output=True, text=True, check=True,
     )
-    record = json.loads(result.stdout.strip().splitlines()[-1])
-    ratio = record["estimate_seconds"] / record["gram_seconds"]
-    extra = (record["peak_rss"] - record["rss_before"]) / record["data_bytes"]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def speed(dtype):
+    """Time (one process: the gram and every eigensolver on the same array) and memory (a fresh
+    process per measurement, so nothing else the benchmark allocated is counted)."""
+    solvers = ("dense", "randomized", "auto")
+    record = _child("time", dtype, solvers)
+    gram = record["gram_seconds"]
+    print(f"  {dtype}: one jitted x.T @ x on the same array: {gram:.3f} s", flush=True)
+    for solver in solvers:
+        entry = record[solver]
+        print(
+            f"    estimate_experts(eigensolver={solver!r}): {entry['seconds']:.3f} s, ratio "
+            f"{entry['seconds'] / gram:.2f}x (target <= 3), expert error {entry['expert_error']:.4f}",
+            flush=True,
+        )
+    memory = _child("memory", dtype, ("auto",))
+    data = memory["data_bytes"]
     print(
-        f"  {dtype}: x.T @ x {record['gram_seconds']:.3f} s, estimate_experts "
-        f"{record['estimate_seconds']:.3f} s, ratio {ratio:.2f}x (target <= 3); "
-        f"peak RSS during the call {record['peak_rss'] / record['data_bytes']:.2f}x the data "
-        f"({record['data_bytes'] / 1e6:.0f} MB; memory added by the call {extra:.2f}x; target peak <= 1.5x); "
-        f"expert error {record['expert_error']:.4f}",
+        f"    memory (fresh process, eigensolver='auto'): data {data / 1e6:.0f} MB; the process's peak "
+        f"RSS during the call {memory['peak_rss'] / data:.2f}x the data (target <= 1.5x), of which the "
+        f"Python/JAX runtime before any data is {memory['runtime_rss'] / 1e6:.0f} MB and the call "
+        f"added {(memory['peak_rss'] - memory['rss_before']) / data:.2f}x the data",
         flush=True,
     )
-    return record
+    return record, memory
 
 
 def main():
@@ -130,10 +158,17 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer seeds and sizes (a smoke run)")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--speed-only", action="store_true", help="only section 4")
     args = parser.parse_args()
     seeds = args.seeds or (3 if args.quick else 10)
     started = time.perf_counter()
 
+    if args.speed_only:
+        print("4. Speed and memory: n=1e6, d=100, k=5, same array, fresh process")
+        for dtype in ("float64", "float32"):
+            speed(dtype)
+        print(f"total benchmark time {time.perf_counter() - started:.0f} s")
+        return
     print("1. Papers' setting: orthogonal gates, d=10, k=3, noise 0.1, linear link")
     sizes = [20_000, 63_246, 200_000]
     table = accuracy("linear", "orthogonal", sizes, seeds)

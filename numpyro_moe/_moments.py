@@ -1,7 +1,6 @@
 """Streamed cross-moments of the tensor method: two passes, O(n d^2 + n d k) work, O(d^2) memory.
 
-Pass 1 accumulates, per fixed-size chunk, ``sum x``, ``sum x x^T`` and ``sum P2(y) x x^T`` (one
-matrix product ``x^T [x, P2(y) x]``), plus power sums of y and of each feature. From them come the
+Pass 1 accumulates, per fixed-size chunk, ``sum x``, ``sum x x^T`` and ``sum P2(y) x x^T``, plus power sums of y and of each feature. From them come the
 standardisation ``z = W^T (x - mean)`` (W = covariance^{-1/2}) and T2 in z-coordinates, with the
 sample mean of P2(y) subtracted (``E[S2(z)] = 0``, so this is the same expectation with less
 variance). For large d, T2's top eigenspace is found matrix-free instead: pass 1 then keeps only
@@ -156,8 +155,9 @@ def _blocks(source: DataSource, chunk_size: int):
 
 # Chunk sums are accumulated on the device (no host synchronisation per chunk, so copying the
 # next chunk overlaps the work on this one) and moved into float64 host totals every this many
-# chunks, which bounds the rounding of float32 accumulation.
-_FLUSH_EVERY = 16
+# chunks. The flush waits for the queued work, which bounds both the chunks in flight (memory)
+# and the rounding of float32 accumulation.
+_FLUSH_EVERY = 4
 
 
 def _accumulate(kernel, zeros, blocks, *args):
@@ -201,15 +201,14 @@ class FirstPass(NamedTuple):
 @partial(jax.jit, donate_argnums=0)
 def _first_pass_chunk(totals, x, y, rows, gamma, probes):
     dtype = totals[1].dtype
-    nonfinite = jnp.stack([jnp.sum(~jnp.isfinite(x)), jnp.sum(~jnp.isfinite(y))]).astype(dtype)
     x, y = x.astype(dtype), y.astype(dtype)
     # Padding rows are zero in x and y; P2(0) = 0 too, but the weight keeps that explicit.
     weight = (jnp.arange(x.shape[0]) < rows).astype(dtype)
     p2 = (y * y + gamma * y) * weight
     x_squared = x * x
     if probes is None:
-        both = x.T @ jnp.concatenate([x, p2[:, None] * x], axis=1)  # one GEMM for both grams
-        gram, p2_gram = both[:, : x.shape[1]], both[:, x.shape[1] :]
+        # Two products: XLA's CPU GEMM on x^T [x, P2 x] measured 2.4x slower than these.
+        gram, p2_gram = x.T @ x, (p2[:, None] * x).T @ x
     else:
         # Matrix-free: only the sketch sum P2 x x^T probes, O(d p) per row.
         gram, p2_gram = x.T @ x, x.T @ (p2[:, None] * (x @ probes))
@@ -223,9 +222,13 @@ def _first_pass_chunk(totals, x, y, rows, gamma, probes):
         jnp.sum(x_squared * x_squared, axis=0),
         jnp.stack([jnp.sum(y**m) for m in range(1, 5)]),
         p2 @ p2,
-        nonfinite,
     )
     return tuple(total + part for total, part in zip(totals, sums, strict=True))
+
+
+@jax.jit
+def _count_nonfinite(counts, x, y):
+    return counts[0] + jnp.sum(~jnp.isfinite(x)), counts[1] + jnp.sum(~jnp.isfinite(y))
 
 
 def first_pass(
@@ -239,12 +242,12 @@ def first_pass(
     Raises
     ------
     ValueError
-        If x or y holds NaN or inf (counted inside the kernel, so the check costs no extra pass).
+        If x or y holds NaN or inf, or the sums overflow.
     """
     dtype = jnp.result_type(float)
     d = source.dim
     width = d if probes is None else probes.shape[1]
-    shapes = [(), (d,), (d, d), (d,), (d, width), (d,), (d,), (4,), (), (2,)]
+    shapes = [(), (d,), (d, d), (d,), (d, width), (d,), (d,), (4,), ()]
     probes_j = None if probes is None else jnp.asarray(probes, dtype)
     gamma = jnp.asarray(transforms.gamma, dtype)
 
@@ -252,10 +255,20 @@ def first_pass(
         return tuple(jnp.zeros(shape, dtype) for shape in shapes)
 
     totals = _accumulate(_first_pass_chunk, zeros, _blocks(source, chunk_size), gamma, probes_j)
-    *totals, nonfinite = totals
-    for name, count in zip("xy", nonfinite, strict=True):
-        if count:
-            raise ValueError(f"{name}: expected finite values, found {int(count)} NaN or inf entries")
+    # A NaN or inf entry makes the sums non-finite; only then are the entries counted (one more
+    # pass), so the check costs nothing on clean data. (Sums that overflow are refused too.)
+    if not all(np.all(np.isfinite(total)) for total in totals):
+        nonfinite = _accumulate(
+            lambda counts, x, y, rows: _count_nonfinite(counts, x, y),
+            lambda: (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)),
+            _blocks(source, chunk_size),
+        )
+        for name, count in zip("xy", nonfinite, strict=True):
+            if count:
+                raise ValueError(f"{name}: expected finite values, found {int(count)} NaN or inf entries")
+        raise ValueError(
+            "x, y: values too large: their power sums (up to x^4 and y^4) overflow; rescale x and y"
+        )
     totals[0] = float(totals[0])
     totals[-1] = float(totals[-1])
     return FirstPass(*totals, probes=None if probes is None else np.asarray(probes, np.float64))
@@ -291,7 +304,10 @@ def _third_moment_chunk(totals, x, y, rows, mean, projection, coefficients, cent
     dtype = totals[0].dtype
     x, y = x.astype(dtype), y.astype(dtype)
     weight = (jnp.arange(x.shape[0]) < rows).astype(dtype)
-    u = (x - mean) @ projection  # (c, k); centred first, which keeps float32 accurate
+    if dtype == jnp.float64:
+        u = x @ projection - mean @ projection  # (c, k), no centred copy of the chunk
+    else:
+        u = (x - mean) @ projection  # centred first, which keeps float32 accurate
     alpha, beta_noiseless = coefficients
     p3_noiseless = (y**3 + alpha * y**2 + beta_noiseless * y - centers[0]) * weight
     linear = (y - centers[1]) * weight

@@ -267,6 +267,13 @@ def test_chunk_with_nan_is_refused(data):
         estimate_experts(chunks, num_experts=NUM_EXPERTS)
 
 
+def test_overflowing_values_are_refused(data):
+    x, y = data
+    # Finite entries whose fourth powers overflow float64: the sums turn inf, and no NaN is found.
+    with pytest.raises(ValueError, match="^x, y: values too large"):
+        estimate_experts(x * 1e100, y, num_experts=NUM_EXPERTS)
+
+
 def test_empty_chunk_source_is_refused():
     with pytest.raises(ValueError, match="x"):
         estimate_experts([], num_experts=NUM_EXPERTS)
