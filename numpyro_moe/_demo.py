@@ -68,14 +68,6 @@ def _row(method: str, params: MoEParams, seconds: float, truth: MoEParams, x_tes
     }
 
 
-def _save_plot(collection, path: Path) -> None:
-    """Save an ArviZ ``PlotCollection`` (matplotlib backend) and close its figure."""
-    import matplotlib.pyplot as plt
-
-    collection.savefig(path)
-    plt.close(collection.get_viz("figure"))
-
-
 def _nuts_stage(staging: Path, x, y, *, start: MoEParams, num_experts: int, link: str, key: jax.Array,
                 num_chains: int, num_warmup: int, num_draws: int) -> tuple[MoEParams, float, object, dict]:
     """NUTS from ``start`` on (x, y); writes posterior.nc, summary.csv and the three plots.
@@ -87,7 +79,7 @@ def _nuts_stage(staging: Path, x, y, *, start: MoEParams, num_experts: int, link
     import matplotlib
 
     matplotlib.use("Agg")
-    from numpyro_moe._workflow import _plot_gates
+    from numpyro_moe._workflow import _plot_gates, _plot_trace, _save_plot
 
     began = time.perf_counter()
     result = run_nuts(
@@ -116,30 +108,6 @@ def _nuts_stage(staging: Path, x, y, *, start: MoEParams, num_experts: int, link
     _save_plot(az.plot_ppc_dist(datatree, backend="matplotlib"), staging / "ppc.png")
     _plot_trace(datatree, staging / "trace.png")
     return mean, seconds, table, diagnostics
-
-
-MAX_TRACE_PANELS = 60
-
-
-def _plot_trace(datatree, path: Path) -> None:
-    """``az.plot_trace`` of every parameter, or of the first features when that is over 60 panels."""
-    import arviz as az
-
-    posterior = datatree["posterior"]
-    per_feature = sum(
-        int(np.prod([posterior.sizes[dim] for dim in value.dims if dim not in ("chain", "draw", "feature")]))
-        for value in posterior.data_vars.values() if "feature" in value.dims
-    )
-    others = sum(
-        int(np.prod([posterior.sizes[dim] for dim in value.dims if dim not in ("chain", "draw")]))
-        for value in posterior.data_vars.values() if "feature" not in value.dims
-    )
-    features = posterior.sizes["feature"]
-    if per_feature:
-        features = max(1, min(features, (MAX_TRACE_PANELS - others) // per_feature))
-    coords = {"feature": np.arange(features)} if features < posterior.sizes["feature"] else None
-    with az.rc_context({"plot.max_subplots": others + per_feature * features}):
-        _save_plot(az.plot_trace(datatree, coords=coords, backend="matplotlib"), path)
 
 
 def _nuts_note(method: str, diagnostics: dict) -> str:

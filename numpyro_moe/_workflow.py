@@ -136,6 +136,38 @@ def _plot_gates(params: MoEParams, x: np.ndarray, feature_names: list[str], path
     plt.close(figure)
 
 
+def _save_plot(collection, path: Path) -> None:
+    """Save an ArviZ ``PlotCollection`` (matplotlib backend) and close its figure."""
+    import matplotlib.pyplot as plt
+
+    collection.savefig(path)
+    plt.close(collection.get_viz("figure"))
+
+
+MAX_TRACE_PANELS = 60
+
+
+def _plot_trace(datatree, path: Path) -> None:
+    """``az.plot_trace`` of every parameter, or of the first features when that is over 60 panels."""
+    import arviz as az
+
+    posterior = datatree["posterior"]
+    per_feature = sum(
+        int(np.prod([posterior.sizes[dim] for dim in value.dims if dim not in ("chain", "draw", "feature")]))
+        for value in posterior.data_vars.values() if "feature" in value.dims
+    )
+    others = sum(
+        int(np.prod([posterior.sizes[dim] for dim in value.dims if dim not in ("chain", "draw")]))
+        for value in posterior.data_vars.values() if "feature" not in value.dims
+    )
+    features = posterior.sizes["feature"]
+    if per_feature:
+        features = max(1, min(features, (MAX_TRACE_PANELS - others) // per_feature))
+    coords = {"feature": np.arange(features)} if features < posterior.sizes["feature"] else None
+    with az.rc_context({"plot.max_subplots": others + per_feature * features}):
+        _save_plot(az.plot_trace(datatree, coords=coords, backend="matplotlib"), path)
+
+
 def fit_csv(
     path: str | os.PathLike,
     *,
@@ -217,8 +249,8 @@ def fit_csv(
             table = az.summary(datatree)
             table.to_csv(staging / "summary.csv")
             summary.append("posterior summary (az.summary):\n" + table.to_string())
-            az.plot_trace(datatree, backend="matplotlib").savefig(staging / "trace.png")
-            az.plot_ppc_dist(datatree, backend="matplotlib").savefig(staging / "ppc.png")
+            _plot_trace(datatree, staging / "trace.png")
+            _save_plot(az.plot_ppc_dist(datatree, backend="matplotlib"), staging / "ppc.png")
         else:
             # A plug-in predictive check: replicated y drawn from the point estimate.
             draws = np.stack([

@@ -359,3 +359,25 @@ def test_read_csv_refuses_the_target_as_a_feature_and_repeated_names(tmp_path):
     path.write_text("a,a,y\n1,2,3\n4,5,6\n")
     with pytest.raises(ValueError, match=r"DATA: .*repeats the column names \['a'\]"):
         moe.read_csv(path, target="y")
+
+
+def test_trace_plot_handles_more_panels_than_arviz_default(tmp_path):
+    """k (2d + 2) - 1 > 40 panels: ArviZ refuses by default; the trace plot raises its limit, and
+    above 60 panels keeps the first features."""
+    import arviz as az
+
+    from numpyro_moe._bayes import DIMS
+    from numpyro_moe._workflow import MAX_TRACE_PANELS, _plot_trace
+
+    rng = np.random.default_rng(0)
+    for dim in (8, 15):
+        posterior = {
+            "experts": rng.normal(size=(2, 10, 3, dim)),
+            "gates": rng.normal(size=(2, 10, 2, dim)),
+            "noise": rng.uniform(0.1, 0.2, size=(2, 10)),
+        }
+        datatree = az.from_dict({"posterior": posterior}, dims=DIMS)
+        path = tmp_path / f"trace{dim}.png"
+        _plot_trace(datatree, path)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    assert 5 * 8 + 1 <= MAX_TRACE_PANELS < 5 * 15 + 1
