@@ -9,8 +9,11 @@ B. Experts fixed at the estimate (NUTS over gate and noise) against experts free
    the shared parameters (gates, noise) per second of sampling.
 C. Choosing the number of experts: `az.compare` (PSIS-LOO) among k = 2, 3, 4 on data with k = 3;
    target: the true k ranks first on >= 8/10 seeds.
+D. Mass matrices for NUTS from the estimate (part A's setting and seeds): NumPyro's adapted
+   diagonal one against the Laplace one (`run_nuts(mass_matrix="laplace")`, the inverse Hessian
+   at the fit, fixed): max r_hat (rank-normalised, and its bulk part alone), min bulk ESS, ESS/s.
 
-Usage: python benchmarks/nuts_workflow.py [--quick] [--part A|B|C]
+Usage: python benchmarks/nuts_workflow.py [--quick] [--part A|B|C|D]
 """
 
 from __future__ import annotations
@@ -124,10 +127,41 @@ def part_c(num_seeds, num_warmup, num_samples):
     print(f"  az.compare ranks the true k=3 first on {hits}/{num_seeds} seeds (target >= 8/10)")
 
 
+def part_d(num_seeds, num_warmup, num_samples):
+    import arviz as az
+
+    from numpyro_moe._bayes import diagnostic_extreme
+
+    jax, moe = _setup()
+    rows = {"diagonal": [], "laplace": []}
+    for seed in range(num_seeds):
+        x, y, truth = moe.simulate(jax.random.key(seed), num_samples=2000, dim=5, num_experts=3)
+        fit = moe.fit_moe(x, y, num_experts=3, key=jax.random.key(seed), num_restarts=0)
+        line = []
+        for mass_matrix in rows:
+            start = time.perf_counter()
+            run = moe.run_nuts(x, y, num_experts=3, init=fit, key=jax.random.key(100 + seed),
+                               num_warmup=num_warmup, num_samples=num_samples, mass_matrix=mass_matrix)
+            seconds = time.perf_counter() - start
+            rhat, ess = _extremes(run.datatree)
+            bulk_rhat = diagnostic_extreme(az.rhat(run.datatree, method="z_scale"), max)
+            rows[mass_matrix].append((rhat, bulk_rhat, ess, ess / seconds))
+            line.append(f"{mass_matrix}: r_hat {rhat:.4f} (bulk {bulk_rhat:.4f}) ESS {ess:5.0f} ({ess / seconds:4.0f}/s)")
+        print(f"  seed {seed:2d}: " + " | ".join(line), flush=True)
+    for mass_matrix, values in rows.items():
+        values = np.array(values)
+        ok = (values[:, 0] <= 1.01) & (values[:, 2] >= 400)
+        print(
+            f"  {mass_matrix:8s}: r_hat <= 1.01 and ESS >= 400 on {ok.sum()}/{num_seeds}; bulk r_hat <= 1.01 on "
+            f"{(values[:, 1] <= 1.01).sum()}/{num_seeds}; median min ESS {np.median(values[:, 2]):.0f}, "
+            f"median ESS/s {np.median(values[:, 3]):.0f}"
+        )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--part", choices=["A", "B", "C"], default=None)
+    parser.add_argument("--part", choices=["A", "B", "C", "D"], default=None)
     args = parser.parse_args()
     started = time.perf_counter()
     draws = (100, 100) if args.quick else (500, 500)
@@ -140,6 +174,9 @@ def main():
     if args.part in (None, "C"):
         print("C. LOO choice of k among 2, 3, 4 (true k = 3)")
         part_c(1 if args.quick else 10, *((100, 100) if args.quick else (300, 300)))
+    if args.part in (None, "D"):
+        print("D. Mass matrix of NUTS from the estimate: adapted diagonal vs Laplace (fixed)")
+        part_d(2 if args.quick else 20, *draws)
     print(f"total benchmark time {time.perf_counter() - started:.0f} s")
 
 

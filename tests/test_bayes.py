@@ -608,6 +608,7 @@ def test_predict_errors(nuts, fresh):
         (lambda truth: {"num_chains": 0}, ValueError, r"^num_chains: "),
         (lambda truth: {"num_samples": 0}, ValueError, r"^num_samples: "),
         (lambda truth: {"jitter": -1.0}, ValueError, r"^jitter: "),
+        (lambda truth: {"mass_matrix": "identity"}, ValueError, r"^mass_matrix: expected one of"),
         (lambda truth: {"key": 0}, TypeError, r"^key: "),
         (lambda truth: {"key": jax.random.split(jax.random.key(0), 2)}, TypeError, r"^key: "),
     ],
@@ -619,6 +620,43 @@ def test_run_nuts_bad_arguments_name_the_argument(data, changes, error, match):
     options.update(changes(truth))
     with pytest.raises(error, match=match):
         moe.run_nuts(x, y, **options)
+
+
+def _gaussian_model(y=None):
+    import numpyro
+    import numpyro.distributions as dist
+
+    mean = numpyro.sample("mean", dist.Normal(0.0, 2.0))
+    scale = numpyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    numpyro.sample("y", dist.Normal(mean, scale), obs=y)
+
+
+def test_laplace_inverse_mass_matrix_is_the_inverse_hessian():
+    y = jnp.asarray(np.random.default_rng(3).normal(1.0, 0.5, size=50))
+    start = {"mean": float(np.mean(y)) + 0.1, "scale": float(np.std(y))}  # off the mode: h_mu != 0
+    inverse = np.asarray(moe.laplace_inverse_mass_matrix(_gaussian_model, start, model_args=(y,)))
+    # Independently: the Hessian in unconstrained (mean, log scale) coordinates, by hand. The
+    # potential is -log N(mean | 0, 2) - log LogNormal(scale | 0, 1) - log|d scale/d u| - sum log N(y).
+    n, s = len(y), start["scale"]
+    r = np.asarray(y) - start["mean"]
+    h_mm = 1 / 4 + n / s**2
+    h_mu = 2 * np.sum(r) / s**2
+    h_uu = 1.0 + 2 * np.sum(r**2) / s**2  # LogNormal prior in u = log s: u^2/2 + const
+    expected = np.linalg.inv(np.array([[h_mm, h_mu], [h_mu, h_uu]]))
+    np.testing.assert_allclose(inverse, expected, rtol=1e-8)
+
+
+def test_laplace_inverse_mass_matrix_is_none_away_from_a_mode(data):
+    x, y, truth = data
+    # Gates far out and experts swapped into a ridge: not a mode, the Hessian is indefinite.
+    far = truth._replace(experts=jnp.zeros_like(truth.experts), gates=5 * jnp.ones_like(truth.gates))
+    assert moe.laplace_inverse_mass_matrix(
+        moe.moe_regression, far, model_args=(x, y), model_kwargs=MODEL_KWARGS
+    ) is None
+    fit = moe.fit_em(x, y, truth)
+    inverse = moe.laplace_inverse_mass_matrix(moe.moe_regression, fit, model_args=(x, y), model_kwargs=MODEL_KWARGS)
+    size = K * D + (K - 1) * D + 1
+    assert inverse.shape == (size, size) and np.all(np.linalg.eigvalsh(np.asarray(inverse)) > 0)
 
 
 def test_diagnostic_extreme_on_synthetic_chains():
