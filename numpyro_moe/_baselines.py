@@ -180,18 +180,19 @@ def fit_squared_loss_gd(
     The noise of the result is the root of the final mean squared error.
     """
     x, y, link, start = _descent_start(x, y, key, link, num_experts, init)
-    dim = x.shape[1]
     variables = {"experts": jnp.asarray(start.experts, x.dtype), "gates": jnp.asarray(start.gates[:-1], x.dtype)}
-
-    def unpack(variables, noise=1.0):
-        gates = jnp.concatenate([variables["gates"], jnp.zeros((1, dim), x.dtype)], axis=0)
-        return MoEParams(variables["experts"], gates, jnp.asarray(noise, x.dtype))
-
-    def loss(variables):
-        return jnp.mean((y - predictive_mean(unpack(variables), x, link)) ** 2)
-
-    variables, values = minimize_adam(
-        loss, variables, num_steps=check_positive_int(num_steps, "num_steps"),
-        learning_rate=check_positive(learning_rate, "learning_rate"),
+    variables, _ = minimize_adam(
+        _squared_loss, variables, (x, y), num_steps=check_positive_int(num_steps, "num_steps"),
+        learning_rate=check_positive(learning_rate, "learning_rate"), static=link,
     )
-    return unpack(variables, jnp.sqrt(loss(variables)))
+    return _squared_loss_params(variables, x, jnp.sqrt(_squared_loss(variables, (x, y), link)))
+
+
+def _squared_loss_params(variables, x, noise=1.0) -> MoEParams:
+    gates = jnp.concatenate([variables["gates"], jnp.zeros((1, x.shape[1]), x.dtype)], axis=0)
+    return MoEParams(variables["experts"], gates, jnp.asarray(noise, x.dtype))
+
+
+def _squared_loss(variables, args, link):
+    x, y = args
+    return jnp.mean((y - predictive_mean(_squared_loss_params(variables, x), x, link)) ** 2)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import warnings
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -200,25 +201,58 @@ def fit_em(
     )
 
 
-def minimize_adam(loss, variables, *, num_steps: int, learning_rate: float):
-    """Minimise ``loss(variables)`` (a PyTree) by ``num_steps`` Adam steps in one compiled scan.
+def minimize_adam(
+    loss,
+    variables,
+    args=(),
+    *,
+    num_steps: int,
+    learning_rate: float,
+    cosine_decay: bool = False,
+    static=(),
+):
+    """Minimise ``loss(variables, args, static)`` by ``num_steps`` Adam steps in one compiled scan.
+
+    ``variables`` and ``args`` (the data) are PyTrees of arrays, passed to the compiled program
+    rather than baked into it; ``loss`` and ``static`` (hashable settings such as the link) are
+    its compile-time constants. With a module-level ``loss`` the program compiles once per shape
+    and is reused by later calls. ``learning_rate`` is Adam's step size, held constant, or with
+    ``cosine_decay`` decayed along a cosine from it to 1% of it over the run.
 
     Returns the final variables and the (num_steps,) loss values along the way.
     """
+    return _adam_scan(
+        variables, args, jnp.asarray(learning_rate), loss=loss, num_steps=num_steps,
+        cosine_decay=cosine_decay, static=static,
+    )
+
+
+@partial(jax.jit, static_argnames=("loss", "num_steps", "cosine_decay", "static"))
+def _adam_scan(variables, args, learning_rate, *, loss, num_steps, cosine_decay, static):
+    if cosine_decay:
+        learning_rate = optax.cosine_decay_schedule(learning_rate, num_steps, alpha=0.01)
     optimizer = optax.adam(learning_rate)
 
-    @jax.jit
-    def run(variables):
-        def step(carry, _):
-            variables, state = carry
-            value, grads = jax.value_and_grad(loss)(variables)
-            updates, state = optimizer.update(grads, state, variables)
-            return (optax.apply_updates(variables, updates), state), value
+    def step(carry, _):
+        variables, state = carry
+        value, grads = jax.value_and_grad(loss)(variables, args, static)
+        updates, state = optimizer.update(grads, state, variables)
+        return (optax.apply_updates(variables, updates), state), value
 
-        (variables, _), values = jax.lax.scan(step, (variables, optimizer.init(variables)), None, length=num_steps)
-        return variables, values
+    (variables, _), values = jax.lax.scan(step, (variables, optimizer.init(variables)), None, length=num_steps)
+    return variables, values
 
-    return run(variables)
+
+def _unpack_descent(variables, experts, dtype, dim):
+    """MoEParams from Adam's variables: free gate rows (last row zero) and log noise."""
+    gates = jnp.concatenate([variables["gates"], jnp.zeros((1, dim), dtype)], axis=0)
+    return MoEParams(variables.get("experts", experts), gates, jnp.exp(variables["log_noise"]))
+
+
+def _negative_log_likelihood(variables, args, link):
+    experts, x, y = args
+    params = _unpack_descent(variables, experts, x.dtype, x.shape[1])
+    return -jnp.mean(pointwise_log_likelihood(params, x, y, link))
 
 
 def _likelihood_gd(params, x, y, link, *, num_steps, learning_rate, fix_experts):
@@ -230,17 +264,11 @@ def _likelihood_gd(params, x, y, link, *, num_steps, learning_rate, fix_experts)
     }
     if not fix_experts:
         variables["experts"] = experts
-    dim = x.shape[1]
-
-    def unpack(variables):
-        gates = jnp.concatenate([variables["gates"], jnp.zeros((1, dim), x.dtype)], axis=0)
-        return MoEParams(variables.get("experts", experts), gates, jnp.exp(variables["log_noise"]))
-
-    def loss(variables):
-        return -jnp.mean(pointwise_log_likelihood(unpack(variables), x, y, link))
-
-    variables, values = minimize_adam(loss, variables, num_steps=num_steps, learning_rate=learning_rate)
-    return unpack(variables), values
+    variables, values = minimize_adam(
+        _negative_log_likelihood, variables, (experts, x, y), num_steps=num_steps,
+        learning_rate=learning_rate, static=link,
+    )
+    return _unpack_descent(variables, experts, x.dtype, x.shape[1]), values
 
 
 def fit_gating(

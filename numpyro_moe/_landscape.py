@@ -97,7 +97,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from numpyro_moe._experts import Standardization, _estimate_noise, _second_moment, _warn_design
 from numpyro_moe._fit import minimize_adam
@@ -274,9 +273,9 @@ def minimize_landscape(pairwise, starts, *, mu: float, lam: float, num_steps: in
     """
     per_start = jax.vmap(lambda vectors: landscape_loss(vectors, pairwise, mu=mu, lam=lam))
     # Decaying to 1% lets Adam settle into the minimum instead of hovering at the step size.
-    schedule = optax.cosine_decay_schedule(learning_rate, num_steps, alpha=0.01)
     final, _ = minimize_adam(
-        lambda vectors: jnp.sum(per_start(vectors)), starts, num_steps=num_steps, learning_rate=schedule
+        lambda vectors, args, static: jnp.sum(per_start(vectors)), starts, num_steps=num_steps,
+        learning_rate=learning_rate, cosine_decay=True,
     )
 
     @jax.jit  # one compiled program instead of one per eager operation
