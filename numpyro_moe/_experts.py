@@ -408,7 +408,8 @@ def estimate_experts(
     """Estimate the experts of a mixture of experts by the tensor method of moments.
 
     Two streamed passes over the data, O(n d^2 + n d k) work and O(d^2 + k^3) memory beyond one
-    chunk; no local optima (the power method's restarts handle the decomposition's).
+    chunk (with ``eigensolver="randomized"``: four passes, and T2 costs O(n d k) instead of
+    O(n d^2)); no local optima (the power method's restarts handle the decomposition's).
 
     Parameters
     ----------
