@@ -84,6 +84,15 @@ def init_to_estimate(params, *, exclude: tuple[str, ...] = ()):
     return init_to_value(values={name: value for name, value in sites.items() if name not in exclude})
 
 
+def _unconstrained_start(model, sites: dict, model_args, model_kwargs) -> dict:
+    """``sites`` restricted to the model's latent sample sites (conditioned ones drop out),
+    mapped to unconstrained space."""
+    trace = handlers.trace(handlers.seed(model, 0)).get_trace(*model_args, **model_kwargs)
+    latent = {name for name, site in trace.items() if site["type"] == "sample" and not site["is_observed"]}
+    values = {name: jnp.asarray(value) for name, value in sites.items() if name in latent}
+    return unconstrain_fn(model, model_args, model_kwargs, values)
+
+
 def chain_init_params(
     model, params, *, num_chains: int, key: jax.Array, jitter: float = 0.01, model_args=(), model_kwargs=None,
 ):
@@ -96,11 +105,7 @@ def chain_init_params(
     key = check_key(key)
     num_chains = check_positive_int(num_chains, "num_chains")
     model_kwargs = model_kwargs or {}
-    sites = params_to_sites(_as_start(params))
-    trace = handlers.trace(handlers.seed(model, 0)).get_trace(*model_args, **model_kwargs)
-    latent = {name for name, site in trace.items() if site["type"] == "sample" and not site["is_observed"]}
-    values = {name: jnp.asarray(value) for name, value in sites.items() if name in latent}
-    unconstrained = unconstrain_fn(model, model_args, model_kwargs, values)
+    unconstrained = _unconstrained_start(model, params_to_sites(_as_start(params)), model_args, model_kwargs)
     leaves, tree = jax.tree_util.tree_flatten(unconstrained)
     keys = jax.random.split(key, len(leaves))
     noisy = [
@@ -120,10 +125,7 @@ def laplace_inverse_mass_matrix(model, params, *, model_args=(), model_kwargs=No
     """
     model_kwargs = model_kwargs or {}
     sites = dict(params) if isinstance(params, dict) else params_to_sites(_as_start(params))
-    trace = handlers.trace(handlers.seed(model, 0)).get_trace(*model_args, **model_kwargs)
-    latent = {name for name, site in trace.items() if site["type"] == "sample" and not site["is_observed"]}
-    values = {name: jnp.asarray(value) for name, value in sites.items() if name in latent}
-    flat, unravel = ravel_pytree(unconstrain_fn(model, model_args, model_kwargs, values))
+    flat, unravel = ravel_pytree(_unconstrained_start(model, sites, model_args, model_kwargs))
     hessian = jax.hessian(lambda point: potential_energy(model, model_args, model_kwargs, unravel(point)))(flat)
     hessian = np.asarray((hessian + hessian.T) / 2, dtype=np.float64)
     eigenvalues, eigenvectors = np.linalg.eigh(hessian)
