@@ -5,8 +5,8 @@ Prints, in one run:
    seeds at n = 20k, 63k, 200k, and the fitted slope of log(error) on log(n) (theory: -1/2).
 2. Non-linear links: median error by n, and the smallest n tried with median error < 0.1.
 3. Correlated gates (assumption w ⟂ a dropped): median error by n; a plateau is the bias.
-4. Speed and memory at n=1e6, d=100, k=5: `estimate_experts` (dense and randomised T2
-   eigensolvers, and the automatic choice) against one jitted `x.T @ x` on the same array (best
+4. Speed and memory at n=1e6, d=100, k=5: `estimate_experts` (the defaults; float64 products;
+   the dense and randomised T2 eigensolvers) against one jitted `x.T @ x` on the same array (best
    of repeats), and the process's peak resident memory during one call relative to the data's
    size, measured in a fresh process, in float64 and float32.
 
@@ -82,21 +82,22 @@ truth = nm.true_params(jax.random.key(0), dim=d, num_experts=k)
 runtime = status("VmRSS")  # Python, NumPy and the JAX runtime, before any data
 x = np.empty((n, d), dtype=dtype)
 y = np.empty(n, dtype=dtype)
-for i, start in enumerate(range(0, n, 100_000)):
-    xc, yc = nm.sample_data(jax.random.key(i + 1), truth, num_samples=100_000)
-    x[start:start + 100_000], y[start:start + 100_000] = np.asarray(xc), np.asarray(yc)
+block = 20_000  # small simulation blocks: their freed buffers do not count against the call
+for i, start in enumerate(range(0, n, block)):
+    xc, yc = nm.sample_data(jax.random.key(i + 1), truth, num_samples=block)
+    x[start:start + block], y[start:start + block] = np.asarray(xc), np.asarray(yc)
     del xc, yc
 data_bytes = x.nbytes + y.nbytes
 record = {"dtype": dtype, "data_bytes": data_bytes, "runtime_rss": runtime}
-solvers = sys.argv[3].split(",")
+configs = [dict(zip(("eigensolver", "precision"), c.split(":"))) for c in sys.argv[3].split(",")]
 
 if mode == "memory":
     # Compile on a slice of the same shape per chunk, then measure the peak of one call.
-    nm.estimate_experts(x[:300_000], y[:300_000], num_experts=k, eigensolver=solvers[0])
+    nm.estimate_experts(x[:300_000], y[:300_000], num_experts=k, **configs[0])
     record["rss_before"] = status("VmRSS")
     with open("/proc/self/clear_refs", "w") as handle:  # reset the peak-RSS counter
         handle.write("5")
-    nm.estimate_experts(x, y, num_experts=k, eigensolver=solvers[0])
+    nm.estimate_experts(x, y, num_experts=k, **configs[0])
     record["peak_rss"] = status("VmHWM")
 else:
     gram = jax.jit(lambda a: a.T @ a)
@@ -107,14 +108,17 @@ else:
         start = time.perf_counter(); gram(x_device).block_until_ready(); gram_times.append(time.perf_counter() - start)
     del x_device
     record["gram_seconds"] = min(gram_times)
-    for solver in solvers:
-        nm.estimate_experts(x[:300_000], y[:300_000], num_experts=k, eigensolver=solver)  # compile
+    for name, config in zip(sys.argv[3].split(","), configs):
+        nm.estimate_experts(x[:300_000], y[:300_000], num_experts=k, **config)  # compile
         times = []
         for _ in range(3):
             start = time.perf_counter()
-            estimate = nm.estimate_experts(x, y, num_experts=k, eigensolver=solver)
+            estimate = nm.estimate_experts(x, y, num_experts=k, **config)
             times.append(time.perf_counter() - start)
-        record[solver] = {"seconds": min(times), "expert_error": nm.expert_error(estimate, truth)}
+        record[name] = {
+            "seconds": min(times), "expert_error": nm.expert_error(estimate, truth),
+            "precision": estimate.diagnostics.precision,
+        }
 print(json.dumps(record))
 """
 
@@ -130,21 +134,24 @@ def _child(mode, dtype, solvers):
 def speed(dtype):
     """Time (one process: the gram and every eigensolver on the same array) and memory (a fresh
     process per measurement, so nothing else the benchmark allocated is counted)."""
-    solvers = ("dense", "randomized", "auto")
-    record = _child("time", dtype, solvers)
+    # eigensolver:precision; "auto:auto" is estimate_experts's default.
+    configs = ("auto:auto", "auto:float64", "randomized:auto")
+    record = _child("time", dtype, configs)
     gram = record["gram_seconds"]
     print(f"  {dtype}: one jitted x.T @ x on the same array: {gram:.3f} s", flush=True)
-    for solver in solvers:
-        entry = record[solver]
+    for config in configs:
+        entry = record[config]
+        solver, precision = config.split(":")
         print(
-            f"    estimate_experts(eigensolver={solver!r}): {entry['seconds']:.3f} s, ratio "
-            f"{entry['seconds'] / gram:.2f}x (target <= 3), expert error {entry['expert_error']:.4f}",
+            f"    estimate_experts(eigensolver={solver!r}, precision={precision!r}) -> products "
+            f"{entry['precision']}: {entry['seconds']:.3f} s, ratio {entry['seconds'] / gram:.2f}x "
+            f"(target <= 3), expert error {entry['expert_error']:.4f}",
             flush=True,
         )
-    memory = _child("memory", dtype, ("auto",))
+    memory = _child("memory", dtype, ("auto:auto",))
     data = memory["data_bytes"]
     print(
-        f"    memory (fresh process, eigensolver='auto'): data {data / 1e6:.0f} MB; the process's peak "
+        f"    memory (fresh process, the defaults): data {data / 1e6:.0f} MB; the process's peak "
         f"RSS during the call {memory['peak_rss'] / data:.2f}x the data (target <= 1.5x), of which the "
         f"Python/JAX runtime before any data is {memory['runtime_rss'] / 1e6:.0f} MB and the call "
         f"added {(memory['peak_rss'] - memory['rss_before']) / data:.2f}x the data",

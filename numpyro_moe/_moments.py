@@ -8,6 +8,10 @@ the sketch ``sum P2(y) x x^T Omega`` for a random (d, p) probe matrix Omega, p a
 (a single-pass randomised eigensolver), so that part costs O(n d p). Pass 2 projects each chunk onto k whitened directions, ``u = B^T (x - mean)``, and
 accumulates the k x k x k third moment: no d x d x d tensor is ever formed.
 
+All sums are of data shifted by the means of the first rows (``x - x_shift``, ``P2 - p2_shift``),
+so no sum cancels; with ``precision="mixed"`` each chunk's products are formed in float32 (twice
+the speed of float64 on a CPU) and summed in float64.
+
 Data come as arrays or as a re-iterable source of ``(x_chunk, y_chunk)`` pairs; every chunk is
 re-cut and zero-padded to ``chunk_size`` rows (the kernel masks the padding), so each pass
 compiles once; the sums stay on the device between chunks.
@@ -32,6 +36,8 @@ __all__ = [
     "as_data_source",
     "first_pass",
     "p2_sketch",
+    "pilot_rows",
+    "pilot_shifts",
     "whitened_third_moment",
 ]
 
@@ -133,24 +139,64 @@ def _check_chunk(pair, where: str, dim):
     return x_chunk, y_chunk
 
 
-def _blocks(source: DataSource, chunk_size: int):
+def _blocks(source: DataSource, chunk_size: int, ring: int | None = None, x_dtype=None):
     """Yield ``(x, y, rows)`` blocks of exactly ``chunk_size`` rows, zero-padded after ``rows``.
 
-    Host arrays stay host arrays (NumPy views, no copy until the compiled kernel takes them);
-    JAX arrays are sliced where they live.
+    JAX arrays are sliced where they live. Host arrays are copied into ``ring`` reused, 64-byte
+    aligned staging buffers that the compiled kernel reads in place (``device_put`` aliases an
+    aligned NumPy buffer on CPU): no fresh allocation per chunk. A buffer is reused ``ring``
+    blocks later, so the consumer must have waited for the kernels that read it by then:
+    `_accumulate` synchronises every ``_FLUSH_EVERY`` blocks, the default ``ring``. ``x_dtype``
+    float32 stages x as float32 (the kernel then reads half the bytes; for float32 products).
     """
+    ring = _FLUSH_EVERY if ring is None else ring
+    staging: dict = {}
+    slot = 0
     for x_chunk, y_chunk in source.chunks():
-        xp = jnp if isinstance(x_chunk, jax.Array) else np
-        x_chunk, y_chunk = xp.asarray(x_chunk), xp.asarray(y_chunk)
+        if isinstance(x_chunk, jax.Array):
+            x_chunk, y_chunk = jnp.asarray(x_chunk), jnp.asarray(y_chunk)
+            for start in range(0, len(x_chunk), chunk_size):
+                xb = x_chunk[start : start + chunk_size]
+                yb = y_chunk[start : start + chunk_size]
+                rows = xb.shape[0]
+                if rows < chunk_size:
+                    xb = jnp.pad(xb, ((0, chunk_size - rows), (0, 0)))
+                    yb = jnp.pad(yb, (0, chunk_size - rows))
+                yield xb, yb, rows
+            continue
+        x_chunk, y_chunk = np.asarray(x_chunk), np.asarray(y_chunk)
+        dtypes = (np.dtype(x_dtype or _staging_dtype(x_chunk.dtype)), _staging_dtype(y_chunk.dtype))
         for start in range(0, len(x_chunk), chunk_size):
-            xb = x_chunk[start : start + chunk_size]
-            yb = y_chunk[start : start + chunk_size]
-            rows = xb.shape[0]
+            key = (slot, *dtypes)
+            if key not in staging:
+                staging[key] = (
+                    _aligned_empty((chunk_size, x_chunk.shape[1]), dtypes[0]),
+                    _aligned_empty((chunk_size,), dtypes[1]),
+                )
+            xb, yb = staging[key]
+            rows = min(chunk_size, len(x_chunk) - start)
+            np.copyto(xb[:rows], x_chunk[start : start + rows], casting="unsafe")
+            np.copyto(yb[:rows], y_chunk[start : start + rows], casting="unsafe")
             if rows < chunk_size:
-                pad = chunk_size - rows
-                xb = xp.pad(xb, ((0, pad), (0, 0)))
-                yb = xp.pad(yb, (0, pad))
-            yield xb, yb, rows
+                xb[rows:], yb[rows:] = 0, 0
+            yield jax.device_put(xb, may_alias=True), jax.device_put(yb, may_alias=True), rows
+            slot = (slot + 1) % ring
+
+
+def _staging_dtype(dtype) -> np.dtype:
+    """float32 data stay float32 (the kernel casts); anything else becomes JAX's default float."""
+    return np.dtype(np.float32) if dtype == np.float32 else np.dtype(jnp.result_type(float))
+
+
+_ALIGNMENT = 64  # bytes: what XLA's CPU client needs to read a host buffer without a copy
+
+
+def _aligned_empty(shape, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
+    offset = -raw.ctypes.data % _ALIGNMENT
+    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
 # Chunk sums are accumulated on the device (no host synchronisation per chunk, so copying the
@@ -178,12 +224,16 @@ def _add_host(host, device):
 
 
 class FirstPass(NamedTuple):
-    """Sums from pass 1 (float64 numpy), n = ``count``.
+    """Sums from pass 1 (float64 NumPy), n = ``count``, of the shifted data ``x - x_shift`` and
+    ``P2(y) - p2_shift`` (shifts near the means, from the first rows: sums of centred values lose
+    nothing to cancellation, which float32 products need).
 
-    ``sum_x`` (d,), ``sum_xx`` (d, d), ``sum_p2x`` (d,), ``sum_p2xx`` (d, d) ``sum P2(y) x x^T``
-    or, when pass 1 ran with probes (d, p), the sketch ``sum P2(y) x x^T probes`` (d, p);
-    ``sum_x3``/``sum_x4`` (d,) per-feature power sums, ``sum_y`` (4,) holding sum y^1..y^4,
-    ``sum_p2sq`` sum P2(y)^2; ``probes`` None or the (d, p) probe matrix.
+    ``sum_x`` (d,), ``sum_xx`` (d, d), ``sum_p2x`` (d,) and ``sum_p2xx`` (d, d) sum the shifted
+    x, x x^T, P2 x and P2 x x^T; or, when pass 1 ran with probes (d, p), ``sum_p2xx`` is the
+    sketch ``sum P2 x x^T probes`` (d, p). ``shape_sums`` (4, d) are the power sums 1..4 of the
+    shifted x over ``shape_count`` rows (the first `shape_rows` of every chunk) for the marginal
+    skewness and kurtosis. ``sum_y`` (4,) holds the raw sums of y^1..y^4 and ``sum_p2sq`` the sum
+    of the shifted P2 squared. ``precision`` names the products' dtype (see `first_pass`).
     """
 
     count: float
@@ -191,35 +241,83 @@ class FirstPass(NamedTuple):
     sum_xx: np.ndarray
     sum_p2x: np.ndarray
     sum_p2xx: np.ndarray
-    sum_x3: np.ndarray
-    sum_x4: np.ndarray
+    shape_count: float
+    shape_sums: np.ndarray
     sum_y: np.ndarray
     sum_p2sq: float
+    x_shift: np.ndarray
+    p2_shift: float
     probes: np.ndarray | None = None
+    precision: str = "float64"
 
 
-@partial(jax.jit, donate_argnums=0)
-def _first_pass_chunk(totals, x, y, rows, gamma, probes):
+# Rows per chunk that enter the skewness and kurtosis sums: the first 1/SHAPE_FRACTION of each
+# chunk, and at least SHAPE_ROWS (all of a smaller chunk). These elementwise powers cost as much
+# as a d x d product on a CPU; 1 in 8 rows, spread over the whole data, pins a marginal skewness
+# to +-0.007 at n = 1e6 (the warning's limit is 0.25).
+SHAPE_ROWS = 1024
+SHAPE_FRACTION = 8
+
+
+def shape_rows(chunk_size: int) -> int:
+    """Rows of each chunk in the skewness and kurtosis sums."""
+    return max(chunk_size // SHAPE_FRACTION, min(chunk_size, SHAPE_ROWS))
+# Rows of the data that set the shifts (and the precision choice's first look at the design).
+PILOT_ROWS = 4096
+
+
+def pilot_rows(source: DataSource, rows: int = PILOT_ROWS) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``rows`` rows of the data (float64 NumPy), across chunks if needed."""
+    xs, ys, count = [], [], 0
+    for x_chunk, y_chunk in source.chunks():
+        take = min(rows - count, len(x_chunk))
+        xs.append(np.asarray(x_chunk[:take], dtype=np.float64))
+        ys.append(np.asarray(y_chunk[:take], dtype=np.float64))
+        count += take
+        if count >= rows:
+            break
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _product_dtype(precision: str):
+    return jnp.float32 if precision == "mixed" else jnp.result_type(float)
+
+
+def _staged_x_dtype(product_dtype):
+    """float32 products read x staged as float32; otherwise x keeps its own float dtype."""
+    return np.float32 if product_dtype == jnp.float32 else None
+
+
+@partial(jax.jit, donate_argnums=0, static_argnames="product_dtype")
+def _first_pass_chunk(totals, x, y, rows, gamma, x_shift, p2_shift, probes, product_dtype):
     dtype = totals[1].dtype
-    x, y = x.astype(dtype), y.astype(dtype)
-    # Padding rows are zero in x and y; P2(0) = 0 too, but the weight keeps that explicit.
+    y = y.astype(dtype)
     weight = (jnp.arange(x.shape[0]) < rows).astype(dtype)
-    p2 = (y * y + gamma * y) * weight
-    x_squared = x * x
+    # Padding rows stay zero. With float32 products x arrives as float32 (cast while staged):
+    # each entry is rounded to 6e-8 of its size, a tiny noise, and shifted in float32.
+    xp = (x.astype(product_dtype) - x_shift.astype(product_dtype)) * weight.astype(product_dtype)[:, None]
+    centred = xp.astype(dtype)
+    p2 = (y * y + gamma * y - p2_shift) * weight
+    p2p = p2.astype(product_dtype)
     if probes is None:
         # Two products: XLA's CPU GEMM on x^T [x, P2 x] measured 2.4x slower than these.
-        gram, p2_gram = x.T @ x, (p2[:, None] * x).T @ x
+        gram, p2_gram = xp.T @ xp, (p2p[:, None] * xp).T @ xp
     else:
         # Matrix-free: only the sketch sum P2 x x^T probes, O(d p) per row.
-        gram, p2_gram = x.T @ x, x.T @ (p2[:, None] * (x @ probes))
+        gram, p2_gram = xp.T @ xp, xp.T @ (p2p[:, None] * (xp @ probes.astype(product_dtype)))
+    firsts = jnp.stack([weight, p2]).astype(product_dtype) @ xp  # sum x, sum P2 x
+    head_rows = shape_rows(x.shape[0])
+    head = centred[:head_rows]
+    squares = head * head
+    shape_sums = jnp.stack([head.sum(0), squares.sum(0), (squares * head).sum(0), (squares * squares).sum(0)])
     sums = (
         weight.sum(),
-        jnp.sum(x, axis=0),
-        gram,
-        p2 @ x,
-        p2_gram,
-        jnp.sum(x_squared * x, axis=0),
-        jnp.sum(x_squared * x_squared, axis=0),
+        firsts[0].astype(dtype),
+        gram.astype(dtype),
+        firsts[1].astype(dtype),
+        p2_gram.astype(dtype),
+        weight[:head_rows].sum(),
+        shape_sums,
         jnp.stack([jnp.sum(y**m) for m in range(1, 5)]),
         p2 @ p2,
     )
@@ -232,12 +330,21 @@ def _count_nonfinite(counts, x, y):
 
 
 def first_pass(
-    source: DataSource, transforms: OutputTransforms, chunk_size: int, probes: np.ndarray | None = None
+    source: DataSource,
+    transforms: OutputTransforms,
+    chunk_size: int,
+    probes: np.ndarray | None = None,
+    *,
+    precision: str = "float64",
+    shifts: tuple[np.ndarray, float] | None = None,
 ) -> FirstPass:
     """Accumulate the pass-1 sums over all chunks (one compiled chunk kernel).
 
     With ``probes`` (d, p), ``sum_p2xx`` is the (d, p) sketch ``sum P2(y) x x^T probes`` instead of
-    the (d, d) matrix: O(n d p) work instead of O(n d^2) for that part.
+    the (d, d) matrix: O(n d p) work instead of O(n d^2) for that part. ``precision="mixed"`` forms
+    each chunk's products of the shifted data in float32 (twice the speed of float64 on a CPU)
+    and sums them in float64; ``"float64"`` uses JAX's default float throughout. ``shifts``
+    ``(x_shift, p2_shift)`` defaults to the means of the first `PILOT_ROWS` rows.
 
     Raises
     ------
@@ -246,18 +353,25 @@ def first_pass(
     """
     dtype = jnp.result_type(float)
     d = source.dim
+    if shifts is None:
+        shifts = pilot_shifts(*pilot_rows(source), transforms)
+    x_shift, p2_shift = np.asarray(shifts[0], np.float64), float(shifts[1])
     width = d if probes is None else probes.shape[1]
-    shapes = [(), (d,), (d, d), (d,), (d, width), (d,), (d,), (4,), ()]
+    shapes = [(), (d,), (d, d), (d,), (d, width), (), (4, d), (4,), ()]
     probes_j = None if probes is None else jnp.asarray(probes, dtype)
-    gamma = jnp.asarray(transforms.gamma, dtype)
 
     def zeros():
         return tuple(jnp.zeros(shape, dtype) for shape in shapes)
 
-    totals = _accumulate(_first_pass_chunk, zeros, _blocks(source, chunk_size), gamma, probes_j)
+    product_dtype = _product_dtype(precision)
+    totals = _accumulate(
+        partial(_first_pass_chunk, product_dtype=product_dtype), zeros,
+        _blocks(source, chunk_size, x_dtype=_staged_x_dtype(product_dtype)), jnp.asarray(transforms.gamma, dtype), jnp.asarray(x_shift, dtype),
+        jnp.asarray(p2_shift, dtype), probes_j,
+    )
     # A NaN or inf entry makes the sums non-finite; only then are the entries counted (one more
     # pass), so the check costs nothing on clean data. (Sums that overflow are refused too.)
-    if not all(np.all(np.isfinite(total)) for total in totals):
+    if not all(np.all(np.isfinite(total)) for total in totals) or not np.all(np.isfinite(x_shift)):
         nonfinite = _accumulate(
             lambda counts, x, y, rows: _count_nonfinite(counts, x, y),
             lambda: (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)),
@@ -269,45 +383,63 @@ def first_pass(
         raise ValueError(
             "x, y: values too large: their power sums (up to x^4 and y^4) overflow; rescale x and y"
         )
-    totals[0] = float(totals[0])
-    totals[-1] = float(totals[-1])
-    return FirstPass(*totals, probes=None if probes is None else np.asarray(probes, np.float64))
+    for index in (0, 5, 8):
+        totals[index] = float(totals[index])
+    return FirstPass(
+        *totals, x_shift=x_shift, p2_shift=p2_shift,
+        probes=None if probes is None else np.asarray(probes, np.float64),
+        precision="mixed" if precision == "mixed" and dtype == jnp.float64 else str(np.dtype(dtype)),
+    )
+
+
+def pilot_shifts(x: np.ndarray, y: np.ndarray, transforms: OutputTransforms) -> tuple[np.ndarray, float]:
+    """Shifts of x and P2(y) for the streamed sums: their means over the pilot rows (0 where a
+    pilot value is not finite; `first_pass` then reports the bad entries)."""
+    with np.errstate(all="ignore"):
+        x_shift = np.nan_to_num(x.mean(axis=0), nan=0.0, posinf=0.0, neginf=0.0)
+        p2_shift = float(np.nan_to_num(np.mean(y * y + transforms.gamma * y), nan=0.0, posinf=0.0, neginf=0.0))
+    return x_shift, p2_shift
 
 
 @partial(jax.jit, donate_argnums=0)
-def _sketch_chunk(totals, x, y, rows, gamma, vectors):
+def _sketch_chunk(totals, x, y, rows, gamma, x_shift, p2_shift, vectors):
     dtype = totals.dtype
     x, y = x.astype(dtype), y.astype(dtype)
     weight = (jnp.arange(x.shape[0]) < rows).astype(dtype)
-    p2 = (y * y + gamma * y) * weight
-    return totals + x.T @ (p2[:, None] * (x @ vectors))
+    centred = (x - x_shift) * weight[:, None]
+    p2 = (y * y + gamma * y - p2_shift) * weight
+    return totals + centred.T @ (p2[:, None] * (centred @ vectors))
 
 
 def p2_sketch(
-    source: DataSource, transforms: OutputTransforms, vectors: np.ndarray, chunk_size: int
+    source: DataSource, transforms: OutputTransforms, vectors: np.ndarray, chunk_size: int,
+    shifts: tuple[np.ndarray, float],
 ) -> np.ndarray:
-    """``sum P2(y) x x^T vectors`` (d, p) by one pass: T2 applied to p vectors, matrix-free."""
+    """``sum (P2(y) - p2_shift) xs xs^T vectors`` (d, p), xs = x - x_shift, by one pass: T2
+    applied to p vectors, matrix-free (in the shifted coordinates of `first_pass`)."""
     dtype = jnp.result_type(float)
     (total,) = _accumulate(
         lambda totals, *args: (_sketch_chunk(totals[0], *args),),
         lambda: (jnp.zeros(vectors.shape, dtype),),
         _blocks(source, chunk_size),
         jnp.asarray(transforms.gamma, dtype),
+        jnp.asarray(shifts[0], dtype),
+        jnp.asarray(shifts[1], dtype),
         jnp.asarray(vectors, dtype),
     )
     return total
 
 
-@partial(jax.jit, donate_argnums=0)
-def _third_moment_chunk(totals, x, y, rows, mean, projection, coefficients, centers):
+@partial(jax.jit, donate_argnums=0, static_argnames="product_dtype")
+def _third_moment_chunk(totals, x, y, rows, mean, projection, coefficients, centers, product_dtype):
     """Sums of centred P3 parts times u^{(x)3} and u, for u = projection^T (x - mean)."""
     dtype = totals[0].dtype
-    x, y = x.astype(dtype), y.astype(dtype)
+    y = y.astype(dtype)
     weight = (jnp.arange(x.shape[0]) < rows).astype(dtype)
-    if dtype == jnp.float64:
-        u = x @ projection - mean @ projection  # (c, k), no centred copy of the chunk
-    else:
-        u = (x - mean) @ projection  # centred first, which keeps float32 accurate
+    # Centred first, which keeps float32 products accurate (u is k-dimensional: the rounding of
+    # its float32 product is far below the sampling error of the cubes).
+    centred = x.astype(product_dtype) - mean.astype(product_dtype)
+    u = (centred @ projection.astype(product_dtype)).astype(dtype)
     alpha, beta_noiseless = coefficients
     p3_noiseless = (y**3 + alpha * y**2 + beta_noiseless * y - centers[0]) * weight
     linear = (y - centers[1]) * weight
@@ -329,6 +461,7 @@ def whitened_third_moment(
     gram: np.ndarray,
     stats: FirstPass,
     chunk_size: int,
+    precision: str = "float64",
 ) -> np.ndarray:
     """E[(P3(y) - mean P3) S3(z)](M, M, M), a k x k x k array (float64), by one pass.
 
@@ -347,8 +480,10 @@ def whitened_third_moment(
     def zeros():
         return jnp.zeros((2, k, k, k), dtype), jnp.zeros((2, k), dtype)
 
+    product_dtype = _product_dtype(precision)
     cubes, firsts = _accumulate(
-        _third_moment_chunk, zeros, _blocks(source, chunk_size), jnp.asarray(mean, dtype),
+        partial(_third_moment_chunk, product_dtype=product_dtype), zeros,
+        _blocks(source, chunk_size, x_dtype=_staged_x_dtype(product_dtype)), jnp.asarray(mean, dtype),
         jnp.asarray(projection, dtype), coefficients.astype(dtype), centers.astype(dtype),
     )
     combine = np.array([1.0, -3.0 * transforms.noise**2])

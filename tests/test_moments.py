@@ -11,16 +11,18 @@ import pytest
 from scipy import stats as scipy_stats
 
 from numpyro_moe import estimate_experts, output_transforms, simulate
-from numpyro_moe._experts import _probes, _second_moment
+from numpyro_moe._experts import _probes, _second_moment, _subspace_eigh
 from numpyro_moe._moments import (
+    PILOT_ROWS,
+    SHAPE_ROWS,
     _first_pass_chunk,
     _third_moment_chunk,
     as_data_source,
     first_pass,
     p2_sketch,
+    shape_rows,
     whitened_third_moment,
 )
-from numpyro_moe._experts import _subspace_eigh
 
 NUM_SAMPLES, DIM, NUM_EXPERTS, NOISE = 3000, 6, 3, 0.1
 # Smaller than n, not dividing it: the arrays are cut into several chunks, the last one padded.
@@ -76,17 +78,59 @@ def test_first_pass_sums_match_direct_sums(data):
     x, y = data
     transforms = output_transforms("linear", 0.0)
     source = as_data_source(x, y, chunk_size=CHUNK_SIZE)
-    sums = first_pass(source, transforms, CHUNK_SIZE)
-    p2 = transforms.p2(y)
+    sums = first_pass(source, transforms, CHUNK_SIZE, shifts=(x[:10].mean(0), 0.5))
+    # Sums of the shifted data: x - x_shift and P2(y) - p2_shift.
+    np.testing.assert_allclose(sums.x_shift, x[:10].mean(0))
+    assert sums.p2_shift == 0.5 and sums.precision == "float64"
+    shifted, p2 = x - sums.x_shift, transforms.p2(y) - 0.5
     assert sums.count == NUM_SAMPLES
-    np.testing.assert_allclose(sums.sum_x, x.sum(0), rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(sums.sum_xx, x.T @ x, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(sums.sum_p2x, p2 @ x, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(sums.sum_p2xx, (p2[:, None] * x).T @ x, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(sums.sum_x3, (x**3).sum(0), rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(sums.sum_x4, (x**4).sum(0), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(sums.sum_x, shifted.sum(0), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(sums.sum_xx, shifted.T @ shifted, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(sums.sum_p2x, p2 @ shifted, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(sums.sum_p2xx, (p2[:, None] * shifted).T @ shifted, rtol=1e-10, atol=1e-10)
+    # Chunks of 700 rows are below SHAPE_ROWS: every row enters the power sums.
+    assert sums.shape_count == NUM_SAMPLES
+    np.testing.assert_allclose(sums.shape_sums, [(shifted**m).sum(0) for m in range(1, 5)], rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(sums.sum_y, [(y**m).sum() for m in range(1, 5)], rtol=1e-10)
     assert sums.sum_p2sq == pytest.approx(p2 @ p2, rel=1e-10)
+
+
+def test_first_pass_defaults_and_power_sums_of_chunk_heads(data):
+    x, y = data
+    transforms = output_transforms("linear", 0.0)
+    source = as_data_source(x, y, chunk_size=2048)
+    sums = first_pass(source, transforms, 2048)
+    # Default shifts: the means over the first PILOT_ROWS rows (all 3000 here).
+    np.testing.assert_allclose(sums.x_shift, x[:PILOT_ROWS].mean(0), rtol=1e-12)
+    assert sums.p2_shift == pytest.approx(transforms.p2(y[:PILOT_ROWS]).mean(), rel=1e-12)
+    # The skewness/kurtosis sums take the first 1024 rows of each 2048-row chunk.
+    assert shape_rows(2048) == SHAPE_ROWS == 1024 and shape_rows(700) == 700 and shape_rows(2**14) == 2048
+    head = np.concatenate([x[:SHAPE_ROWS], x[2048 : 2048 + SHAPE_ROWS]]) - sums.x_shift
+    assert sums.shape_count == len(head)
+    np.testing.assert_allclose(sums.shape_sums, [(head**m).sum(0) for m in range(1, 5)], rtol=1e-10, atol=1e-10)
+
+
+def test_mixed_precision_sums_agree_with_float64_to_float32_rounding(data):
+    x, y = data
+    transforms = output_transforms("linear", 0.0)
+    # A large offset of x and of y: the shifts keep the float32 products accurate.
+    x, y = x + 1e3, y + 10.0
+    source = as_data_source(x, y, chunk_size=CHUNK_SIZE)
+    exact = first_pass(source, transforms, CHUNK_SIZE)
+    mixed = first_pass(source, transforms, CHUNK_SIZE, precision="mixed")
+    assert mixed.precision == "mixed"
+    for name in ("sum_x", "sum_xx", "sum_p2x", "sum_p2xx"):
+        value, reference = getattr(mixed, name), getattr(exact, name)
+        # float32 has a 6e-8 unit roundoff; 700-row chunk sums stay within 1e-6 of the scale.
+        scale = np.max(np.abs(reference)) if name.endswith("xx") else np.sqrt(NUM_SAMPLES * np.abs(np.diag(exact.sum_xx)).max())
+        assert np.max(np.abs(value - reference)) < 1e-6 * scale * (1 + np.abs(transforms.p2(y)).mean()), name
+    # x + 1e3 is rounded to float32 (steps of 6e-5) before the shift: a noise of 2e-5 per entry,
+    # far below the sampling error of the power sums (about sqrt(n) = 55 for the odd ones).
+    np.testing.assert_allclose(mixed.shape_sums, exact.shape_sums, rtol=1e-4, atol=NUM_SAMPLES * 1e-4)
+    # Unshifted float32 products of x + 1e3 would lose about 1e-7 * 1e6: the covariance itself.
+    centred = exact.sum_xx / NUM_SAMPLES - np.outer(exact.sum_x, exact.sum_x) / NUM_SAMPLES**2
+    centred_mixed = mixed.sum_xx / NUM_SAMPLES - np.outer(mixed.sum_x, mixed.sum_x) / NUM_SAMPLES**2
+    np.testing.assert_allclose(centred_mixed, centred, atol=1e-5)
 
 
 def test_matrix_free_sums_match_direct_sums(data):
@@ -95,11 +139,14 @@ def test_matrix_free_sums_match_direct_sums(data):
     source = as_data_source(x, y, chunk_size=CHUNK_SIZE)
     probes = np.random.default_rng(1).normal(size=(DIM, 2))
     p2 = transforms.p2(y)
-    expected = (p2[:, None] * x).T @ x @ probes
-    sums = first_pass(source, transforms, CHUNK_SIZE, probes)
+    shifts = (x[:5].mean(0), 0.25)
+    shifted, p2 = x - shifts[0], p2 - shifts[1]
+    expected = (p2[:, None] * shifted).T @ shifted @ probes
+    sums = first_pass(source, transforms, CHUNK_SIZE, probes, shifts=shifts)
     np.testing.assert_allclose(sums.sum_p2xx, expected, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(sums.sum_xx, x.T @ x, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(p2_sketch(source, transforms, probes, CHUNK_SIZE), expected, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(sums.sum_xx, shifted.T @ shifted, rtol=1e-10, atol=1e-10)
+    sketch = p2_sketch(source, transforms, probes, CHUNK_SIZE, shifts)
+    np.testing.assert_allclose(sketch, expected, rtol=1e-10, atol=1e-10)
 
 
 def test_subspace_iteration_is_exact_for_low_rank_and_accurate_with_noise():
@@ -216,7 +263,8 @@ def assert_same_estimate(first, second, atol=1e-12):
 def test_chunked_sources_match_in_memory_arrays(data, in_memory_estimate, chunk_size):
     x, y = data
     chunks = uneven_chunks(x, y)
-    kwargs = {"num_experts": NUM_EXPERTS, "key": jax.random.key(1), "chunk_size": chunk_size}
+    # float64 products (the in-memory default for data this small) for an exact comparison.
+    kwargs = {"num_experts": NUM_EXPERTS, "key": jax.random.key(1), "chunk_size": chunk_size, "precision": "float64"}
     before = (_first_pass_chunk._cache_size(), _third_moment_chunk._cache_size())
     from_list = estimate_experts(chunks, **kwargs)
     after_first = (_first_pass_chunk._cache_size(), _third_moment_chunk._cache_size())
@@ -231,6 +279,16 @@ def test_chunked_sources_match_in_memory_arrays(data, in_memory_estimate, chunk_
     # never again for other chunk sources with the same chunk_size.
     assert all(a - b <= 1 for a, b in zip(after_first, before))
     assert after_all == after_first
+
+
+def test_chunk_source_of_unknown_size_uses_mixed_products_and_agrees(data, in_memory_estimate):
+    # precision="auto" cannot know n for a chunk source, so it takes float32 products (summed in
+    # float64) when the design is well conditioned; they agree with float64 to rounding.
+    x, y = data
+    estimate = estimate_experts(uneven_chunks(x, y), num_experts=NUM_EXPERTS, key=jax.random.key(1), chunk_size=500)
+    assert estimate.diagnostics.precision == "mixed"
+    assert in_memory_estimate.diagnostics.precision == "float64"  # n d^2 is small: no gain
+    assert_same_estimate(estimate, in_memory_estimate, atol=1e-5)
 
 
 def test_one_shot_iterator_is_refused(data):
@@ -277,3 +335,33 @@ def test_overflowing_values_are_refused(data):
 def test_empty_chunk_source_is_refused():
     with pytest.raises(ValueError, match="x"):
         estimate_experts([], num_experts=NUM_EXPERTS)
+
+
+def test_precision_argument_is_checked(data):
+    x, y = data
+    with pytest.raises(ValueError, match="precision"):
+        estimate_experts(x, y, num_experts=NUM_EXPERTS, precision="half")
+
+
+def test_auto_precision_takes_float32_products_only_where_their_rounding_is_negligible(data, monkeypatch):
+    from numpyro_moe import _experts
+
+    x, y = data
+    kwargs = {"num_experts": NUM_EXPERTS, "key": jax.random.key(1)}
+    exact = estimate_experts(x, y, precision="float64", **kwargs)
+    monkeypatch.setattr(_experts, "MIXED_MIN_WORK", 0)  # as if n d^2 were large
+    mixed = estimate_experts(x, y, **kwargs)
+    assert mixed.diagnostics.precision == "mixed" and exact.diagnostics.precision == "float64"
+    np.testing.assert_allclose(mixed.experts, exact.experts, atol=1e-5)
+    # A nearly collinear design (correlation condition number ~1e8): whitening would magnify the
+    # float32 rounding past the sampling error, so "auto" keeps float64 products, whether the
+    # pilot rows show it or, failing that, the check after pass 1.
+    collinear = x.copy()
+    collinear[:, 1] = x[:, 0] + 1e-4 * x[:, 1]
+    transforms = output_transforms("linear", 0.0)
+    stats = first_pass(as_data_source(collinear, y, chunk_size=CHUNK_SIZE), transforms, CHUNK_SIZE, precision="mixed")
+    assert _experts.mixed_rounding_bound(stats, transforms) > 1e-2
+    assert estimate_experts(collinear, y, **kwargs).diagnostics.precision == "float64"
+    monkeypatch.setattr(_experts, "_mixed_may_pay", lambda *args: True)
+    assert estimate_experts(collinear, y, **kwargs).diagnostics.precision == "float64"
+    assert estimate_experts(x, y, **kwargs).diagnostics.precision == "mixed"
