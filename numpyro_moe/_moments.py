@@ -371,7 +371,7 @@ def first_pass(
     )
     # A NaN or inf entry makes the sums non-finite; only then are the entries counted (one more
     # pass), so the check costs nothing on clean data. (Sums that overflow are refused too.)
-    if not all(np.all(np.isfinite(total)) for total in totals) or not np.all(np.isfinite(x_shift)):
+    if not all(np.all(np.isfinite(total)) for total in totals):
         nonfinite = _accumulate(
             lambda counts, x, y, rows: _count_nonfinite(counts, x, y),
             lambda: (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)),
