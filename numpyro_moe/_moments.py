@@ -296,7 +296,6 @@ def _first_pass_chunk(totals, x, y, rows, gamma, x_shift, p2_shift, probes, prod
     # Padding rows stay zero. With float32 products x arrives as float32 (cast while staged):
     # each entry is rounded to 6e-8 of its size, a tiny noise, and shifted in float32.
     xp = (x.astype(product_dtype) - x_shift.astype(product_dtype)) * weight.astype(product_dtype)[:, None]
-    centred = xp.astype(dtype)
     p2 = (y * y + gamma * y - p2_shift) * weight
     p2p = p2.astype(product_dtype)
     if probes is None:
@@ -307,7 +306,7 @@ def _first_pass_chunk(totals, x, y, rows, gamma, x_shift, p2_shift, probes, prod
         gram, p2_gram = xp.T @ xp, xp.T @ (p2p[:, None] * (xp @ probes.astype(product_dtype)))
     firsts = jnp.stack([weight, p2]).astype(product_dtype) @ xp  # sum x, sum P2 x
     head_rows = shape_rows(x.shape[0])
-    head = centred[:head_rows]
+    head = xp[:head_rows].astype(dtype)  # only these rows are needed in float64
     squares = head * head
     shape_sums = jnp.stack([head.sum(0), squares.sum(0), (squares * head).sum(0), (squares * squares).sum(0)])
     sums = (
