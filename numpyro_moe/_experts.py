@@ -525,15 +525,16 @@ def estimate_experts(
         eigenvalues; each power iteration is one more pass, and a small T2 eigen-gap costs it
         more accuracy than the dense solver); ``"auto"`` picks ``"randomized"`` for d >= 1024.
     precision
-        Dtype of each chunk's products (the d x d moments and the k projections), always summed
-        in float64: ``"float64"``; ``"mixed"``: float32 products of the shifted data (about twice
+        Dtype of each chunk's d x d products in pass 1, always summed in float64 (pass 2's k
+        projections are always float64): ``"float64"``; ``"mixed"``: float32 products of the
+        shifted data (about twice
         as fast on a CPU; their rounding, relative 1e-7 times the design's condition number, is
         far below the sampling error unless x is nearly collinear); ``"auto"`` (the default)
         uses ``"mixed"`` only when it pays (n d^2 >= 1e9; a chunk source counts as large) and
         the rounding bound (1e-7 times the condition number of x's correlation matrix, and more
         for offsets the shifts left) stays below a tenth of the sampling error 1/sqrt(n),
-        checked after pass 1 (else pass 1 runs again in float64). Without JAX's x64 mode everything is float32. The choice is in
-        ``diagnostics.precision``.
+        checked after pass 1 (else pass 1 runs again in float64). Without JAX's x64 mode
+        everything is float32. The choice is in ``diagnostics.precision``.
 
     Returns
     -------
@@ -623,7 +624,6 @@ def estimate_experts(
     projection = standardization.whitening @ whiten
     tensor = whitened_third_moment(
         source, transforms, standardization.mean, projection, whiten.T @ whiten, moment.stats, chunk_size,
-        moment.stats.precision,
     ) / transforms.c3
     result = decompose_symmetric_tensor(
         tensor, num_experts, key=key, method=decomposition, num_restarts=num_restarts,

@@ -5,12 +5,14 @@ standardisation ``z = W^T (x - mean)`` (W = covariance^{-1/2}) and T2 in z-coord
 sample mean of P2(y) subtracted (``E[S2(z)] = 0``, so this is the same expectation with less
 variance). For large d, T2's top eigenspace is found matrix-free instead: pass 1 then keeps only
 the sketch ``sum P2(y) x x^T Omega`` for a random (d, p) probe matrix Omega, p a little above k
-(a single-pass randomised eigensolver), so that part costs O(n d p). Pass 2 projects each chunk onto k whitened directions, ``u = B^T (x - mean)``, and
-accumulates the k x k x k third moment: no d x d x d tensor is ever formed.
+(a single-pass randomised eigensolver), so that part costs O(n d p). Pass 2 projects each chunk
+onto k whitened directions, ``u = B^T (x - mean)`` (in float64; for host data by NumPy's BLAS
+straight from the data, a bandwidth-bound product), and accumulates the k x k x k third moment:
+no d x d x d tensor is ever formed.
 
 All sums are of data shifted by the means of the first rows (``x - x_shift``, ``P2 - p2_shift``),
-so no sum cancels; with ``precision="mixed"`` each chunk's products are formed in float32 (twice
-the speed of float64 on a CPU) and summed in float64.
+so no sum cancels; with ``precision="mixed"`` each chunk's pass-1 products are formed in float32
+(twice the speed of float64 on a CPU) and summed in float64.
 
 Data come as arrays or as a re-iterable source of ``(x_chunk, y_chunk)`` pairs; every chunk is
 re-cut and zero-padded to ``chunk_size`` rows (the kernel masks the padding), so each pass
@@ -19,6 +21,8 @@ compiles once; the sums stay on the device between chunks.
 
 from __future__ import annotations
 
+import mmap
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import NamedTuple
@@ -139,82 +143,110 @@ def _check_chunk(pair, where: str, dim):
     return x_chunk, y_chunk
 
 
-def _blocks(source: DataSource, chunk_size: int, ring: int | None = None, x_dtype=None):
+def _blocks(source: DataSource, chunk_size: int, *, x_dtype=None, shift=None, projection=None):
     """Yield ``(x, y, rows)`` blocks of exactly ``chunk_size`` rows, zero-padded after ``rows``.
 
-    JAX arrays are sliced where they live. Host arrays are copied into ``ring`` reused, 64-byte
-    aligned staging buffers that the compiled kernel reads in place (``device_put`` aliases an
-    aligned NumPy buffer on CPU): no fresh allocation per chunk. A buffer is reused ``ring``
-    blocks later, so the consumer must have waited for the kernels that read it by then:
-    `_accumulate` synchronises every ``_FLUSH_EVERY`` blocks, the default ``ring``. ``x_dtype``
-    float32 stages x as float32 (the kernel then reads half the bytes; for float32 products).
+    With ``shift`` (d,) the blocks hold ``x - shift``, and with ``projection`` (d, k) as well
+    they hold ``(x - shift) @ projection`` (k columns): the padding rows stay zero either way, so
+    they add nothing to sums of products. JAX arrays are sliced, shifted and projected where they
+    live. Host data are written into `_RING` reused, page-aligned staging buffers that the
+    compiled kernel reads in place (``device_put`` aliases an aligned NumPy buffer on CPU),
+    filled across the boundaries of the user's chunks (only the last block is padded, however
+    small the chunks). The shift (in float64) and the cast to ``x_dtype`` (default: JAX's
+    default float) happen in the one copy; a projection reads the user's array straight through
+    NumPy's BLAS, a bandwidth-bound product, and only its k columns are staged. A buffer is
+    refilled `_RING` blocks later, so the consumer must have finished the kernel that read it by
+    then, as `_accumulate` does.
     """
-    ring = _FLUSH_EVERY if ring is None else ring
-    staging: dict = {}
-    slot = 0
+    default = np.dtype(jnp.result_type(float))
+    x_dtype = default if x_dtype is None or projection is not None else np.dtype(x_dtype)
+    if projection is not None:
+        shift = np.zeros(projection.shape[0]) if shift is None else shift
+        projection = np.asarray(projection, np.float64)
+        offset = np.asarray(shift, np.float64) @ projection
+    width = source.dim if projection is None else projection.shape[1]
+    ring = [None] * _RING
+    slot, filled = 0, 0
+
+    def emit():  # the current staging buffers as a block, zero-padded after ``filled`` rows
+        xb, yb = ring[slot]
+        xb[filled:], yb[filled:] = 0, 0
+        return jax.device_put(xb, may_alias=True), jax.device_put(yb, may_alias=True), filled
+
     for x_chunk, y_chunk in source.chunks():
         if isinstance(x_chunk, jax.Array):
+            if filled:
+                yield emit()
+                slot, filled = (slot + 1) % _RING, 0
             x_chunk, y_chunk = jnp.asarray(x_chunk), jnp.asarray(y_chunk)
             for start in range(0, len(x_chunk), chunk_size):
                 xb = x_chunk[start : start + chunk_size]
                 yb = y_chunk[start : start + chunk_size]
-                rows = xb.shape[0]
+                if shift is not None:
+                    xb = xb.astype(default) - jnp.asarray(shift, default)
+                if projection is not None:
+                    xb = xb @ jnp.asarray(projection, default)
+                xb, rows = xb.astype(x_dtype), xb.shape[0]
                 if rows < chunk_size:
                     xb = jnp.pad(xb, ((0, chunk_size - rows), (0, 0)))
                     yb = jnp.pad(yb, (0, chunk_size - rows))
                 yield xb, yb, rows
             continue
         x_chunk, y_chunk = np.asarray(x_chunk), np.asarray(y_chunk)
-        dtypes = (np.dtype(x_dtype or _staging_dtype(x_chunk.dtype)), _staging_dtype(y_chunk.dtype))
-        for start in range(0, len(x_chunk), chunk_size):
-            key = (slot, *dtypes)
-            if key not in staging:
-                staging[key] = (
-                    _aligned_empty((chunk_size, x_chunk.shape[1]), dtypes[0]),
-                    _aligned_empty((chunk_size,), dtypes[1]),
-                )
-            xb, yb = staging[key]
-            rows = min(chunk_size, len(x_chunk) - start)
-            np.copyto(xb[:rows], x_chunk[start : start + rows], casting="unsafe")
-            np.copyto(yb[:rows], y_chunk[start : start + rows], casting="unsafe")
-            if rows < chunk_size:
-                xb[rows:], yb[rows:] = 0, 0
-            yield jax.device_put(xb, may_alias=True), jax.device_put(yb, may_alias=True), rows
-            slot = (slot + 1) % ring
-
-
-def _staging_dtype(dtype) -> np.dtype:
-    """float32 data stay float32 (the kernel casts); anything else becomes JAX's default float."""
-    return np.dtype(np.float32) if dtype == np.float32 else np.dtype(jnp.result_type(float))
-
-
-_ALIGNMENT = 64  # bytes: what XLA's CPU client needs to read a host buffer without a copy
+        start = 0
+        while start < len(x_chunk):
+            if ring[slot] is None:
+                ring[slot] = (_aligned_empty((chunk_size, width), x_dtype), _aligned_empty((chunk_size,), default))
+            xb, yb = ring[slot]
+            take = min(chunk_size - filled, len(x_chunk) - start)
+            part, into = x_chunk[start : start + take], slice(filled, filled + take)
+            if projection is not None:
+                np.copyto(xb[into], part @ projection - offset, casting="unsafe")
+            elif shift is not None:
+                np.subtract(part, shift, out=xb[into], casting="unsafe")
+            else:
+                np.copyto(xb[into], part, casting="unsafe")
+            np.copyto(yb[into], y_chunk[start : start + take], casting="unsafe")
+            start, filled = start + take, filled + take
+            if filled == chunk_size:
+                yield emit()
+                slot, filled = (slot + 1) % _RING, 0
+    if filled:
+        yield emit()
 
 
 def _aligned_empty(shape, dtype) -> np.ndarray:
+    """An uninitialised array in its own anonymous memory map: page-aligned (XLA's CPU client
+    reads it without a copy), and its pages go back to the system as soon as it is freed."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape)) * dtype.itemsize
-    raw = np.empty(nbytes + _ALIGNMENT, np.uint8)
-    offset = -raw.ctypes.data % _ALIGNMENT
-    return raw[offset : offset + nbytes].view(dtype).reshape(shape)
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), np.uint8)[:nbytes].view(dtype).reshape(shape)
 
 
-# Chunk sums are accumulated on the device (no host synchronisation per chunk, so copying the
-# next chunk overlaps the work on this one) and moved into float64 host totals every this many
-# chunks. The flush waits for the queued work, which bounds both the chunks in flight (memory)
-# and the rounding of float32 accumulation.
-_FLUSH_EVERY = 4
+# Staging buffers per pass (see `_blocks`). Chunk sums are added up on the device, with no host
+# synchronisation per chunk, so copying the next chunks overlaps the work on this one; the
+# kernels in flight, and so their temporary buffers, are at most _RING - 1 while a chunk is copied.
+_RING = 4
+# The device totals move into float64 host totals every this many chunks (which bounds the
+# rounding of a float32 accumulation, as without JAX's x64 mode).
+_FLUSH_EVERY = 64
 
 
 def _accumulate(kernel, zeros, blocks, *args):
     """Sum ``kernel(totals, x, y, rows, *args)`` over blocks; float64 NumPy totals."""
     host = None
     device = zeros()
+    in_flight = deque()
     for index, (xb, yb, rows) in enumerate(blocks, start=1):
         device = kernel(device, xb, yb, rows, *args)
+        in_flight.append(device)
+        if len(in_flight) == _RING:
+            # The next block refills the staging buffer read _RING blocks ago; the kernels
+            # form a chain, so this wait covers that block's kernel.
+            jax.block_until_ready(in_flight.popleft())
         if index % _FLUSH_EVERY == 0:
-            host = _add_host(host, device)
-            device = zeros()
+            host, device = _add_host(host, device), zeros()
+            in_flight.clear()
     return _add_host(host, device)
 
 
@@ -288,14 +320,15 @@ def _staged_x_dtype(product_dtype):
     return np.float32 if product_dtype == jnp.float32 else None
 
 
-@partial(jax.jit, donate_argnums=0, static_argnames="product_dtype")
-def _first_pass_chunk(totals, x, y, rows, gamma, x_shift, p2_shift, probes, product_dtype):
+@partial(jax.jit, static_argnames="product_dtype")
+def _first_pass_chunk(totals, x, y, rows, gamma, p2_shift, probes, product_dtype):
+    """Pass-1 sums of one block of shifted x (`_blocks` with ``shift``; padding rows zero)."""
     dtype = totals[1].dtype
     y = y.astype(dtype)
     weight = (jnp.arange(x.shape[0]) < rows).astype(dtype)
-    # Padding rows stay zero. With float32 products x arrives as float32 (cast while staged):
-    # each entry is rounded to 6e-8 of its size, a tiny noise, and shifted in float32.
-    xp = (x.astype(product_dtype) - x_shift.astype(product_dtype)) * weight.astype(product_dtype)[:, None]
+    # With float32 products x arrives as float32, shifted in float64 and then rounded while
+    # staged: each entry carries a relative rounding of 6e-8, a tiny noise.
+    xp = x.astype(product_dtype)
     p2 = (y * y + gamma * y - p2_shift) * weight
     p2p = p2.astype(product_dtype)
     if probes is None:
@@ -365,8 +398,8 @@ def first_pass(
     product_dtype = _product_dtype(precision)
     totals = _accumulate(
         partial(_first_pass_chunk, product_dtype=product_dtype), zeros,
-        _blocks(source, chunk_size, x_dtype=_staged_x_dtype(product_dtype)), jnp.asarray(transforms.gamma, dtype), jnp.asarray(x_shift, dtype),
-        jnp.asarray(p2_shift, dtype), probes_j,
+        _blocks(source, chunk_size, x_dtype=_staged_x_dtype(product_dtype), shift=x_shift),
+        jnp.asarray(transforms.gamma, dtype), jnp.asarray(p2_shift, dtype), probes_j,
     )
     # A NaN or inf entry makes the sums non-finite; only then are the entries counted (one more
     # pass), so the check costs nothing on clean data. (Sums that overflow are refused too.)
@@ -400,14 +433,13 @@ def pilot_shifts(x: np.ndarray, y: np.ndarray, transforms: OutputTransforms) -> 
     return x_shift, p2_shift
 
 
-@partial(jax.jit, donate_argnums=0)
-def _sketch_chunk(totals, x, y, rows, gamma, x_shift, p2_shift, vectors):
+@jax.jit
+def _sketch_chunk(totals, x, y, rows, gamma, p2_shift, vectors):
+    """One block's ``sum P2 xs xs^T vectors`` (x arrives shifted, padding rows zero)."""
     dtype = totals.dtype
     x, y = x.astype(dtype), y.astype(dtype)
-    weight = (jnp.arange(x.shape[0]) < rows).astype(dtype)
-    centred = (x - x_shift) * weight[:, None]
-    p2 = (y * y + gamma * y - p2_shift) * weight
-    return totals + centred.T @ (p2[:, None] * (centred @ vectors))
+    p2 = (y * y + gamma * y - p2_shift) * (jnp.arange(x.shape[0]) < rows)
+    return totals + x.T @ (p2[:, None] * (x @ vectors))
 
 
 def p2_sketch(
@@ -420,25 +452,21 @@ def p2_sketch(
     (total,) = _accumulate(
         lambda totals, *args: (_sketch_chunk(totals[0], *args),),
         lambda: (jnp.zeros(vectors.shape, dtype),),
-        _blocks(source, chunk_size),
+        _blocks(source, chunk_size, shift=shifts[0]),
         jnp.asarray(transforms.gamma, dtype),
-        jnp.asarray(shifts[0], dtype),
         jnp.asarray(shifts[1], dtype),
         jnp.asarray(vectors, dtype),
     )
     return total
 
 
-@partial(jax.jit, donate_argnums=0, static_argnames="product_dtype")
-def _third_moment_chunk(totals, x, y, rows, mean, projection, coefficients, centers, product_dtype):
-    """Sums of centred P3 parts times u^{(x)3} and u, for u = projection^T (x - mean)."""
+@jax.jit
+def _third_moment_chunk(totals, u, y, rows, coefficients, centers):
+    """Sums of centred P3 parts times u^{(x)3} and u, for one block of projections
+    u = (x - mean) @ projection (`_blocks` with ``projection``; padding rows zero)."""
     dtype = totals[0].dtype
-    y = y.astype(dtype)
-    weight = (jnp.arange(x.shape[0]) < rows).astype(dtype)
-    # Centred first, which keeps float32 products accurate (u is k-dimensional: the rounding of
-    # its float32 product is far below the sampling error of the cubes).
-    centred = x.astype(product_dtype) - mean.astype(product_dtype)
-    u = (centred @ projection.astype(product_dtype)).astype(dtype)
+    u, y = u.astype(dtype), y.astype(dtype)
+    weight = (jnp.arange(u.shape[0]) < rows).astype(dtype)
     alpha, beta_noiseless = coefficients
     p3_noiseless = (y**3 + alpha * y**2 + beta_noiseless * y - centers[0]) * weight
     linear = (y - centers[1]) * weight
@@ -460,13 +488,13 @@ def whitened_third_moment(
     gram: np.ndarray,
     stats: FirstPass,
     chunk_size: int,
-    precision: str = "float64",
 ) -> np.ndarray:
     """E[(P3(y) - mean P3) S3(z)](M, M, M), a k x k x k array (float64), by one pass.
 
     ``projection`` (d, k) maps centred x to u = M^T z; ``gram`` is M^T M (k, k), the metric of
     S3's correction terms in u-coordinates. The noise enters as ``beta = beta_noiseless - 3 s^2``,
-    so the two parts are accumulated separately and combined here.
+    so the two parts are accumulated separately and combined here. u is formed in float64 (for
+    host data by NumPy's BLAS, straight from the user's array: see `_blocks`).
     """
     n = stats.count
     y_means = stats.sum_y[:3] / n
@@ -479,11 +507,9 @@ def whitened_third_moment(
     def zeros():
         return jnp.zeros((2, k, k, k), dtype), jnp.zeros((2, k), dtype)
 
-    product_dtype = _product_dtype(precision)
     cubes, firsts = _accumulate(
-        partial(_third_moment_chunk, product_dtype=product_dtype), zeros,
-        _blocks(source, chunk_size, x_dtype=_staged_x_dtype(product_dtype)), jnp.asarray(mean, dtype),
-        jnp.asarray(projection, dtype), coefficients.astype(dtype), centers.astype(dtype),
+        _third_moment_chunk, zeros, _blocks(source, chunk_size, shift=mean, projection=projection),
+        coefficients.astype(dtype), centers.astype(dtype),
     )
     combine = np.array([1.0, -3.0 * transforms.noise**2])
     cube = np.tensordot(combine, cubes, axes=1) / n

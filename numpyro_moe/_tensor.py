@@ -51,8 +51,8 @@ def _values(tensor, vectors):
 @partial(jax.jit, static_argnames=("num_components", "num_restarts", "num_iterations"))
 def _robust_power_method(tensor, key, num_components, num_restarts, num_iterations):
     size = tensor.shape[0]
-    eigenvalues, eigenvectors = [], []
-    for component_key in jax.random.split(key, num_components):
+
+    def component(tensor, component_key):  # find one component, then deflate it
         starts = jax.random.normal(component_key, (num_restarts, size), tensor.dtype)
         starts = starts / jnp.linalg.norm(starts, axis=-1, keepdims=True)
         candidates = _power_steps(tensor, starts, num_iterations)
@@ -60,10 +60,14 @@ def _robust_power_method(tensor, key, num_components, num_restarts, num_iteratio
         best = _power_steps(tensor, best, num_iterations)
         value = _values(tensor, best)[0]
         vector = best[0]
-        tensor = tensor - value * jnp.einsum("a,b,c->abc", vector, vector, vector)
-        eigenvalues.append(value)
-        eigenvectors.append(vector)
-    return jnp.stack(eigenvalues), jnp.stack(eigenvectors), tensor
+        deflated = tensor - value * jnp.einsum("a,b,c->abc", vector, vector, vector)
+        return deflated, (value, vector)
+
+    # One compiled loop over the components (not an unrolled one per component).
+    tensor, (eigenvalues, eigenvectors) = jax.lax.scan(
+        component, tensor, jax.random.split(key, num_components)
+    )
+    return eigenvalues, eigenvectors, tensor
 
 
 def _tensorly_power_method(tensor, key, num_components, num_restarts, num_iterations):

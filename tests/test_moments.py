@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
@@ -15,6 +16,8 @@ from numpyro_moe._experts import _probes, _second_moment, _subspace_eigh
 from numpyro_moe._moments import (
     PILOT_ROWS,
     SHAPE_ROWS,
+    _RING,
+    _blocks,
     _first_pass_chunk,
     _third_moment_chunk,
     as_data_source,
@@ -289,6 +292,47 @@ def test_chunk_source_of_unknown_size_uses_mixed_products_and_agrees(data, in_me
     assert estimate.diagnostics.precision == "mixed"
     assert in_memory_estimate.diagnostics.precision == "float64"  # n d^2 is small: no gain
     assert_same_estimate(estimate, in_memory_estimate, atol=1e-5)
+
+
+def test_blocks_fill_across_small_chunks_and_pad_only_the_last(data):
+    # 300 rows in chunks of 30 (and one JAX chunk in between), blocks of 64 rows: the staging
+    # buffers are filled across chunk boundaries, so only the block before the JAX chunk and the
+    # last one are short. Each block is read before the next is made (a staging buffer is
+    # refilled _RING blocks later).
+    x, y = data
+    x, y = x[:300], y[:300]
+    shift = x[:50].mean(axis=0)
+    projection = np.random.default_rng(0).normal(size=(DIM, 2))
+    pieces = [(x[i : i + 30], y[i : i + 30]) for i in range(0, 150, 30)]
+    pieces += [(jnp.asarray(x[150:200]), jnp.asarray(y[150:200]))]
+    pieces += [(x[i : i + 30], y[i : i + 30]) for i in range(200, 300, 30)]
+    source = as_data_source(pieces)
+    expected_rows = [64, 64, 22, 50, 64, 36]
+    for kwargs, expected in (
+        ({"shift": shift}, x - shift),
+        ({"shift": shift, "projection": projection}, (x - shift) @ projection),
+    ):
+        rows_seen, xs, ys = [], [], []
+        for index, (xb, yb, rows) in enumerate(_blocks(source, 64, **kwargs)):
+            xb, yb = np.array(xb), np.array(yb)  # copies: a block may alias its staging buffer
+            assert xb.shape == (64, expected.shape[1]) and yb.shape == (64,)
+            assert not xb[rows:].any() and not yb[rows:].any()  # zero padding
+            rows_seen.append(rows)
+            xs.append(xb[:rows])
+            ys.append(yb[:rows])
+        assert rows_seen == expected_rows
+        assert len(rows_seen) > _RING  # the staging buffers were reused
+        np.testing.assert_allclose(np.concatenate(xs), expected, atol=1e-12)
+        np.testing.assert_array_equal(np.concatenate(ys), y)
+
+
+def test_jax_arrays_match_numpy_arrays(data, in_memory_estimate):
+    x, y = data
+    kwargs = {"num_experts": NUM_EXPERTS, "key": jax.random.key(1), "precision": "float64"}
+    on_device = estimate_experts(jnp.asarray(x), jnp.asarray(y), **kwargs)
+    assert_same_estimate(on_device, in_memory_estimate)
+    device_chunks = [(jnp.asarray(xc), jnp.asarray(yc)) for xc, yc in uneven_chunks(x, y)]
+    assert_same_estimate(estimate_experts(device_chunks, chunk_size=500, **kwargs), in_memory_estimate)
 
 
 def test_one_shot_iterator_is_refused(data):
