@@ -390,23 +390,23 @@ def first_pass(
     x_shift, p2_shift = np.asarray(shifts[0], np.float64), float(shifts[1])
     width = d if probes is None else probes.shape[1]
     shapes = [(), (d,), (d, d), (d,), (d, width), (), (4, d), (4,), ()]
-    probes_j = None if probes is None else jnp.asarray(probes, dtype)
+    probes_j = None if probes is None else np.asarray(probes, dtype)
 
     def zeros():
-        return tuple(jnp.zeros(shape, dtype) for shape in shapes)
+        return tuple(np.zeros(shape, dtype) for shape in shapes)
 
     product_dtype = _product_dtype(precision)
     totals = _accumulate(
         partial(_first_pass_chunk, product_dtype=product_dtype), zeros,
         _blocks(source, chunk_size, x_dtype=_staged_x_dtype(product_dtype), shift=x_shift),
-        jnp.asarray(transforms.gamma, dtype), jnp.asarray(p2_shift, dtype), probes_j,
+        np.asarray(transforms.gamma, dtype), np.asarray(p2_shift, dtype), probes_j,
     )
     # A NaN or inf entry makes the sums non-finite; only then are the entries counted (one more
     # pass), so the check costs nothing on clean data. (Sums that overflow are refused too.)
     if not all(np.all(np.isfinite(total)) for total in totals):
         nonfinite = _accumulate(
             lambda counts, x, y, rows: _count_nonfinite(counts, x, y),
-            lambda: (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)),
+            lambda: (np.zeros((), np.int32), np.zeros((), np.int32)),
             _blocks(source, chunk_size),
         )
         for name, count in zip("xy", nonfinite, strict=True):
@@ -451,11 +451,11 @@ def p2_sketch(
     dtype = jnp.result_type(float)
     (total,) = _accumulate(
         lambda totals, *args: (_sketch_chunk(totals[0], *args),),
-        lambda: (jnp.zeros(vectors.shape, dtype),),
+        lambda: (np.zeros(vectors.shape, dtype),),
         _blocks(source, chunk_size, shift=shifts[0]),
-        jnp.asarray(transforms.gamma, dtype),
-        jnp.asarray(shifts[1], dtype),
-        jnp.asarray(vectors, dtype),
+        np.asarray(transforms.gamma, dtype),
+        np.asarray(shifts[1], dtype),
+        np.asarray(vectors, dtype),
     )
     return total
 
@@ -499,13 +499,13 @@ def whitened_third_moment(
     n = stats.count
     y_means = stats.sum_y[:3] / n
     p3_noiseless_mean = y_means[2] + transforms.alpha * y_means[1] + transforms.beta_noiseless * y_means[0]
-    centers = jnp.asarray([p3_noiseless_mean, y_means[0]])
-    coefficients = jnp.asarray([transforms.alpha, transforms.beta_noiseless])
+    centers = np.asarray([p3_noiseless_mean, y_means[0]])
+    coefficients = np.asarray([transforms.alpha, transforms.beta_noiseless])
     dtype = jnp.result_type(float)
     k = projection.shape[1]
 
     def zeros():
-        return jnp.zeros((2, k, k, k), dtype), jnp.zeros((2, k), dtype)
+        return np.zeros((2, k, k, k), dtype), np.zeros((2, k), dtype)
 
     cubes, firsts = _accumulate(
         _third_moment_chunk, zeros, _blocks(source, chunk_size, shift=mean, projection=projection),
