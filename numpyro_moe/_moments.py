@@ -14,9 +14,10 @@ All sums are of data shifted by the means of the first rows (``x - x_shift``, ``
 so no sum cancels; with ``precision="mixed"`` each chunk's pass-1 products are formed in float32
 (twice the speed of float64 on a CPU) and summed in float64.
 
-Data come as arrays or as a re-iterable source of ``(x_chunk, y_chunk)`` pairs; every chunk is
-re-cut and zero-padded to ``chunk_size`` rows (the kernel masks the padding), so each pass
-compiles once; the sums stay on the device between chunks.
+Data come as arrays or as a re-iterable source of ``(x_chunk, y_chunk)`` pairs; they are re-cut
+into blocks of ``chunk_size`` rows, filled across the user's chunks, the last one zero-padded
+(the kernels mask the padding rows), so each pass compiles once; the sums stay on the device
+between blocks.
 """
 
 from __future__ import annotations

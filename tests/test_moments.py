@@ -15,9 +15,9 @@ from scipy import stats as scipy_stats
 from numpyro_moe import estimate_experts, output_transforms, simulate
 from numpyro_moe._experts import _probes, _second_moment, _subspace_eigh
 from numpyro_moe._moments import (
+    _RING,
     PILOT_ROWS,
     SHAPE_ROWS,
-    _RING,
     _blocks,
     _first_pass_chunk,
     _third_moment_chunk,
