@@ -133,8 +133,8 @@ class ExpertDiagnostics(NamedTuple):
         ``"tensor"``, or ``"landscape"`` (then ``tensor_eigenvalues``, ``decomposition_residual``
         and ``decomposition_change`` are NaN: there is no third-moment decomposition).
     precision
-        The dtype of the per-chunk products: ``"float64"``, ``"mixed"`` (float32 products summed
-        in float64) or ``"float32"`` (JAX without x64); see `estimate_experts`.
+        The dtype of pass 1's per-chunk d x d products: ``"float64"``, ``"mixed"`` (float32
+        products summed in float64) or ``"float32"`` (JAX without x64); see `estimate_experts`.
     """
 
     t2_eigenvalues: np.ndarray
@@ -527,9 +527,9 @@ def estimate_experts(
     precision
         Dtype of each chunk's d x d products in pass 1, always summed in float64 (pass 2's k
         projections are always float64): ``"float64"``; ``"mixed"``: float32 products of the
-        shifted data (about twice
-        as fast on a CPU; their rounding, relative 1e-7 times the design's condition number, is
-        far below the sampling error unless x is nearly collinear); ``"auto"`` (the default)
+        shifted data (about twice as fast on a CPU; their rounding, relative 1e-7 times the
+        design's condition number, is far below the sampling error unless x is nearly
+        collinear); ``"auto"`` (the default)
         uses ``"mixed"`` only when it pays (n d^2 >= 1e9; a chunk source counts as large) and
         the rounding bound (1e-7 times the condition number of x's correlation matrix, and more
         for offsets the shifts left) stays below a tenth of the sampling error 1/sqrt(n),
