@@ -162,9 +162,11 @@ def _blocks(source: DataSource, chunk_size: int, *, x_dtype=None, shift=None, pr
     default = np.dtype(jnp.result_type(float))
     x_dtype = default if x_dtype is None or projection is not None else np.dtype(x_dtype)
     if projection is not None:
-        shift = np.zeros(projection.shape[0]) if shift is None else shift
         projection = np.asarray(projection, np.float64)
-        offset = np.asarray(shift, np.float64) @ projection
+        offset = 0.0 if shift is None else np.asarray(shift, np.float64) @ projection
+    # For JAX chunks (converted once here, not per block).
+    device_shift = None if shift is None else jnp.asarray(shift, default)
+    device_projection = None if projection is None else jnp.asarray(projection, default)
     width = source.dim if projection is None else projection.shape[1]
     ring = [None] * _RING
     slot, filled = 0, 0
@@ -183,10 +185,10 @@ def _blocks(source: DataSource, chunk_size: int, *, x_dtype=None, shift=None, pr
             for start in range(0, len(x_chunk), chunk_size):
                 xb = x_chunk[start : start + chunk_size]
                 yb = y_chunk[start : start + chunk_size]
-                if shift is not None:
-                    xb = xb.astype(default) - jnp.asarray(shift, default)
-                if projection is not None:
-                    xb = xb @ jnp.asarray(projection, default)
+                if device_shift is not None:
+                    xb = xb.astype(default) - device_shift
+                if device_projection is not None:
+                    xb = xb @ device_projection
                 xb, rows = xb.astype(x_dtype), xb.shape[0]
                 if rows < chunk_size:
                     xb = jnp.pad(xb, ((0, chunk_size - rows), (0, 0)))
