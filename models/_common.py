@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 import numpyro_moe as moe
+from numpyro_moe.metrics import heldout_log_likelihood, mean_squared_error
 
 DATA = Path(__file__).parent / "data"
 
@@ -32,11 +33,11 @@ def run_dataset(x, y, feature_names, *, num_experts, link="linear", quick=False,
         warnings.simplefilter("always", moe.ReliabilityWarning)
         for k in (1, num_experts):
             fit = moe.fit_moe(x[train], y[train], num_experts=k, key=jax.random.key(seed), link=link,
-                              num_restarts=1 if quick else 8, intercepts=True)
+                              num_starts=2 if quick else 9, intercepts=True)
             results[k] = {
                 "params": fit.params,
-                "heldout_loglik": moe.heldout_log_likelihood(fit.params, x[test], y[test], link=link),
-                "heldout_mse": moe.mean_squared_error(fit.params, x[test], y[test], link=link),
+                "heldout_loglik": heldout_log_likelihood(fit, x[test], y[test]),
+                "heldout_mse": mean_squared_error(fit, x[test], y[test]),
             }
     for warning in {str(w.message) for w in caught}:
         print(f"  note: {warning}")
@@ -44,8 +45,7 @@ def run_dataset(x, y, feature_names, *, num_experts, link="linear", quick=False,
     for k, row in results.items():
         print(f"  {k} expert(s): held-out log-likelihood per point {row['heldout_loglik']:.4f}, MSE {row['heldout_mse']:.4f}")
     if nuts:
-        run = moe.run_nuts(x[train], y[train], num_experts=num_experts, init=results[num_experts]["params"],
-                           key=jax.random.key(seed + 1), link=link, intercepts=True,
+        run = moe.run_nuts(x[train], y[train], results[num_experts]["params"], key=jax.random.key(seed + 1),
                            num_warmup=100 if quick else 500, num_samples=100 if quick else 500)
         results["datatree"] = run.datatree
         import arviz as az

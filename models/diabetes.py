@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 import numpyro_moe as moe
-from models._common import DATA, run_dataset
+from ._common import DATA, run_dataset
 
 NAME = "diabetes"
 DESCRIPTION = "diabetes progression: 2 linear experts over 10 baseline variables, 442 patients"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 import numpyro_moe as moe
-from models._common import DATA, run_dataset, standardise
+from ._common import DATA, run_dataset, standardise
 
 NAME = "motorcycle"
 DESCRIPTION = "mcycle: acceleration against time after impact, 3 linear experts over a cubic basis"

@@ -1,9 +1,13 @@
-"""The Bayesian workflow (DESIGN section 5): NUTS started at the estimate, relabelling, ArviZ.
+"""The Bayesian layer (DESIGN section 5) in NumPyro's shape: pieces for the user's own
+``MCMC(NUTS(model, ...))`` and a thin convenience over them.
 
 From the default init, NUTS chains of a mixture of experts land in different label permutations
-(label switching), which wrecks r_hat and ESS. Starting every chain near the estimate (per-chain
-points in unconstrained space with a small jitter) and aligning each draw's labels to the
-estimate's removes that; the experts may be fixed (``handlers.condition``) or free.
+(label switching), which wrecks r_hat and ESS. Starting every chain near an estimate
+(`chain_init_params`: per-chain points in unconstrained space with a small jitter), with a metric
+from the fit (`laplace_inverse_mass_matrix`), and aligning each draw's labels to the estimate's
+(`relabel`) removes that. `to_datatree` converts with ``arviz.from_numpyro``, whose named dims come
+from the sites' ``event_dims``; every piece finds the mixture-of-experts sites by their names under
+the model's ``handlers.scope`` prefix, so they work inside any model that uses `moe_priors`.
 """
 
 from __future__ import annotations
@@ -14,22 +18,33 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from numpyro import handlers
-from numpyro.infer import MCMC, NUTS, Predictive, init_to_value, log_likelihood
+import xarray as xr
 from jax.flatten_util import ravel_pytree
+from numpyro import handlers
+from numpyro.infer import MCMC, NUTS, Predictive, init_to_value
 from numpyro.infer.util import potential_energy, unconstrain_fn
+from numpyro.primitives import CondIndepStackFrame, Messenger
 from scipy.optimize import linear_sum_assignment
 
-from numpyro_moe._experts import ExpertEstimate
-from numpyro_moe._fit import _check_xy, as_params
+from numpyro_moe._distribution import MixtureOfExperts
+from numpyro_moe._fit import check_data, fit_moe
 from numpyro_moe._links import Link, resolve_link
-from numpyro_moe._model import moe_regression, params_to_sites, sites_to_params
-from numpyro_moe._params import MoEParams, expert_means, gate_probabilities, predictive_mean
+from numpyro_moe._model import (
+    PARAMETER_SITES,
+    as_params,
+    check_fix,
+    fixed_sites,
+    init_to_params,
+    moe_regression,
+    site_name,
+    sites_to_params,
+)
+from numpyro_moe._params import MoEParams
 from numpyro_moe._validation import (
     ReliabilityWarning,
     check_design,
     check_key,
-    check_num_experts,
+    check_params,
     check_positive,
     check_positive_int,
 )
@@ -40,74 +55,86 @@ __all__ = [
     "Prediction",
     "chain_init_params",
     "compare_num_experts",
-    "diagnostic_extreme",
-    "loo",
-    "init_to_estimate",
     "laplace_inverse_mass_matrix",
+    "loo",
     "posterior_params",
     "predict",
-    "relabel_draws",
+    "relabel",
     "run_nuts",
+    "to_datatree",
 ]
 
-DIMS = {
-    "experts": ["expert", "feature"],
-    "gates": ["gate", "feature"],
-    "expert_intercepts": ["expert"],
-    "gate_intercepts": ["gate"],
-    "y": ["obs"],
-    "x": ["obs", "feature"],
-}
+# xarray forbids "/" in variable names, so a DataTree names the sites of a scoped model with this
+# divider instead of NumPyro's: ``a/experts`` in the model is ``a.experts`` in the tree.
+TREE_DIVIDER = "."
 RHAT_LIMIT = 1.01
+PARETO_K_LIMIT = 0.7
 MASS_MATRICES = ("laplace", "dense", "diagonal")
+# Rescaling range of the Laplace metric's eigen-directions (see `_desynchronised`).
+METRIC_SPREAD = 2.0
 
 
-def _as_start(init) -> MoEParams:
-    if isinstance(init, ExpertEstimate):
-        return init.to_params()
-    if hasattr(init, "params") and isinstance(init.params, MoEParams):  # MoEFit, EMResult, MapResult
-        return init.params
-    if isinstance(init, MoEParams):
-        return init
-    raise TypeError(
-        f"init: expected MoEParams, ExpertEstimate, or a fit result with .params, got {type(init).__name__}"
-    )
-
-
-def init_to_estimate(params, *, exclude: tuple[str, ...] = ()):
-    """NumPyro init strategy starting every site at ``params`` (`MoEParams` or an estimate).
-
-    For NUTS (``NUTS(model, init_strategy=init_to_estimate(fit))``) and SVI guides. Sites in
-    ``exclude`` (e.g. conditioned ones) are left to the model.
-    """
-    sites = params_to_sites(_as_start(params))
-    return init_to_value(values={name: value for name, value in sites.items() if name not in exclude})
-
-
-def _unconstrained_start(model, sites: dict, model_args, model_kwargs) -> dict:
-    """``sites`` restricted to the model's latent sample sites (conditioned ones drop out),
-    mapped to unconstrained space."""
-    trace = handlers.trace(handlers.seed(model, 0)).get_trace(*model_args, **model_kwargs)
-    latent = {name for name, site in trace.items() if site["type"] == "sample" and not site["is_observed"]}
-    values = {name: jnp.asarray(value) for name, value in sites.items() if name in latent}
-    return unconstrain_fn(model, model_args, model_kwargs, values)
+def _start_values(model, init, *, prefix: str, key, model_args, model_kwargs) -> dict:
+    """Constrained values of every latent site of ``model`` at ``init``: the mixture-of-experts
+    sites from a parameter record (or all sites from a dict), any other site by NumPyro's
+    ``init_to_uniform``; conditioned sites drop out."""
+    if isinstance(init, dict):
+        strategy = init_to_value(values={name: jnp.asarray(value) for name, value in init.items()})
+    else:
+        strategy = init_to_params(params=as_params(init, "init"), prefix=prefix)
+    seeded = handlers.substitute(handlers.seed(model, key), substitute_fn=strategy)
+    trace = handlers.trace(seeded).get_trace(*model_args, **model_kwargs)
+    return {
+        name: site["value"] for name, site in trace.items()
+        if site["type"] == "sample" and not site["is_observed"]
+    }
 
 
 def chain_init_params(
-    model, params, *, num_chains: int, key: jax.Array, jitter: float = 0.01, model_args=(), model_kwargs=None,
-):
+    model,
+    init,
+    *,
+    num_chains: int,
+    key: jax.Array,
+    jitter: float = 0.01,
+    prefix: str = "",
+    model_args=(),
+    model_kwargs=None,
+) -> dict:
     """Per-chain starting points for ``MCMC.run(init_params=...)``, in unconstrained space.
 
-    Every chain starts at ``params`` plus independent Normal(0, ``jitter``) noise on each
-    unconstrained coordinate, so all chains begin near one mode yet not at one point. Sites the
-    model does not sample (e.g. conditioned experts) are dropped.
+    Every chain starts at ``init`` plus independent Normal(0, ``jitter``) noise on each
+    unconstrained coordinate, so all chains begin near one mode yet not at one point.
+
+    Parameters
+    ----------
+    model
+        Any NumPyro model that samples the sites of `moe_priors` (under ``prefix``).
+    init
+        `MoEParams`, an expert estimate or a fit result (the model's other latent sites start by
+        ``init_to_uniform``), or a dict of values for the model's sites.
+    num_chains, key, jitter
+        Chains, PRNG key and the perturbation's standard deviation.
+    prefix
+        The ``handlers.scope`` prefix of the mixture-of-experts sites.
+    model_args, model_kwargs
+        The model's arguments, as given to ``MCMC.run``.
+
+    Returns
+    -------
+    dict
+        Unconstrained values with a leading chain axis (conditioned sites dropped).
     """
     key = check_key(key)
     num_chains = check_positive_int(num_chains, "num_chains")
+    jitter = check_positive(jitter, "jitter")
     model_kwargs = model_kwargs or {}
-    unconstrained = _unconstrained_start(model, params_to_sites(_as_start(params)), model_args, model_kwargs)
+    start_key, jitter_key = jax.random.split(key)
+    values = _start_values(model, init, prefix=prefix, key=start_key, model_args=model_args,
+                           model_kwargs=model_kwargs)
+    unconstrained = unconstrain_fn(model, model_args, model_kwargs, values)
     leaves, tree = jax.tree_util.tree_flatten(unconstrained)
-    keys = jax.random.split(key, len(leaves))
+    keys = jax.random.split(jitter_key, len(leaves))
     noisy = [
         leaf[None] + jitter * jax.random.normal(leaf_key, (num_chains, *jnp.shape(leaf)), jnp.result_type(leaf))
         for leaf, leaf_key in zip(leaves, keys, strict=True)
@@ -115,27 +142,24 @@ def chain_init_params(
     return jax.tree_util.tree_unflatten(tree, noisy)
 
 
-def laplace_inverse_mass_matrix(model, params, *, model_args=(), model_kwargs=None):
-    """Inverse Hessian of ``model``'s potential energy at ``params``, in unconstrained space.
+def laplace_inverse_mass_matrix(model, init, *, prefix: str = "", model_args=(), model_kwargs=None):
+    """Inverse Hessian of ``model``'s potential energy at ``init``, in unconstrained space.
 
     A (D, D) array over the model's latent sites flattened in sorted-name order (NumPyro's
     order for a dense mass matrix), for ``NUTS(inverse_mass_matrix=...)``; None when the
-    Hessian is not positive definite (``params`` is not a mode). ``params``: `MoEParams` (or an
-    estimate or fit result) for `moe_regression`, or a dict of site values for any model.
+    Hessian is not positive definite (``init`` is not a mode). ``init`` as in
+    `chain_init_params` (a record for the sites of `moe_priors` under ``prefix``, or a dict).
     """
     model_kwargs = model_kwargs or {}
-    sites = dict(params) if isinstance(params, dict) else params_to_sites(_as_start(params))
-    flat, unravel = ravel_pytree(_unconstrained_start(model, sites, model_args, model_kwargs))
+    values = _start_values(model, init, prefix=prefix, key=jax.random.key(0), model_args=model_args,
+                           model_kwargs=model_kwargs)
+    flat, unravel = ravel_pytree(unconstrain_fn(model, model_args, model_kwargs, values))
     hessian = jax.hessian(lambda point: potential_energy(model, model_args, model_kwargs, unravel(point)))(flat)
     hessian = np.asarray((hessian + hessian.T) / 2, dtype=np.float64)
     eigenvalues, eigenvectors = np.linalg.eigh(hessian)
     if not np.all(np.isfinite(eigenvalues)) or eigenvalues[0] <= 1e-10 * max(eigenvalues[-1], 1e-300):
         return None
     return jnp.asarray((eigenvectors / eigenvalues) @ eigenvectors.T, flat.dtype)
-
-
-# Rescaling range of the Laplace metric's eigen-directions (see `_desynchronised`).
-METRIC_SPREAD = 2.0
 
 
 def _desynchronised(inverse_mass):
@@ -157,41 +181,307 @@ def _desynchronised(inverse_mass):
     return jnp.asarray((vectors * (values * factors)) @ vectors.T, jnp.result_type(inverse_mass))
 
 
-def relabel_draws(samples: dict, reference) -> tuple[dict, np.ndarray]:
-    """Align each draw's expert labels with ``reference`` experts (k, d).
+def _tree_name(name: str) -> str:
+    """A model site's (or scope prefix's) name in a DataTree."""
+    return name.replace("/", TREE_DIVIDER)
 
-    ``samples`` holds arrays with leading (chain, draw) axes. For each draw the permutation
-    minimising ||experts[perm] - reference||_F (a linear assignment) is applied to the experts,
-    their intercepts and the gates (then shifted so the last gate row stays zero).
 
-    Returns the relabelled samples and the (chain, draw, k) permutations.
+def _under(name: str, prefix: str) -> bool:
+    """Whether the tree variable ``name`` lies under the scope ``prefix`` (given as in the model)."""
+    return not prefix or name.startswith(_tree_name(prefix) + TREE_DIVIDER)
+
+
+def _expert_blocks(dataset, prefix: str) -> list[str]:
+    """Tree variables of ``dataset`` holding a block's experts: named ``experts`` (under ``prefix``
+    and any further scopes) with dims ending in (expert, feature)."""
+    return [
+        str(name) for name, value in dataset.data_vars.items()
+        if str(name).split(TREE_DIVIDER)[-1] == "experts" and _under(str(name), prefix)
+        and tuple(value.dims[-2:]) == ("expert", "feature")
+    ]
+
+
+def _permute_along(values: np.ndarray, axis: int, permutations: np.ndarray, *, gate: bool) -> np.ndarray:
+    """Apply per-draw permutations (chain, draw, k) along ``axis`` of (chain, draw, ...) values.
+
+    A ``gate`` axis holds k - 1 free rows of k, the last fixed at zero: the zero row is appended,
+    the rows permuted, and all shifted so the last is zero again.
     """
-    reference = np.asarray(reference.experts if hasattr(reference, "experts") else reference)
-    experts = np.asarray(samples["experts"])
-    chains, draws, k, _ = experts.shape
-    permutations = np.empty((chains, draws, k), dtype=np.int64)
+    values = np.moveaxis(values, axis, -1)
+    if gate:
+        values = np.concatenate([values, np.zeros_like(values[..., :1])], axis=-1)
+    index = permutations.reshape(permutations.shape[:2] + (1,) * (values.ndim - 3) + permutations.shape[2:])
+    values = np.take_along_axis(values, np.broadcast_to(index, values.shape[:-1] + index.shape[-1:]), axis=-1)
+    if gate:
+        values = (values - values[..., -1:])[..., :-1]
+    return np.moveaxis(values, -1, axis)
+
+
+def relabel(datatree, reference, *, prefix: str = ""):
+    """Align each draw's expert labels with ``reference``: a new DataTree and the permutations.
+
+    The blocks of experts are the posterior variables named ``experts`` under ``prefix`` (found
+    by name and their (expert, feature) dims; several blocks, e.g. two groups under their own
+    scopes, are aligned jointly, as labels tied by a shared prior must be). For each draw the
+    permutation minimising the summed ||experts[perm] - reference||_F^2 (a linear assignment) is
+    applied to every posterior variable under ``prefix`` with an ``expert`` dim (experts, noise,
+    intercepts, and the user's own such sites) or a ``gate`` dim (the free gate rows, re-shifted
+    so the last row stays zero).
+
+    Parameters
+    ----------
+    datatree
+        An ArviZ DataTree with a posterior group (e.g. from `to_datatree`).
+    reference
+        `MoEParams`, an expert estimate, a fit result or a (k, d) array; or a dict mapping block
+        names (as in the tree, e.g. ``"g1.experts"``) to such references.
+    prefix
+        Restrict to the variables under this ``handlers.scope`` prefix (as in the model, e.g.
+        ``"a"`` or ``"a/g1"``; the tree spells ``a/g1/experts`` as ``a.g1.experts``).
+
+    Returns
+    -------
+    (DataTree, numpy.ndarray)
+        The relabelled tree (posterior replaced; the permutations also in ``sample_stats`` as
+        ``expert_permutation``) and the (chain, draw, k) permutations. With no experts in the
+        posterior (fixed experts) the permutations are the identity and the tree is unchanged.
+    """
+    posterior = datatree["posterior"].to_dataset()
+    blocks = _expert_blocks(posterior, prefix)
+    if not blocks:
+        return datatree, None
+    references = reference if isinstance(reference, dict) else dict.fromkeys(blocks, reference)
+    missing = sorted(set(blocks) - set(references))
+    if missing:
+        raise ValueError(f"reference: no reference for the expert blocks {missing}")
+    cost = 0.0
+    for block in blocks:
+        target = references[block]
+        target = np.asarray(target if isinstance(target, np.ndarray | jax.Array) else as_params(target, "reference").experts)
+        draws = posterior[block].transpose("chain", "draw", "expert", "feature").values
+        if target.shape != draws.shape[2:]:
+            raise ValueError(f"reference: expected experts of shape {draws.shape[2:]} like {block!r}, got {target.shape}")
+        cost = cost + ((target[None, None, :, None, :] - draws[:, :, None, :, :]) ** 2).sum(-1)
+    chains, draws_count, k, _ = cost.shape
+    permutations = np.empty((chains, draws_count, k), dtype=np.int64)
     for chain in range(chains):
-        for draw in range(draws):
-            cost = ((reference[:, None, :] - experts[chain, draw][None]) ** 2).sum(-1)
-            rows, cols = linear_sum_assignment(cost)
+        for draw in range(draws_count):
+            rows, cols = linear_sum_assignment(cost[chain, draw])
             permutations[chain, draw] = cols[np.argsort(rows)]
-    take = lambda array: np.take_along_axis(  # noqa: E731
-        array, permutations.reshape(chains, draws, k, *([1] * (array.ndim - 3))), axis=2
+    relabelled = posterior.copy()
+    for name, value in posterior.data_vars.items():
+        if not _under(str(name), prefix) or not {"expert", "gate"} & set(value.dims):
+            continue
+        value = value.transpose("chain", "draw", ...)
+        array = value.values
+        for dim in ("expert", "gate"):
+            if dim in value.dims:
+                array = _permute_along(array, value.dims.index(dim), permutations, gate=dim == "gate")
+        relabelled[name] = value.copy(data=array)
+    tree = datatree.copy()
+    tree["posterior"] = relabelled
+    stats = tree["sample_stats"].to_dataset() if "sample_stats" in tree.children else None
+    name = _tree_name(site_name(prefix, "expert_permutation"))
+    record = xr.DataArray(permutations, dims=("chain", "draw", "expert"))
+    tree["sample_stats"] = (stats.assign({name: record}) if stats is not None else xr.Dataset({name: record}))
+    return tree, permutations
+
+
+def _link_attribute(prefix: str) -> str:
+    return _tree_name(site_name(prefix, "moe_link"))
+
+
+def _block_prefix(block: str) -> str:
+    """The model's scope prefix of an expert block's tree variable (``a.g1.experts`` -> ``a/g1``)."""
+    return block.rpartition(TREE_DIVIDER)[0].replace(TREE_DIVIDER, "/")
+
+
+class _tree_names(Messenger):
+    """Renames a model's sites and plates as a DataTree can hold them (see `TREE_DIVIDER`)."""
+
+    def process_message(self, msg):
+        if msg.get("name"):
+            msg["name"] = _tree_name(msg["name"])
+        if msg.get("cond_indep_stack"):
+            msg["cond_indep_stack"] = [
+                CondIndepStackFrame(_tree_name(frame.name), frame.dim, frame.size) for frame in msg["cond_indep_stack"]
+            ]
+
+
+def _converter_input(mcmc):
+    """``mcmc`` for ``arviz.from_numpyro``, its site names in the tree's spelling."""
+    from arviz_base.io_numpyro import MCMCAdapter
+
+    class _Renamed(MCMCAdapter):
+        def __init__(self, mcmc):
+            super().__init__(mcmc)
+            self.model = _tree_names(self.model)
+
+        def get_samples(self, seed=None, **kwargs):
+            return {_tree_name(name): value for name, value in super().get_samples(seed, **kwargs).items()}
+
+    return _Renamed(mcmc)
+
+
+def to_datatree(mcmc, *, reference=None, prefix: str = "", relabel_draws: bool = True, log_likelihood: bool = True,
+                **from_numpyro_kwargs):
+    """``arviz.from_numpyro`` for a model with mixture-of-experts sites, relabelled.
+
+    Named dims come from the sites' ``event_dims`` and the model's plates (no table). Sites and
+    plates under ``handlers.scope`` are named with ``.`` for NumPyro's ``/`` (``a/experts`` is
+    ``a.experts``: xarray forbids ``/`` in names). Sites of
+    `moe_priors` that the model conditions on (fixed experts, say) are moved from the observed
+    data and log-likelihood groups, where ``from_numpyro`` puts every observed site, to
+    ``constant_data``. With a ``reference`` (`MoEParams`, an expert estimate or a fit result;
+    or a dict of them by block, as in `relabel`), the link of every block of experts under
+    ``prefix`` is recorded in the tree's attributes (for `posterior_params` and `predict`) and,
+    with ``relabel_draws``, the draws are aligned with its labels (`relabel`).
+
+    Parameters
+    ----------
+    mcmc
+        A run ``numpyro.infer.MCMC``.
+    reference, prefix, relabel_draws
+        See above and `relabel`.
+    log_likelihood, **from_numpyro_kwargs
+        Passed to ``arviz.from_numpyro`` (e.g. ``posterior_predictive``, ``coords``).
+    """
+    import arviz as az
+
+    tree = az.from_numpyro(_converter_input(mcmc), log_likelihood=log_likelihood, **from_numpyro_kwargs)
+    constant = None
+    if "observed_data" in tree.children:
+        observed = tree["observed_data"].to_dataset()
+        fixed = [name for name in observed.data_vars if _is_parameter(str(name), prefix)]
+        if fixed:
+            constant = tree["constant_data"].to_dataset() if "constant_data" in tree.children else None
+            constant = observed[fixed] if constant is None else constant.merge(observed[fixed])
+            tree["constant_data"] = constant
+            tree["observed_data"] = observed.drop_vars(fixed)
+            if "log_likelihood" in tree.children:
+                pointwise = tree["log_likelihood"].to_dataset()
+                tree["log_likelihood"] = pointwise.drop_vars([name for name in fixed if name in pointwise])
+    if reference is not None:
+        blocks = _expert_blocks(tree["posterior"].to_dataset(), prefix)
+        if constant is not None:
+            blocks += _expert_blocks(constant, prefix)
+        references = reference if isinstance(reference, dict) else dict.fromkeys(blocks, reference)
+        for block in blocks:
+            if block in references:
+                link = as_params(references[block], "reference").link
+                tree.attrs[_link_attribute(_block_prefix(block))] = link.name
+        if relabel_draws:
+            tree, _ = relabel(tree, reference, prefix=prefix)
+    return tree
+
+
+def _is_parameter(name: str, prefix: str) -> bool:
+    return _under(name, prefix) and name.split(TREE_DIVIDER)[-1] in PARAMETER_SITES
+
+
+def posterior_params(datatree, *, prefix: str = "", link: str | Link | None = None) -> MoEParams:
+    """`MoEParams` stacked over all (chain, draw) pairs of a DataTree's mixture-of-experts sites.
+
+    Fixed sites are read from ``constant_data``. ``link`` defaults to the one `to_datatree`
+    recorded; ``prefix`` is the sites' ``handlers.scope`` prefix (as in the model).
+    """
+    if not hasattr(datatree, "children") or "posterior" not in datatree.children:
+        raise TypeError(f"datatree: expected an ArviZ DataTree with a posterior group, got {type(datatree).__name__}")
+    posterior = datatree["posterior"].to_dataset()
+    constant = datatree["constant_data"].to_dataset() if "constant_data" in datatree.children else {}
+    shape = (posterior.sizes["chain"] * posterior.sizes["draw"],)
+    sites = {}
+    for name in PARAMETER_SITES:
+        full = _tree_name(site_name(prefix, name))
+        if full in posterior:
+            value = posterior[full].transpose("chain", "draw", ...).values
+            sites[name] = value.reshape(shape + value.shape[2:])
+        elif full in constant:
+            value = np.asarray(constant[full])
+            sites[name] = np.broadcast_to(value, shape + value.shape)
+    if "experts" not in sites:
+        found = _expert_blocks(posterior, "") + (_expert_blocks(constant, "") if len(constant) else [])
+        raise ValueError(
+            f"prefix: no {_tree_name(site_name(prefix, 'experts'))!r} in the DataTree's posterior or constant "
+            f"data; expert blocks found: {found}"
+        )
+    if link is None:
+        if _link_attribute(prefix) not in datatree.attrs:
+            raise ValueError(
+                f"link: the DataTree does not record the experts' link under prefix {prefix!r} (it was not "
+                "made by to_datatree with a reference); pass link="
+            )
+        link = datatree.attrs[_link_attribute(prefix)]
+    return sites_to_params({name: jnp.asarray(value) for name, value in sites.items()}, link=resolve_link(link))
+
+
+class Prediction(NamedTuple):
+    """Predictions at new inputs (n_new points).
+
+    ``mean`` (n,) E[y | x] (its posterior mean for a posterior); ``lower``/``upper`` (n,) the central
+    interval of predictive draws of y; ``gate_probabilities`` (n, k) P(z | x) (posterior mean).
+    """
+
+    mean: np.ndarray
+    lower: np.ndarray
+    upper: np.ndarray
+    gate_probabilities: np.ndarray
+
+
+def predict(source, x_new, *, key: jax.Array, interval: float = 0.9, num_draws: int = 1000,
+            prefix: str = "") -> Prediction:
+    """Predictive mean and interval of y, and gate probabilities, at new inputs.
+
+    Parameters
+    ----------
+    source
+        A point fit (`MoEParams`, a fit result): its predictive distribution, the
+        `MixtureOfExperts` at x_new; or a DataTree of posterior draws (from `to_datatree` or
+        `run_nuts`): the posterior predictive, averaged over the draws.
+    x_new
+        (n_new, d) inputs, in the units the model was fitted in.
+    key
+        PRNG key for the predictive draws of y.
+    interval
+        Probability of the central predictive interval.
+    num_draws
+        Draws of y per point for the interval (at least one per posterior draw).
+    prefix
+        The sites' ``handlers.scope`` prefix (DataTree only).
+    """
+    key = check_key(key)
+    x_new = check_design(x_new, "x_new")
+    num_draws = check_positive_int(num_draws, "num_draws")
+    if not 0 < interval < 1:
+        raise ValueError(f"interval: expected a probability in (0, 1), got {interval}")
+    if hasattr(source, "children"):
+        draws = posterior_params(source, prefix=prefix)
+    else:
+        single = check_params(as_params(source, "source"), "source", require_noise=True)
+        draws = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf)[None], single)
+    if x_new.shape[1] != draws.experts.shape[-1]:
+        raise ValueError(f"x_new: expected {draws.experts.shape[-1]} columns, got {x_new.shape[1]}")
+    count = draws.experts.shape[0]
+    total = max(count, num_draws)
+    x_new = x_new.astype(jnp.result_type(draws.experts))
+
+    def moments(params):
+        return params.gate_probabilities(x_new), params.predictive_mean(x_new)
+
+    def sample(params, draw_key):
+        return MixtureOfExperts.from_params(params, x_new, validate_args=False).sample(draw_key)
+
+    probabilities, means = jax.vmap(moments)(draws)
+    picks = jnp.arange(total) % count
+    y_draws = jax.vmap(sample)(jax.tree_util.tree_map(lambda leaf: leaf[picks], draws), jax.random.split(key, total))
+    tail = (1 - interval) / 2
+    y_draws = np.asarray(y_draws)
+    return Prediction(
+        mean=np.asarray(means.mean(0)),
+        lower=np.quantile(y_draws, tail, axis=0),
+        upper=np.quantile(y_draws, 1 - tail, axis=0),
+        gate_probabilities=np.asarray(probabilities.mean(0)),
     )
-    relabelled = dict(samples)
-    relabelled["experts"] = take(experts)
-    if "expert_intercepts" in samples:
-        relabelled["expert_intercepts"] = take(np.asarray(samples["expert_intercepts"]))
-    if "gates" in samples:
-        free = np.asarray(samples["gates"])
-        full = np.concatenate([free, np.zeros_like(free[:, :, :1])], axis=2)
-        full = take(full)
-        relabelled["gates"] = (full - full[:, :, -1:])[:, :, :-1]
-    if "gate_intercepts" in samples:
-        free = np.asarray(samples["gate_intercepts"])
-        full = take(np.concatenate([free, np.zeros_like(free[:, :, :1])], axis=2))
-        relabelled["gate_intercepts"] = (full - full[:, :, -1:])[:, :, :-1]
-    return relabelled, permutations
 
 
 class NutsResult(NamedTuple):
@@ -202,16 +492,16 @@ class NutsResult(NamedTuple):
     mcmc
         The ``numpyro.infer.MCMC`` object (raw, un-relabelled draws).
     datatree
-        ``xarray.DataTree`` with groups posterior (relabelled), posterior_predictive,
-        log_likelihood, sample_stats, observed_data and constant_data; dims expert, gate,
-        feature, obs.
-    permutations
-        (chain, draw, k) relabelling permutations applied (identity when experts are fixed).
+        ``xarray.DataTree`` (`to_datatree`) with groups posterior (relabelled), posterior_predictive,
+        log_likelihood, sample_stats, observed_data (and constant_data with fixed sites); dims
+        expert, gate, feature, obs.
+    diagnostics
+        ``max_r_hat`` (NaN for one chain), ``min_ess_bulk`` and ``divergences``.
     """
 
     mcmc: MCMC
     datatree: object
-    permutations: np.ndarray
+    diagnostics: dict
 
 
 def _chain_method(num_chains: int) -> str:
@@ -220,63 +510,71 @@ def _chain_method(num_chains: int) -> str:
     return "parallel" if jax.local_device_count() >= num_chains else "vectorized"
 
 
+def _diagnostic_extreme(result, reduce=max) -> float:
+    """Max (or min) over all variables of an ArviZ diagnostic's DataTree; NaN if any is NaN."""
+    dataset = result.to_dataset() if hasattr(result, "to_dataset") else result
+    values = np.concatenate([np.ravel(np.asarray(value, dtype=float)) for value in dataset.data_vars.values()])
+    if np.isnan(values).any():
+        return float("nan")
+    return float(reduce(values))
+
+
 def run_nuts(
     x,
     y,
-    *,
-    num_experts: int,
     init,
+    *,
     key: jax.Array,
-    fix_experts: bool = False,
-    link: str | Link = "linear",
-    intercepts: bool = False,
+    fix: tuple[str, ...] = (),
+    priors: dict | None = None,
+    shared_noise: bool = True,
     num_chains: int = 4,
     num_warmup: int = 500,
     num_samples: int = 500,
     jitter: float = 0.01,
-    relabel: bool = True,
+    relabel_draws: bool = True,
     chain_method: str | None = None,
     mass_matrix: str = "laplace",
     progress_bar: bool = False,
-    **model_kwargs,
 ) -> NutsResult:
-    """NUTS on `moe_regression` with every chain started near ``init``; relabelled; as a DataTree.
+    """NUTS on `moe_regression` from ``init``, a thin convenience over this module's pieces.
+
+    Every chain starts near ``init`` (`chain_init_params`), NUTS's metric is the Laplace
+    approximation at it (`laplace_inverse_mass_matrix`), and the draws are relabelled to its
+    labels and converted with their posterior predictive (`to_datatree`).
 
     Parameters
     ----------
     x, y
         (n, d) inputs and (n,) responses.
-    num_experts
-        k.
     init
-        Start: `MoEParams`, an `ExpertEstimate`, or a fit result with ``.params`` (`fit_moe`,
-        `fit_em`). Its experts are the reference labelling.
+        Start: `MoEParams`, an expert estimate, or a fit result; its link, number of experts and
+        intercepts define the model, and its experts are the reference labelling.
     key
         PRNG key (chain jitter, NUTS, posterior predictive).
-    fix_experts
-        Condition the model on ``init``'s experts (``handlers.condition``): NUTS over the gate
-        and noise only.
-    link, intercepts, **model_kwargs
-        Passed to `moe_regression`.
+    fix
+        Parameter groups conditioned on ``init``'s values (``handlers.condition``):
+        ``"experts"``, ``"gates"``, ``"noise"`` (each with its intercepts).
+    priors, shared_noise
+        The model's priors and noise structure (`moe_priors`).
     num_chains, num_warmup, num_samples
         Chains and draws per chain. Chains run in parallel when there is a device per chain,
         else vectorised (``chain_method`` overrides).
     jitter
         Standard deviation of the per-chain perturbation in unconstrained space.
-    relabel
-        Align draws with ``init``'s expert labels (`relabel_draws`).
+    relabel_draws
+        Align draws with ``init``'s expert labels (`relabel`).
     mass_matrix
         ``"laplace"`` (default): a dense inverse mass matrix fixed at the Laplace approximation's
         covariance, the inverse Hessian of the potential (negative log joint density) at ``init``
-        in unconstrained space (`laplace_inverse_mass_matrix`), with the correlations between
-        experts and gates; its eigen-directions are rescaled by fixed factors within [1/2, 2] so
-        that NUTS draws are not antithetic (see `_desynchronised`). Warmup then only tunes the
-        step size. Meant for ``init`` at a mode (an EM, MAP or `fit_moe` fit); if the Hessian is
-        not positive definite there, ``"dense"`` is used with a warning. ``"dense"`` and
-        ``"diagonal"``: NumPyro's adapted dense or diagonal mass matrix. Measured in
-        benchmarks/nuts_workflow.py (part D; d=5, k=3, n=2000, 4 x (500 + 500)): r_hat <= 1.01
-        and ESS >= 400 on 19/20 seeds with ``"laplace"`` against 16/20 with ``"diagonal"``, and
-        3.7x the bulk ESS per second.
+        in unconstrained space, with the correlations between experts and gates; its
+        eigen-directions are rescaled by fixed factors within [1/2, 2] so that NUTS draws are not
+        antithetic (see `_desynchronised`). Warmup then only tunes the step size. Meant for
+        ``init`` at a mode (an EM, MAP or `fit_moe` fit); if the Hessian is not positive definite
+        there, ``"dense"`` is used with a warning. ``"dense"`` and ``"diagonal"``: NumPyro's
+        adapted dense or diagonal mass matrix. Measured in benchmarks/nuts_workflow.py (part D;
+        d=5, k=3, n=2000, 4 x (500 + 500)): r_hat <= 1.01 and ESS >= 400 on 19/20 seeds with
+        ``"laplace"`` against 16/20 with ``"diagonal"``, and 3.7x the bulk ESS per second.
 
     Warns
     -----
@@ -285,10 +583,9 @@ def run_nuts(
     """
     import arviz as az
 
-    x, y = _check_xy(x, y)
-    link = resolve_link(link)
+    x, y = check_data(x, y)
     key = check_key(key)
-    num_experts = check_num_experts(num_experts, x.shape[1], require_k_le_d=False)
+    fix = check_fix(fix)
     num_chains = check_positive_int(num_chains, "num_chains")
     num_warmup = check_positive_int(num_warmup, "num_warmup")
     num_samples = check_positive_int(num_samples, "num_samples")
@@ -299,17 +596,15 @@ def run_nuts(
         raise ValueError(
             f"chain_method: expected None, 'parallel', 'sequential' or 'vectorized', got {chain_method!r}"
         )
-    start = as_params(_as_start(init), "init", x.shape[1], num_experts=num_experts)
-    if not np.isfinite(float(start.noise)) or float(start.noise) <= 0:
-        start = start._replace(noise=jnp.std(y) / 2)
-    if intercepts and start.expert_intercepts is None:
-        zeros = jnp.zeros(num_experts)
-        start = start._replace(expert_intercepts=zeros, gate_intercepts=zeros)
-
-    model = moe_regression
-    if fix_experts:
-        model = handlers.condition(moe_regression, {"experts": jnp.asarray(start.experts, x.dtype)})
-    model_kwargs = dict(num_experts=num_experts, link=link, intercepts=intercepts, **model_kwargs)
+    start = check_params(as_params(init, "init"), "init", dim=x.shape[1])
+    noise = jnp.asarray(start.noise, x.dtype)
+    start = start.replace(noise=jnp.where(jnp.isfinite(noise) & (noise > 0), noise, jnp.std(y) / 2))
+    model_kwargs = dict(
+        num_experts=start.num_experts, link=start.link, intercepts=start.has_intercepts,
+        shared_noise=shared_noise, priors=priors,
+    )
+    fixed = fixed_sites(fix, start, shared_noise=shared_noise)
+    model = handlers.condition(moe_regression, fixed) if fixed else moe_regression
     chain_key, run_key, predictive_key = jax.random.split(key, 3)
     init_params = chain_init_params(
         model, start, num_chains=num_chains, key=chain_key, jitter=jitter, model_args=(x, y),
@@ -329,155 +624,42 @@ def run_nuts(
             )
         else:
             mass_options.update(inverse_mass_matrix=_desynchronised(inverse_mass), adapt_mass_matrix=False)
-    kernel = NUTS(model, init_strategy=init_to_estimate(start), **mass_options)
+    kernel = NUTS(model, init_strategy=init_to_params(params=start), **mass_options)
     mcmc = MCMC(
         kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
         chain_method=chain_method or _chain_method(num_chains), progress_bar=progress_bar,
     )
     mcmc.run(run_key, x, y, init_params=init_params, extra_fields=("diverging",), **model_kwargs)
 
-    samples = {name: np.asarray(value) for name, value in mcmc.get_samples(group_by_chain=True).items()}
-    permutations = np.broadcast_to(np.arange(num_experts), (num_chains, num_samples, num_experts))
-    if fix_experts:
-        samples["experts"] = np.broadcast_to(
-            np.asarray(start.experts), (num_chains, num_samples, *np.shape(start.experts))
-        ).copy()
-    elif relabel:
-        samples, permutations = relabel_draws(samples, start)
-
-    flat = {name: jnp.asarray(value.reshape(-1, *value.shape[2:])) for name, value in samples.items()}
-    # The likelihood and the predictive are label-invariant: relabelled draws give the same.
-    pointwise = log_likelihood(moe_regression, flat, x, y, **model_kwargs)["y"]
-    predictive = Predictive(moe_regression, posterior_samples=flat, return_sites=["y"])(
+    # The predictive is label-invariant: the raw draws give the same as relabelled ones.
+    replicated = Predictive(model, posterior_samples=mcmc.get_samples(), return_sites=["y"])(
         predictive_key, x, **model_kwargs
+    )["y"]
+    datatree = to_datatree(
+        mcmc, reference=start, relabel_draws=relabel_draws,
+        posterior_predictive={"y": np.asarray(replicated).reshape(num_chains, num_samples, -1)},
     )
-    shape = (num_chains, num_samples)
-    diverging = np.asarray(mcmc.get_extra_fields(group_by_chain=True)["diverging"])
-    posterior = {name: value for name, value in samples.items() if not (fix_experts and name == "experts")}
-    groups = {
-        "posterior": posterior,
-        "posterior_predictive": {"y": np.asarray(predictive["y"]).reshape(*shape, -1)},
-        "log_likelihood": {"y": np.asarray(pointwise).reshape(*shape, -1)},
-        "sample_stats": {"diverging": diverging},
-        "observed_data": {"y": np.asarray(y)},
-        "constant_data": {"x": np.asarray(x)},
+    diverging = np.asarray(datatree["sample_stats"]["diverging"])
+    diagnostics = {
+        "max_r_hat": _diagnostic_extreme(az.rhat(datatree), max) if num_chains > 1 else float("nan"),
+        "min_ess_bulk": _diagnostic_extreme(az.ess(datatree, method="bulk"), min),
+        "divergences": int(diverging.sum()),
     }
-    if fix_experts:
-        groups["constant_data"]["experts"] = np.asarray(start.experts)
-    coords = {
-        "expert": np.arange(num_experts),
-        "gate": np.arange(num_experts - 1),
-        "feature": np.arange(x.shape[1]),
-        "obs": np.arange(x.shape[0]),
-    }
-    datatree = az.from_dict(groups, dims=DIMS, coords=coords)
-    datatree.attrs["link"] = link.name
-    datatree.attrs["fix_experts"] = int(fix_experts)
-    datatree.attrs["intercepts"] = int(intercepts)
-
-    max_rhat = diagnostic_extreme(az.rhat(datatree), max) if num_chains > 1 else float("nan")
-    divergences = int(diverging.sum())
     # A NaN r_hat (chains that never moved) fails the check too.
-    if (num_chains > 1 and not max_rhat <= RHAT_LIMIT) or divergences:
+    if (num_chains > 1 and not diagnostics["max_r_hat"] <= RHAT_LIMIT) or diagnostics["divergences"]:
         warnings.warn(
-            f"NUTS: max r_hat {max_rhat:.3f} (limit {RHAT_LIMIT}) and {divergences} divergent transitions; "
-            "the chains may not agree: run longer, check the start, or inspect az.plot_trace",
+            f"NUTS: max r_hat {diagnostics['max_r_hat']:.3f} (limit {RHAT_LIMIT}) and "
+            f"{diagnostics['divergences']} divergent transitions; the chains may not agree: run longer, "
+            "check the start, or inspect az.plot_trace",
             ReliabilityWarning,
             stacklevel=2,
         )
-    return NutsResult(mcmc, datatree, np.asarray(permutations))
-
-
-def diagnostic_extreme(result, reduce=max) -> float:
-    """Max (or min, with ``reduce=min``) over all variables of an ArviZ diagnostic's DataTree.
-
-    NaN if any entry is NaN (e.g. the r_hat of chains that never moved).
-    """
-    dataset = result.to_dataset() if hasattr(result, "to_dataset") else result
-    values = np.concatenate([np.ravel(np.asarray(value, dtype=float)) for value in dataset.data_vars.values()])
-    if np.isnan(values).any():
-        return float("nan")
-    return float(reduce(values))
-
-
-def posterior_params(datatree) -> MoEParams:
-    """`MoEParams` stacked over all (chain, draw) pairs of a `run_nuts` DataTree."""
-    posterior = datatree["posterior"]
-    sites = {name: np.asarray(posterior[name]) for name in posterior.data_vars}
-    if "experts" not in sites:
-        experts = np.asarray(datatree["constant_data"]["experts"])
-        sites["experts"] = np.broadcast_to(experts, (*sites["noise"].shape, *experts.shape))
-    sites = {name: value.reshape(-1, *value.shape[2:]) for name, value in sites.items()}
-    return jax.vmap(sites_to_params)({name: jnp.asarray(value) for name, value in sites.items()})
-
-
-class Prediction(NamedTuple):
-    """Posterior predictions at new inputs (n_new points).
-
-    ``mean`` (n,) posterior mean of E[y | x]; ``lower``/``upper`` (n,) the central interval of
-    posterior predictive draws of y; ``gate_probabilities`` (n, k) posterior mean of P(z | x).
-    """
-
-    mean: np.ndarray
-    lower: np.ndarray
-    upper: np.ndarray
-    gate_probabilities: np.ndarray
-
-
-def predict(datatree, x_new, *, key: jax.Array, interval: float = 0.9, link: str | Link | None = None) -> Prediction:
-    """Posterior predictive mean and interval of y, and gate probabilities, at new inputs.
-
-    Parameters
-    ----------
-    datatree
-        The DataTree of `run_nuts`.
-    x_new
-        (n_new, d) inputs, in the units the model was fitted in.
-    key
-        PRNG key for the predictive draws of y.
-    interval
-        Probability of the central predictive interval.
-    link
-        Defaults to the link recorded in the DataTree.
-    """
-    key = check_key(key)
-    x_new = check_design(x_new, "x_new")
-    if not 0 < interval < 1:
-        raise ValueError(f"interval: expected a probability in (0, 1), got {interval}")
-    if not hasattr(datatree, "children") or "posterior" not in datatree.children:
-        raise TypeError(
-            f"datatree: expected the DataTree of run_nuts (with a posterior group), got {type(datatree).__name__}"
-        )
-    link = resolve_link(link or datatree.attrs.get("link", "linear"))
-    draws = posterior_params(datatree)
-    if x_new.shape[1] != draws.experts.shape[-1]:
-        raise ValueError(f"x_new: expected {draws.experts.shape[-1]} columns, got {x_new.shape[1]}")
-
-    def one(params, draw_key):
-        choice_key, noise_key = jax.random.split(draw_key)
-        probabilities = gate_probabilities(params, x_new)
-        expert = jax.random.categorical(choice_key, jnp.log(probabilities), axis=-1)
-        expert_mean = jnp.take_along_axis(expert_means(params, x_new, link), expert[:, None], axis=1)[:, 0]
-        y_draw = expert_mean + params.noise * jax.random.normal(noise_key, expert_mean.shape)
-        return probabilities, predictive_mean(params, x_new, link), y_draw
-
-    keys = jax.random.split(key, draws.experts.shape[0])
-    probabilities, means, y_draws = jax.vmap(one)(draws, keys)
-    tail = (1 - interval) / 2
-    y_draws = np.asarray(y_draws)
-    return Prediction(
-        mean=np.asarray(means.mean(0)),
-        lower=np.quantile(y_draws, tail, axis=0),
-        upper=np.quantile(y_draws, 1 - tail, axis=0),
-        gate_probabilities=np.asarray(probabilities.mean(0)),
-    )
-
-
-PARETO_K_LIMIT = 0.7
+    return NutsResult(mcmc, datatree, diagnostics)
 
 
 def loo(datatree, **kwargs):
-    """PSIS-LOO of a `run_nuts` DataTree (``arviz.loo`` with pointwise values).
+    """PSIS-LOO of a DataTree (``arviz.loo`` with pointwise values; ``kwargs`` go to it, e.g.
+    ``var_name`` when the model has several likelihood terms).
 
     Warns (`ReliabilityWarning`) when any Pareto k exceeds 0.7: those points' leave-one-out
     estimates, and so the elpd, cannot be trusted.
@@ -510,19 +692,18 @@ def compare_num_experts(
     x,
     y,
     *,
-    candidates=(2, 3, 4),
     key: jax.Array,
+    candidates=(2, 3, 4),
     link: str | Link = "linear",
-    num_restarts: int = 4,
+    intercepts: bool = False,
+    num_starts: int = 5,
     **nuts_kwargs,
 ) -> ComparisonResult:
     """Fit each number of experts (`fit_moe`, then `run_nuts` from it) and rank them by PSIS-LOO.
 
-    ``nuts_kwargs`` go to `run_nuts` (chains, draws, intercepts, ...).
+    ``nuts_kwargs`` go to `run_nuts` (chains, draws, priors, ...).
     """
     import arviz as az
-
-    from numpyro_moe._pipeline import fit_moe
 
     key = check_key(key)
     candidates = [check_positive_int(k, "candidates") for k in candidates]
@@ -531,9 +712,9 @@ def compare_num_experts(
     trees = {}
     for k, candidate_key in zip(candidates, jax.random.split(key, len(candidates)), strict=True):
         fit_key, nuts_key = jax.random.split(candidate_key)
-        fit = fit_moe(x, y, num_experts=k, key=fit_key, link=link, num_restarts=num_restarts,
-                      intercepts=nuts_kwargs.get("intercepts", False))
-        trees[f"k={k}"] = run_nuts(x, y, num_experts=k, init=fit, key=nuts_key, link=link, **nuts_kwargs).datatree
+        fit = fit_moe(x, y, num_experts=k, key=fit_key, link=link, intercepts=intercepts, num_starts=num_starts,
+                      shared_noise=nuts_kwargs.get("shared_noise", True))
+        trees[f"k={k}"] = run_nuts(x, y, fit, key=nuts_key, **nuts_kwargs).datatree
     for name, tree in trees.items():
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ReliabilityWarning)

@@ -9,10 +9,13 @@ One EM iteration, compiled once per (link, which blocks are updated) and run in 
   (a 1e-8 ridge keeps it strictly convex when the labels separate).
 - Experts (joint EM only): the weighted least squares ``sum_n r_ni (y_n - g(a_i . x_n))^2`` by
   damped Gauss-Newton with a step search; for the linear link one step is the exact solution.
-- Noise: ``s^2 = sum_n sum_i r_ni (y_n - g(a_i . x_n))^2 / n``.
+- Noise: shared, ``s^2 = sum_n sum_i r_ni (y_n - g(a_i . x_n))^2 / n``; or one per expert,
+  ``s_i^2 = sum_n r_ni (y_n - g(a_i . x_n))^2 / sum_n r_ni``.
 
 Every block only increases the expected complete-data log-likelihood, so the log-likelihood never
-decreases (generalised EM). Intercepts are handled by a column of ones appended to x.
+decreases (generalised EM). Blocks can be held fixed (experts, gates, noise). Intercepts are handled
+by a column of ones appended to x. The joint log-probabilities are `MixtureOfExperts`'
+``component_log_probs``: the same likelihood as the NumPyro model.
 """
 
 from __future__ import annotations
@@ -25,42 +28,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
-from numpyro_moe._links import Link, resolve_link
+from numpyro_moe._distribution import MixtureOfExperts
+from numpyro_moe._links import Link
 from numpyro_moe._params import MoEParams
 
-__all__ = ["EMResult", "em_iterations", "split_augmented", "to_augmented"]
+__all__ = ["em_iterations", "split_augmented", "to_augmented"]
 
 _RIDGE = 1e-8
-
-
-class EMResult(NamedTuple):
-    """Result of an EM fit.
-
-    Attributes
-    ----------
-    params
-        `MoEParams` at the last iteration.
-    log_likelihood
-        Mean log-likelihood per point at ``params``.
-    history
-        (iterations,) mean log-likelihood per point before each iteration (non-decreasing).
-    iterations
-        Number of EM iterations run.
-    converged
-        Whether the change in mean log-likelihood fell below ``tol`` before ``max_iterations``.
-    """
-
-    params: MoEParams
-    log_likelihood: float
-    history: np.ndarray
-    iterations: int
-    converged: bool
 
 
 class _State(NamedTuple):
     experts: jax.Array  # (k, p), p = d (+ 1 with intercepts)
     gates: jax.Array  # (k, p), last row zero
-    noise: jax.Array
+    noise: jax.Array  # (k,)
     log_likelihood: jax.Array  # mean per point, before the latest iteration's update
     change: jax.Array
     iteration: jax.Array
@@ -68,33 +48,32 @@ class _State(NamedTuple):
 
 
 def to_augmented(params: MoEParams, intercepts: bool):
-    """Experts and gates with intercepts as a last column (when ``intercepts``)."""
+    """Experts and gates (last row zero) with intercepts as a last column (when ``intercepts``);
+    leading axes of stacked records are kept."""
     experts, gates = jnp.asarray(params.experts), jnp.asarray(params.gates)
-    gates = gates - gates[-1]
+    gates = gates - gates[..., -1:, :]
     if not intercepts:
         return experts, gates
-    k = experts.shape[0]
-    expert_bias = jnp.zeros(k) if params.expert_intercepts is None else jnp.asarray(params.expert_intercepts)
-    gate_bias = jnp.zeros(k) if params.gate_intercepts is None else jnp.asarray(params.gate_intercepts)
-    gate_bias = gate_bias - gate_bias[-1]
+    zeros = jnp.zeros(experts.shape[:-1], experts.dtype)
+    expert_bias = zeros if params.expert_intercepts is None else jnp.asarray(params.expert_intercepts)
+    gate_bias = zeros if params.gate_intercepts is None else jnp.asarray(params.gate_intercepts)
+    gate_bias = gate_bias - gate_bias[..., -1:]
     return (
-        jnp.concatenate([experts, expert_bias[:, None].astype(experts.dtype)], axis=1),
-        jnp.concatenate([gates, gate_bias[:, None].astype(gates.dtype)], axis=1),
+        jnp.concatenate([experts, expert_bias[..., None].astype(experts.dtype)], axis=-1),
+        jnp.concatenate([gates, gate_bias[..., None].astype(gates.dtype)], axis=-1),
     )
 
 
-def split_augmented(experts, gates, noise, intercepts: bool) -> MoEParams:
+def split_augmented(experts, gates, noise, intercepts: bool, link: Link) -> MoEParams:
     """Inverse of `to_augmented`."""
     if not intercepts:
-        return MoEParams(experts, gates, noise)
-    return MoEParams(experts[:, :-1], gates[:, :-1], noise, experts[:, -1], gates[:, -1])
+        return MoEParams(experts, gates, noise, link=link)
+    return MoEParams(experts[..., :-1], gates[..., :-1], noise, experts[..., -1], gates[..., -1], link)
 
 
 def _joint(experts, gates, noise, x, y, link_function):
-    log_gate = jax.nn.log_softmax(x @ gates.T, axis=-1)
-    means = link_function(x @ experts.T)
-    residual = (y[:, None] - means) / noise
-    return log_gate - 0.5 * residual**2 - jnp.log(noise) - 0.5 * jnp.log(2 * jnp.pi)
+    """(n, k) log [P(z = i | x_n) Normal(y_n; g(a_i . x_n), s_i^2)]."""
+    return MixtureOfExperts(x @ gates.T, link_function(x @ experts.T), noise).component_log_probs(y)
 
 
 def _gate_objective(free, x, targets):
@@ -189,18 +168,32 @@ def _expert_gauss_newton(experts, x, y, weights, link_function, num_steps):
     return experts
 
 
-def _em_step(state: _State, x, y, link_function, update_experts, expert_steps, gate_tol, gate_steps):
+def _noise_step(targets, residual, y, shared_noise):
+    """The noise M-step: the responsibility-weighted mean squared residual, pooled or per expert
+    (an expert with no responsibility keeps the pooled value); floored far below any real noise."""
+    squares = targets * residual**2
+    pooled = jnp.sum(squares) / y.shape[0]
+    if shared_noise:
+        variance = jnp.full(targets.shape[1], pooled)
+    else:
+        weight = jnp.sum(targets, axis=0)
+        variance = jnp.where(weight > 1e-12, jnp.sum(squares, axis=0) / jnp.maximum(weight, 1e-12), pooled)
+    return jnp.sqrt(jnp.maximum(variance, 1e-24 * jnp.mean(y**2) + 1e-300))
+
+
+def _em_step(state: _State, x, y, link_function, updates, shared_noise, expert_steps, gate_tol, gate_steps):
+    update_experts, update_gates, update_noise = updates
     joint = _joint(state.experts, state.gates, state.noise, x, y, link_function)
     pointwise = logsumexp(joint, axis=-1)
     log_likelihood = jnp.mean(pointwise)
     targets = jnp.exp(joint - pointwise[:, None])
-    gates = _gate_newton(state.gates, x, targets, gate_tol, gate_steps)
+    gates = _gate_newton(state.gates, x, targets, gate_tol, gate_steps) if update_gates else state.gates
     experts = state.experts
     if update_experts:
         experts = _expert_gauss_newton(experts, x, y, targets, link_function, expert_steps)
-    residual = y[:, None] - link_function(x @ experts.T)
-    variance = jnp.sum(targets * residual**2) / x.shape[0]
-    noise = jnp.sqrt(jnp.maximum(variance, 1e-24 * jnp.mean(y**2) + 1e-300))
+    noise = state.noise
+    if update_noise:
+        noise = _noise_step(targets, y[:, None] - link_function(x @ experts.T), y, shared_noise)
     return _State(
         experts, gates, noise, log_likelihood, jnp.abs(log_likelihood - state.log_likelihood),
         state.iteration + 1, state.history.at[state.iteration].set(log_likelihood),
@@ -209,9 +202,9 @@ def _em_step(state: _State, x, y, link_function, update_experts, expert_steps, g
 
 @partial(
     jax.jit,
-    static_argnames=("link_function", "update_experts", "expert_steps", "gate_steps", "block"),
+    static_argnames=("link_function", "updates", "shared_noise", "expert_steps", "gate_steps", "block"),
 )
-def _em_block(state, x, y, tol, gate_tol, *, link_function, update_experts, expert_steps, gate_steps, block):
+def _em_block(state, x, y, tol, gate_tol, *, link_function, updates, shared_noise, expert_steps, gate_steps, block):
     """Up to ``block`` EM iterations; stops once the log-likelihood change is below ``tol`` or
     the history buffer (``max_iterations``) is full."""
     start = state.iteration
@@ -221,7 +214,7 @@ def _em_block(state, x, y, tol, gate_tol, *, link_function, update_experts, expe
         return (state.change >= tol) & (state.iteration - start < block) & (state.iteration < limit)
 
     def body(state):
-        return _em_step(state, x, y, link_function, update_experts, expert_steps, gate_tol, gate_steps)
+        return _em_step(state, x, y, link_function, updates, shared_noise, expert_steps, gate_tol, gate_steps)
 
     return jax.lax.while_loop(keep_going, body, state)
 
@@ -238,36 +231,39 @@ def em_iterations(
     x,
     y,
     *,
-    link: str | Link,
-    update_experts: bool,
+    link: Link,
+    fix: tuple[str, ...],
+    shared_noise: bool,
     max_iterations: int,
     tol: float,
     block: int = 20,
     progress: str | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, np.ndarray, np.ndarray, np.ndarray]:
-    """Run EM from augmented ``experts``/``gates`` (k, p); a leading restart axis is vmapped.
+    """Run EM from augmented ``experts``/``gates`` (k, p) and ``noise`` (k,); a leading start
+    axis is vmapped. The parameter groups in ``fix`` (``"experts"``, ``"gates"``, ``"noise"``)
+    keep their starting values.
 
-    Returns ``(experts, gates, noise, log_likelihood, history, iterations)`` with, per restart,
+    Returns ``(experts, gates, noise, log_likelihood, history, iterations)`` with, per start,
     the final mean log-likelihood, the (max_iterations,) history buffer (valid up to
     ``iterations``) and the iteration count. Progress (a tqdm bar named ``progress``) is updated
     between compiled blocks of ``block`` iterations.
     """
-    link = resolve_link(link)
     expert_steps = 1 if link.name == "linear" else 3
     batched = experts.ndim == 3
     dtype = x.dtype
     shape = experts.shape[:1] if batched else ()
+    updates = ("experts" not in fix, "gates" not in fix, "noise" not in fix)
     state = _State(
         experts.astype(dtype),
         gates.astype(dtype),
-        jnp.broadcast_to(jnp.asarray(noise, dtype), shape),
+        jnp.broadcast_to(jnp.asarray(noise, dtype), experts.shape[:-1]),
         jnp.full(shape, -jnp.inf, dtype),
         jnp.full(shape, jnp.inf, dtype),
         jnp.zeros(shape, jnp.int32),
         jnp.full(shape + (max_iterations,), jnp.nan, dtype),
     )
     run = partial(
-        _em_block, link_function=link.function, update_experts=update_experts,
+        _em_block, link_function=link.function, updates=updates, shared_noise=shared_noise,
         expert_steps=expert_steps, gate_steps=50, block=block,
     )
     final = partial(_final_log_likelihood, link_function=link.function)

@@ -1,89 +1,199 @@
-"""Fitting the gate given the experts, and the joint refinement (DESIGN sections 3 and 4).
+"""Point fits of the mixture of experts, all returning one record, `Fit` (DESIGN sections 3, 4).
 
-- `fit_gating`: experts fixed (the ICML 2019 paper proves EM over the gate alone converges to
-  the true gate); by EM, by MAP on the NumPyro model, or by gradient descent on the gating loss of
-  Makkuva, Oh, Kannan, Viswanath (AISTATS 2020), the negative log-likelihood in W.
-- `fit_em`: joint EM over experts, gates and noise from any start; started at the moment
-  estimate it removes the estimate's bias when the design assumptions fail.
+- `fit_em`: EM from one start or several (run together; the best likelihood wins). Holding the
+  experts fixed (``fix=("experts",)``) is EM over the gate alone, which the ICML 2019 paper proves
+  converges to the true gate; joint EM refines everything.
+- `fit_map`: the posterior mode of `moe_regression` (the same model's priors) by NumPyro SVI with
+  an ``AutoDelta`` guide; ``fix`` holds parameter groups by ``handlers.condition``.
+- `fit_moe`: the whole pipeline. The moment estimate has no local optima but needs many samples
+  and is biased when the design assumptions fail; EM from random starts is accurate at its optimum
+  but can stop in a wrong one. So the estimate (its gate learned by EM, experts fixed) is one start
+  among ``num_starts``, all refined by joint EM, and the best likelihood wins; the record says
+  which start that was.
 """
 
 from __future__ import annotations
 
 import warnings
-from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from numpyro import handlers
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoDelta
 
-from numpyro_moe._em import EMResult, em_iterations, split_augmented, to_augmented
-from numpyro_moe._experts import ExpertEstimate
+from numpyro_moe._distribution import MixtureOfExperts
+from numpyro_moe._em import em_iterations, split_augmented, to_augmented
+from numpyro_moe._experts import estimate_experts
 from numpyro_moe._links import Link, resolve_link
-from numpyro_moe._map import fit_map
-from numpyro_moe._params import MoEParams, expert_means, normalize_gates, pointwise_log_likelihood
+from numpyro_moe._model import (
+    as_params,
+    check_fix,
+    fixed_sites,
+    init_to_params,
+    moe_regression,
+    params_to_sites,
+    sites_to_params,
+)
+from numpyro_moe._params import MoEParams
 from numpyro_moe._validation import (
     ReliabilityWarning,
     check_design,
     check_key,
+    check_num_experts,
     check_params,
     check_positive,
     check_positive_int,
     check_response,
 )
 
-__all__ = ["EMResult", "GATING_METHODS", "fit_em", "fit_gating", "as_params"]
-
-GATING_METHODS = ("em", "map", "likelihood_gd")
+__all__ = ["Fit", "as_starts", "check_data", "fit_em", "fit_map", "fit_moe", "random_starts"]
 
 
-def as_params(value, name: str, dim: int, *, num_experts: int | None = None) -> MoEParams:
-    """Accept `MoEParams`, an `ExpertEstimate`, or a (k, d) experts array as a starting point.
+class Fit(NamedTuple):
+    """A point fit: from `fit_em`, `fit_map`, `fit_moe` and the baselines.
 
-    Raises
-    ------
-    TypeError
-        For anything else, e.g. a fit result (``EMResult``, ``MoEFit``, ``MapResult``: pass
-        its ``.params``).
-    ValueError
-        For experts not of shape (k, d) with d = ``dim`` (and k = ``num_experts`` when given),
-        gates or intercepts of the wrong shape, or non-finite values.
+    Attributes
+    ----------
+    params
+        `MoEParams` of the winning start at the end of the fit.
+    log_likelihood
+        Mean log-likelihood per point at ``params``.
+    history
+        (iterations,) the objective per point along the winning start's fit: for EM the mean
+        log-likelihood before each iteration (non-decreasing); for MAP the mean log joint density
+        (log-likelihood plus log prior, over n); for gradient descent minus the mean loss.
+    iterations
+        Iterations (EM) or optimiser steps run by the winning start.
+    converged
+        Whether the winning start met its convergence test (see each fit).
+    method
+        ``"em"``, ``"map"``, ``"likelihood_gd"`` or ``"squared_loss_gd"``.
+    start
+        Index of the winning start.
+    start_log_likelihoods
+        (num_starts,) final mean log-likelihood per point of every start (``-inf`` if it failed).
+    start_labels
+        Where each start came from: ``"tensor"`` (the moment estimate), ``"random"``, ``"given"``.
     """
-    if isinstance(value, ExpertEstimate):
-        params = value.to_params()
-    elif isinstance(value, MoEParams):
-        params = value
-    elif isinstance(value, tuple) and hasattr(value, "_fields"):  # another result NamedTuple
-        check_params(value, name)  # raises a TypeError naming the type (and .params, if any)
-    elif hasattr(value, "shape") or isinstance(value, list | tuple):
-        try:
-            experts = np.asarray(value, dtype=float)
-        except (TypeError, ValueError) as error:
-            raise TypeError(
-                f"{name}: expected MoEParams, ExpertEstimate or a (k, d) array, got {type(value).__name__} "
-                "that is not a numeric array"
-            ) from error
-        if experts.ndim != 2:
-            raise ValueError(f"{name}: expected experts of shape (k, d), got shape {experts.shape}")
-        params = MoEParams(experts, np.zeros_like(experts), np.asarray(np.nan))
-    else:
-        raise TypeError(
-            f"{name}: expected MoEParams, ExpertEstimate or a (k, d) array, got {type(value).__name__}"
+
+    params: MoEParams
+    log_likelihood: float
+    history: np.ndarray
+    iterations: int
+    converged: bool
+    method: str
+    start: int = 0
+    start_log_likelihoods: np.ndarray | None = None
+    start_labels: tuple[str, ...] = ("given",)
+
+
+def check_data(x, y):
+    """Validated (x, y) in JAX's default float dtype (float64 under x64, else float32).
+
+    Narrower float input (float32 under x64, float16) is promoted, as `estimate_experts` does:
+    the fits' compiled loops carry the data's dtype and mixing the two is an error.
+    """
+    x = check_design(x)
+    y = check_response(y, x.shape[0])
+    dtype = jnp.result_type(float)
+    return x.astype(dtype), y.astype(dtype)
+
+
+def _one_start(value, name: str, dim: int) -> MoEParams:
+    params = as_params(value, name)
+    if np.ndim(params.experts) == 3:
+        return params
+    return jax.tree_util.tree_map(lambda leaf: leaf[None], check_params(params, name, dim=dim))
+
+
+def as_starts(init, dim: int, name: str = "init") -> MoEParams:
+    """One or more starts as `MoEParams` stacked on a leading start axis.
+
+    ``init``: `MoEParams` (one record, or records stacked on a leading axis as `random_starts`
+    gives), an expert estimate, a `Fit`, or a list of these. All starts share the link, the
+    number of experts, and whether they have intercepts (missing intercepts start at zero).
+    """
+    values = list(init) if isinstance(init, list | tuple) and not hasattr(init, "_fields") else [init]
+    if not values:
+        raise ValueError(f"{name}: expected at least one start, got an empty {type(init).__name__}")
+    starts = [_one_start(value, name, dim) for value in values]
+    links = {start.link for start in starts}
+    if len(links) > 1:
+        raise ValueError(f"{name}: the starts have different links {sorted(link.name for link in links)}")
+    shapes = {start.experts.shape[1:] for start in starts}
+    if len(shapes) > 1:
+        raise ValueError(f"{name}: the starts have experts of different shapes {sorted(shapes)}")
+    intercepts = any(start.has_intercepts for start in starts)
+    dtype = jnp.result_type(float)
+
+    def normal_form(start: MoEParams) -> MoEParams:
+        count, k = start.experts.shape[:2]
+        zeros = jnp.zeros((count, k), dtype)
+        noise = jnp.broadcast_to(jnp.asarray(start.noise, dtype).reshape(count, -1), (count, k))
+        return MoEParams(
+            jnp.asarray(start.experts, dtype),
+            jnp.asarray(start.gates, dtype),
+            noise,
+            (jnp.asarray(start.expert_intercepts, dtype) if start.expert_intercepts is not None else zeros)
+            if intercepts else None,
+            (jnp.asarray(start.gate_intercepts, dtype) if start.gate_intercepts is not None else zeros)
+            if intercepts else None,
+            start.link,
         )
-    if np.ndim(params.experts) != 2:
-        raise ValueError(f"{name}: expected experts of shape (k, d), got shape {np.shape(params.experts)}")
-    return check_params(params, name, dim=dim, num_experts=num_experts)
+
+    starts = [normal_form(start) for start in starts]
+    return jax.tree_util.tree_map(lambda *leaves: jnp.concatenate(leaves), *starts)
 
 
-def _starting_noise(params: MoEParams, noise, x, y, link) -> float:
-    if noise is not None:
-        return check_positive(noise, "noise")
-    if np.isfinite(np.asarray(params.noise)) and float(params.noise) > 0:
-        return float(params.noise)
-    # Residual spread of the best expert per point: a rough, positive start that EM corrects.
-    means = link.function(x @ jnp.asarray(params.experts).T)
-    best = jnp.min((y[:, None] - means) ** 2, axis=1)
-    return float(jnp.sqrt(jnp.maximum(jnp.mean(best), 1e-6 * jnp.var(y) + 1e-12)))
+def random_starts(
+    x,
+    y,
+    *,
+    num_experts: int,
+    num_starts: int,
+    key: jax.Array,
+    link: str | Link = "linear",
+    intercepts: bool = False,
+) -> MoEParams:
+    """``num_starts`` random starts stacked on a leading axis: unit-norm Gaussian expert
+    directions, a uniform gate, every noise sd(y), intercepts zero (with ``intercepts``)."""
+    key = check_key(key)
+    x, y = check_data(x, y)
+    num_experts = check_positive_int(num_experts, "num_experts")
+    num_starts = check_positive_int(num_starts, "num_starts")
+    dim = x.shape[1]
+    experts = jax.random.normal(key, (num_starts, num_experts, dim), x.dtype)
+    experts = experts / jnp.linalg.norm(experts, axis=-1, keepdims=True)
+    zeros = jnp.zeros((num_starts, num_experts), x.dtype)
+    return MoEParams(
+        experts,
+        jnp.zeros_like(experts),
+        jnp.full((num_starts, num_experts), jnp.std(y)),
+        zeros if intercepts else None,
+        zeros if intercepts else None,
+        link,
+    )
+
+
+def _first(starts: MoEParams) -> MoEParams:
+    return jax.tree_util.tree_map(lambda leaf: leaf[0], starts)
+
+
+def _starting_noise(starts: MoEParams, x, y) -> jax.Array:
+    """The starts' noise, where a start has none (not finite and positive): the residual spread
+    of the closest expert per point, a rough positive start that EM corrects."""
+    noise = jnp.asarray(starts.noise)
+    valid = jnp.all(jnp.isfinite(noise) & (noise > 0), axis=-1, keepdims=True)
+    if bool(jnp.all(valid)):
+        return noise
+    means = jax.vmap(lambda start: start.expert_means(x))(starts)  # (starts, n, k)
+    best = jnp.min((y[None, :, None] - means) ** 2, axis=-1)
+    spread = jnp.sqrt(jnp.maximum(jnp.mean(best, axis=-1), 1e-6 * jnp.var(y) + 1e-12))
+    return jnp.where(valid, noise, spread[:, None])
 
 
 def resolvable_tol(tol: float, dtype) -> float:
@@ -96,68 +206,18 @@ def resolvable_tol(tol: float, dtype) -> float:
     return max(tol, 8 * float(jnp.finfo(dtype).eps))
 
 
-def _em_fit(params, x, y, link, *, update_experts, intercepts, max_iterations, tol, progress):
-    tol = resolvable_tol(tol, x.dtype)
-    experts, gates = to_augmented(params, intercepts)
-    design = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1) if intercepts else x
-    experts, gates, noise, log_likelihood, history, iterations = em_iterations(
-        experts, gates, params.noise, design, y, link=link, update_experts=update_experts,
-        max_iterations=max_iterations, tol=tol, progress=progress,
-    )
-    iterations = int(iterations)
-    converged = iterations < max_iterations or bool(
-        iterations > 1 and abs(history[iterations - 1] - history[iterations - 2]) < tol
-    )
-    if not converged:
-        warnings.warn(
-            f"EM hit max_iterations={max_iterations} before the log-likelihood change fell below "
-            f"tol={tol}; the fit may not have converged: raise max_iterations",
-            ReliabilityWarning,
-            stacklevel=3,
-        )
-    result_params = split_augmented(experts, gates, noise, intercepts)
-    if not intercepts and params.expert_intercepts is not None:
-        result_params = result_params._replace(expert_intercepts=params.expert_intercepts)
-    return EMResult(
-        params=result_params,
-        log_likelihood=float(log_likelihood),
-        history=np.asarray(history[:iterations]),
-        iterations=iterations,
-        converged=converged,
-    )
-
-
-def _check_xy(x, y):
-    """Validated (x, y) in JAX's default float dtype (float64 under x64, else float32).
-
-    Narrower float input (float32 under x64, float16) is promoted, as `estimate_experts` does:
-    the fits' compiled loops carry the data's dtype and mixing the two is an error.
-    """
-    x = check_design(x)
-    y = check_response(y, x.shape[0])
-    dtype = jnp.result_type(float)
-    return x.astype(dtype), y.astype(dtype)
-
-
-def _check_link_output(link: Link, x, params: MoEParams) -> None:
-    """Raise (naming ``link``) unless the link maps the experts' (n, k) inputs elementwise."""
-    expert_means(params._replace(experts=jnp.asarray(params.experts, x.dtype)), x[:2], link)
-
-
 def fit_em(
     x,
     y,
     init,
     *,
-    link: str | Link = "linear",
-    noise: float | None = None,
-    intercepts: bool = False,
-    fix_experts: bool = False,
+    fix: tuple[str, ...] = (),
+    shared_noise: bool = True,
     max_iterations: int = 500,
     tol: float = 1e-8,
-    progress: bool = False,
-) -> EMResult:
-    """Joint EM over experts, gates and noise, from any start.
+    progress_bar: bool = False,
+) -> Fit:
+    """EM for the mixture of experts from one start or several; the best likelihood wins.
 
     Parameters
     ----------
@@ -165,180 +225,211 @@ def fit_em(
         (n, d) inputs and (n,) responses; computed in JAX's default float dtype (float32 input
         is promoted to float64 when x64 mode is on).
     init
-        Start: `MoEParams`, an `ExpertEstimate` (gates start at zero, i.e. a uniform gate), or a
-        (k, d) experts array.
-    link
-        Expert link.
-    noise
-        Starting noise sd; default: ``init``'s noise if set, else the residual spread of the
-        closest expert per point.
-    intercepts
-        Fit expert and gate intercepts too (starting from ``init``'s, or zero).
-    fix_experts
-        Hold the experts at ``init`` (EM over the gate and noise only: see `fit_gating`).
+        The start(s) (see `as_starts`): `MoEParams` (its link is the fit's), an expert estimate
+        (gates start at zero, a uniform gate), a `Fit`, `random_starts`, or a list of these, run
+        together (vmapped). Intercepts are fitted when the starts have them. A start without a
+        finite positive noise starts at the residual spread of its closest expert per point.
+    fix
+        Parameter groups held at their starting values: ``"experts"`` (with their intercepts; EM
+        over the gate alone, as in the ICML 2019 paper), ``"gates"`` (with theirs), ``"noise"``.
+    shared_noise
+        One noise sd for all experts (the M-step pools the residuals), or one per expert.
     max_iterations, tol
         Stop after ``max_iterations`` or when the mean log-likelihood per point changes by less
         than ``tol`` (floored at 8 float epsilons of the data's dtype, below which the change is
-        rounding); hitting the cap warns (`ReliabilityWarning`).
-    progress
+        rounding); a winning start that hits the cap warns (`ReliabilityWarning`).
+    progress_bar
         Show a progress bar (updated every 20 iterations).
 
     Returns
     -------
-    EMResult
-        The log-likelihood ``history`` never decreases (up to rounding).
+    Fit
+        Its ``history`` never decreases (up to rounding).
     """
-    x, y = _check_xy(x, y)
-    link = resolve_link(link)
-    params = as_params(init, "init", x.shape[1])
-    _check_link_output(link, x, params)
+    x, y = check_data(x, y)
+    starts = as_starts(init, x.shape[1])
+    _first(starts).expert_means(x[:2])  # the link maps arrays elementwise, or a ValueError naming it
+    fix = check_fix(fix)
     max_iterations = check_positive_int(max_iterations, "max_iterations")
-    tol = check_positive(tol, "tol")
-    params = normalize_gates(params._replace(noise=jnp.asarray(_starting_noise(params, noise, x, y, link))))
-    return _em_fit(
-        params, x, y, link, update_experts=not fix_experts, intercepts=intercepts,
-        max_iterations=max_iterations, tol=tol, progress="EM" if progress else None,
+    tol = resolvable_tol(check_positive(tol, "tol"), x.dtype)
+    intercepts = starts.has_intercepts
+    experts, gates = to_augmented(starts, intercepts)
+    design = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1) if intercepts else x
+    experts, gates, noise, log_likelihoods, history, iterations = em_iterations(
+        experts, gates, _starting_noise(starts, x, y), design, y, link=starts.link, fix=fix,
+        shared_noise=shared_noise, max_iterations=max_iterations, tol=tol,
+        progress="EM" if progress_bar else None,
+    )
+    log_likelihoods = np.where(np.isfinite(log_likelihoods), log_likelihoods, -np.inf)
+    best = int(np.argmax(log_likelihoods))
+    count = int(iterations[best])
+    best_history = np.asarray(history[best, :count])
+    converged = count < max_iterations or bool(count > 1 and abs(best_history[-1] - best_history[-2]) < tol)
+    if not converged:
+        warnings.warn(
+            f"EM hit max_iterations={max_iterations} before the log-likelihood change fell below "
+            f"tol={tol}; the fit may not have converged: raise max_iterations",
+            ReliabilityWarning,
+            stacklevel=2,
+        )
+    params = split_augmented(experts[best], gates[best], noise[best], intercepts, starts.link)
+    return Fit(
+        params=params,
+        log_likelihood=float(log_likelihoods[best]),
+        history=best_history,
+        iterations=count,
+        converged=converged,
+        method="em",
+        start=best,
+        start_log_likelihoods=log_likelihoods,
+        start_labels=("given",) * len(log_likelihoods),
     )
 
 
-def minimize_adam(
-    loss,
-    variables,
-    args=(),
-    *,
-    num_steps: int,
-    learning_rate: float,
-    cosine_decay: bool = False,
-    static=(),
-):
-    """Minimise ``loss(variables, args, static)`` by ``num_steps`` Adam steps in one compiled scan.
-
-    ``variables`` and ``args`` (the data) are PyTrees of arrays, passed to the compiled program
-    rather than baked into it; ``loss`` and ``static`` (hashable settings such as the link) are
-    its compile-time constants. With a module-level ``loss`` the program compiles once per shape
-    and is reused by later calls. ``learning_rate`` is Adam's step size, held constant, or with
-    ``cosine_decay`` decayed along a cosine from it to 1% of it over the run.
-
-    Returns the final variables and the (num_steps,) loss values along the way.
-    """
-    return _adam_scan(
-        variables, args, jnp.asarray(learning_rate), loss=loss, num_steps=num_steps,
-        cosine_decay=cosine_decay, static=static,
-    )
-
-
-@partial(jax.jit, static_argnames=("loss", "num_steps", "cosine_decay", "static"))
-def _adam_scan(variables, args, learning_rate, *, loss, num_steps, cosine_decay, static):
-    if cosine_decay:
-        learning_rate = optax.cosine_decay_schedule(learning_rate, num_steps, alpha=0.01)
-    optimizer = optax.adam(learning_rate)
-
-    def step(carry, _):
-        variables, state = carry
-        value, grads = jax.value_and_grad(loss)(variables, args, static)
-        updates, state = optimizer.update(grads, state, variables)
-        return (optax.apply_updates(variables, updates), state), value
-
-    (variables, _), values = jax.lax.scan(step, (variables, optimizer.init(variables)), None, length=num_steps)
-    return variables, values
-
-
-def _unpack_descent(variables, experts, dtype, dim):
-    """MoEParams from Adam's variables: free gate rows (last row zero) and log noise."""
-    gates = jnp.concatenate([variables["gates"], jnp.zeros((1, dim), dtype)], axis=0)
-    return MoEParams(variables.get("experts", experts), gates, jnp.exp(variables["log_noise"]))
-
-
-def _negative_log_likelihood(variables, args, link):
-    experts, x, y = args
-    params = _unpack_descent(variables, experts, x.dtype, x.shape[1])
-    return -jnp.mean(pointwise_log_likelihood(params, x, y, link))
-
-
-def _likelihood_gd(params, x, y, link, *, num_steps, learning_rate, fix_experts):
-    """Gradient descent (Adam) on the negative log-likelihood; returns (params, losses)."""
-    experts = jnp.asarray(params.experts, x.dtype)
-    variables = {
-        "gates": jnp.asarray(params.gates[:-1] - params.gates[-1], x.dtype),
-        "log_noise": jnp.log(jnp.asarray(params.noise, x.dtype)),
-    }
-    if not fix_experts:
-        variables["experts"] = experts
-    variables, values = minimize_adam(
-        _negative_log_likelihood, variables, (experts, x, y), num_steps=num_steps,
-        learning_rate=learning_rate, static=link,
-    )
-    return _unpack_descent(variables, experts, x.dtype, x.shape[1]), values
-
-
-def fit_gating(
+def fit_map(
     x,
     y,
-    experts,
+    init,
     *,
-    link: str | Link = "linear",
-    method: str = "em",
-    noise: float | None = None,
-    key: jax.Array | None = None,
-    intercepts: bool = False,
-    max_iterations: int = 500,
-    tol: float = 1e-8,
+    key: jax.Array,
+    fix: tuple[str, ...] = (),
+    priors: dict | None = None,
+    shared_noise: bool = True,
     num_steps: int = 2000,
     learning_rate: float = 0.01,
-    progress: bool = False,
-) -> MoEParams:
-    """Learn the gate (and noise) with the experts held fixed.
+    tol: float = 1e-4,
+    progress_bar: bool = False,
+) -> Fit:
+    """The posterior mode of `moe_regression` by NumPyro SVI with an ``AutoDelta`` guide (Adam).
 
     Parameters
     ----------
     x, y
         (n, d) inputs and (n,) responses.
-    experts
-        An `ExpertEstimate`, `MoEParams` (its gates are the start) or a (k, d) array.
-    link
-        Expert link.
-    method
-        ``"em"``: EM over the gate, each M-step a convex soft-label multinomial logistic
-        regression solved by Newton's method (see `fit_em`; ``max_iterations``, ``tol``).
-        ``"map"``: NumPyro SVI with AutoDelta on `moe_regression` with the experts conditioned
-        (``handlers.condition``), so the priors count (``num_steps``, ``learning_rate``).
-        ``"likelihood_gd"``: Adam on the AISTATS 2020 gating loss, the negative log-likelihood
-        in W with the experts fixed (``num_steps``, ``learning_rate``).
-    noise
-        Starting (EM, gradient descent) or initial (MAP) noise sd; default as in `fit_em`.
+    init
+        The start: `MoEParams`, an expert estimate or a `Fit`; its link, number of experts and
+        intercepts define the model (started by `init_to_params`).
     key
-        PRNG key of the SVI run (``"map"`` only; None means ``jax.random.key(0)``).
-    intercepts
-        Learn gate intercepts too (EM and MAP).
+        PRNG key of the SVI run.
+    fix
+        Parameter groups held at ``init``'s values by ``handlers.condition``: ``"experts"``,
+        ``"gates"``, ``"noise"`` (each with its intercepts).
+    priors, shared_noise
+        The model's priors and noise structure (see `moe_priors`).
+    num_steps, learning_rate
+        Adam steps and step size.
+    tol
+        Converged when the mean log joint density per point changed by less than ``tol`` over
+        the last tenth of the steps; otherwise a `ReliabilityWarning` says to raise ``num_steps``.
+    progress_bar
+        Show NumPyro's progress bar.
+    """
+    x, y = check_data(x, y)
+    key = check_key(key)
+    fix = check_fix(fix)
+    num_steps = check_positive_int(num_steps, "num_steps")
+    learning_rate = check_positive(learning_rate, "learning_rate")
+    tol = check_positive(tol, "tol")
+    starts = as_starts(init, x.shape[1])
+    if starts.experts.shape[0] != 1:
+        raise ValueError(f"init: fit_map takes one start, got {starts.experts.shape[0]}; run fit_em for several")
+    start = _first(starts).replace(noise=_starting_noise(starts, x, y)[0])
+    model_kwargs = dict(
+        num_experts=start.num_experts, link=start.link, intercepts=start.has_intercepts,
+        shared_noise=shared_noise, priors=priors,
+    )
+    fixed = fixed_sites(fix, start, shared_noise=shared_noise)
+    model = handlers.condition(moe_regression, fixed) if fixed else moe_regression
+    guide = AutoDelta(model, init_loc_fn=init_to_params(params=start))
+    svi = SVI(model, guide, optax.adam(learning_rate), Trace_ELBO())
+    result = svi.run(key, num_steps, x, y, progress_bar=progress_bar, **model_kwargs)
+    sites = {**params_to_sites(start, shared_noise=shared_noise), **guide.median(result.params), **fixed}
+    params = sites_to_params(sites, link=start.link)
+    history = -np.asarray(result.losses) / x.shape[0]
+    window = max(num_steps // 10, 1)
+    converged = bool(num_steps > window and abs(history[-1] - history[-1 - window]) < tol)
+    if not converged:
+        warnings.warn(
+            f"MAP: the log joint density per point still changed by more than tol={tol} over the last "
+            f"{window} of num_steps={num_steps} Adam steps; raise num_steps",
+            ReliabilityWarning,
+            stacklevel=2,
+        )
+    log_likelihood = float(jnp.mean(MixtureOfExperts.from_params(params, x).log_prob(y)))
+    return Fit(
+        params=params,
+        log_likelihood=log_likelihood,
+        history=history,
+        iterations=num_steps,
+        converged=converged,
+        method="map",
+        start_log_likelihoods=np.asarray([log_likelihood]),
+    )
+
+
+def fit_moe(
+    x,
+    y,
+    *,
+    num_experts: int,
+    key: jax.Array,
+    link: str | Link = "linear",
+    intercepts: bool = False,
+    shared_noise: bool = True,
+    num_starts: int = 5,
+    estimate_options: dict | None = None,
+    max_iterations: int = 500,
+    tol: float = 1e-8,
+    progress_bar: bool = False,
+) -> Fit:
+    """Fit a mixture of experts: the tensor estimate and random starts, joint EM, best wins.
+
+    Parameters
+    ----------
+    x, y
+        (n, d) inputs and (n,) responses.
+    num_experts
+        k. For k > d the tensor method cannot apply and every start is random.
+    key
+        PRNG key (the tensor decomposition's restarts and the random starts).
+    link, intercepts, shared_noise
+        The model: the experts' link, expert and gate intercepts, one noise or one per expert.
+    num_starts
+        EM starts in all: the tensor estimate (when k <= d; its gate first fitted by EM with the
+        experts fixed) and ``num_starts - 1`` `random_starts`.
+    estimate_options
+        Options of `estimate_experts` (e.g. ``noise``, ``num_power_restarts``, ``method``).
+    max_iterations, tol
+        EM limits (see `fit_em`), for the gate-only and the joint EM.
+    progress_bar
+        Show progress bars.
 
     Returns
     -------
-    MoEParams
-        The experts as given, the learned gates (last row zero) and noise.
+    Fit
+        ``start_labels`` says which start is the tensor estimate's.
     """
-    if method not in GATING_METHODS:
-        raise ValueError(f"method: expected one of {GATING_METHODS}, got {method!r}")
-    x, y = _check_xy(x, y)
+    x, y = check_data(x, y)
     link = resolve_link(link)
-    key = jax.random.key(0) if key is None else check_key(key)
-    params = as_params(experts, "experts", x.shape[1])
-    _check_link_output(link, x, params)
-    params = normalize_gates(params._replace(noise=jnp.asarray(_starting_noise(params, noise, x, y, link))))
-    if method == "em":
-        return _em_fit(
-            params, x, y, link, update_experts=False, intercepts=intercepts,
-            max_iterations=check_positive_int(max_iterations, "max_iterations"),
-            tol=check_positive(tol, "tol"), progress="gating EM" if progress else None,
-        ).params
-    num_steps = check_positive_int(num_steps, "num_steps")
-    learning_rate = check_positive(learning_rate, "learning_rate")
-    if method == "map":
-        return fit_map(
-            x, y, num_experts=params.num_experts, link=link, key=key, init=params, fix=("experts",),
-            num_steps=num_steps, learning_rate=learning_rate, progress_bar=progress,
-            intercepts=intercepts,
-        ).params
-    fitted, _ = _likelihood_gd(
-        params, x, y, link, num_steps=num_steps, learning_rate=learning_rate, fix_experts=True
-    )
-    return fitted
+    key = check_key(key)
+    num_experts = check_num_experts(num_experts, x.shape[1], require_k_le_d=False)
+    num_starts = check_positive_int(num_starts, "num_starts")
+    options = dict(estimate_options or {})
+    taken = sorted(set(options) & {"num_experts", "key", "link"})
+    if taken:
+        raise ValueError(f"estimate_options: {taken} are set by fit_moe's own arguments; pass them there")
+    tensor_key, random_key = jax.random.split(key)
+    em_options = dict(shared_noise=shared_noise, max_iterations=max_iterations, tol=tol, progress_bar=progress_bar)
+    starts, labels = [], []
+    if num_experts <= x.shape[1]:
+        estimate = estimate_experts(x, y, num_experts=num_experts, link=link, key=tensor_key, **options)
+        gated = fit_em(x, y, estimate.to_params(intercepts=intercepts), fix=("experts",), **em_options)
+        starts.append(gated.params)
+        labels.append("tensor")
+    if num_starts > len(starts):
+        count = num_starts - len(starts)
+        starts.append(random_starts(
+            x, y, num_experts=num_experts, num_starts=count, key=random_key, link=link, intercepts=intercepts,
+        ))
+        labels += ["random"] * count
+    return fit_em(x, y, starts, **em_options)._replace(start_labels=tuple(labels))

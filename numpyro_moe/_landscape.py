@@ -98,10 +98,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from numpyro_moe._experts import Standardization, _estimate_noise, _second_moment, _warn_design
-from numpyro_moe._fit import minimize_adam
 from numpyro_moe._links import Link, resolve_link
 from numpyro_moe._moments import as_data_source, resolve_chunk_size
+from numpyro_moe._optim import minimize_adam
+from numpyro_moe._second_moment import Standardization, estimate_noise, second_moment, warn_design
 from numpyro_moe._transforms import hermite_moments, link_at_nodes, output_transforms
 from numpyro_moe._validation import (
     ReliabilityWarning,
@@ -379,9 +379,9 @@ def landscape_experts(
     y,
     *,
     num_experts: int,
-    link: str | Link = "linear",
-    noise: float | None,
     key: jax.Array,
+    link: str | Link = "linear",
+    noise: float | None = None,
     num_starts: int = 1,
     num_steps: int = 1000,
     learning_rate: float = 0.02,
@@ -451,13 +451,13 @@ def landscape_experts(
         learning_rate = check_positive(learning_rate, "learning_rate")
         mu, lam = _check_constants(mu, lam)
 
-        moment = _second_moment(
+        moment = second_moment(
             as_data_source(x, y), output_transforms(link, 0.0), standardize, resolve_chunk_size(None, dim)
         )
-        _warn_design(moment)
+        warn_design(moment)
         noise_source = "given"
         if noise is None:
-            noise, noise_source = _estimate_noise(moment.stats, link), "moments"
+            noise, noise_source = estimate_noise(moment.stats, link), "moments"
         transform = fourth_order_transform(link, noise)
         _warn_subspace(moment, num_experts)
 

@@ -1,92 +1,164 @@
-"""NumPyro model definitions of the softmax-gated mixture of experts (DESIGN sections 1 and 5).
+"""The mixture of experts as NumPyro pieces: priors that sample a parameter record inside any
+model, the ready-made regression models built from them, and the bridges from estimates to a
+model's sites (values to condition on, and an init strategy). DESIGN sections 1 and 5.
 
-Sample sites and their named dims (read by ``arviz.from_numpyro``):
+Sample sites of `moe_priors` and their named dims (``infer={"event_dims": ...}``, which
+``arviz.from_numpyro`` reads; plates add their own names in front):
 
 =====================  ===========  =====================  =====================================
 site                   shape        dims                   meaning
 =====================  ===========  =====================  =====================================
 ``experts``            (k, d)       (expert, feature)      expert weights a_i
 ``gates``              (k - 1, d)   (gate, feature)        free gate rows; row k is fixed at 0
-``noise``              ()                                  noise standard deviation
+``noise``              () or (k,)   () or (expert,)        noise sd, shared or one per expert
 ``expert_intercepts``  (k,)         (expert,)              only with ``intercepts=True``
 ``gate_intercepts``    (k - 1,)     (gate,)                only with ``intercepts=True``
-``y``                  (n,)         (obs,)                 observed response
 =====================  ===========  =====================  =====================================
 
-Fix the experts with ``numpyro.handlers.condition(model, {"experts": A})``; start inference at
-given values with ``init_to_value(values=params_to_sites(params))``. Nothing in the model
-changes for either.
+Under ``numpyro.handlers.scope(prefix="a")`` the names become ``a/experts`` and so on; every
+tool of the package takes the same ``prefix`` to find them.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from numpyro.infer import init_to_uniform
 from numpyro.ops.indexing import Vindex
 
-from numpyro_moe._links import Link, resolve_link
-from numpyro_moe._params import MoEParams, expert_means, gate_logits, normalize_gates
-from numpyro_moe._validation import check_design, check_num_experts, check_response
+from numpyro_moe._distribution import MixtureOfExperts
+from numpyro_moe._links import Link
+from numpyro_moe._params import MoEParams
 
 __all__ = [
+    "PARAMETER_SITES",
+    "as_params",
+    "check_fix",
+    "default_priors",
+    "fixed_sites",
+    "init_to_params",
+    "moe_priors",
     "moe_regression",
     "moe_regression_enumerated",
     "params_to_sites",
+    "site_name",
     "sites_to_params",
 ]
 
+PARAMETER_SITES = ("experts", "gates", "noise", "expert_intercepts", "gate_intercepts")
+_GROUPS = {  # parameter group -> its sites (the vocabulary of ``fix``)
+    "experts": ("experts", "expert_intercepts"),
+    "gates": ("gates", "gate_intercepts"),
+    "noise": ("noise",),
+}
 
-def _sample_params(
-    dim: int,
-    num_experts: int,
-    intercepts: bool,
-    expert_prior_scale: float,
-    gate_prior_scale: float,
-    noise_prior_scale: float,
-) -> MoEParams:
-    experts = numpyro.sample(
-        "experts",
-        dist.Normal(0.0, expert_prior_scale).expand([num_experts, dim]).to_event(2),
-        infer={"event_dims": ["expert", "feature"]},
-    )
-    free = num_experts - 1
-    if free > 0:
-        free_gates = numpyro.sample(
-            "gates",
-            dist.Normal(0.0, gate_prior_scale).expand([free, dim]).to_event(2),
-            infer={"event_dims": ["gate", "feature"]},
+
+def default_priors() -> dict[str, dist.Distribution]:
+    """The weakly informative default priors, for inputs and responses standardised to sd 1.
+
+    ``experts`` and ``expert_intercepts``: Normal(0, 1), a unit change of a standardised input
+    moves an expert's mean by about one sd of y. ``gates`` and ``gate_intercepts``: Normal(0, 2.5),
+    the scale of Gelman et al. (2008, "A weakly informative default prior distribution for
+    logistic and other regression models") for logistic coefficients: gates sharp enough to
+    switch experts within a few sd of x, but kept away from separation. ``noise``: HalfNormal(1).
+    """
+    return {
+        "experts": dist.Normal(0.0, 1.0),
+        "gates": dist.Normal(0.0, 2.5),
+        "noise": dist.HalfNormal(1.0),
+        "expert_intercepts": dist.Normal(0.0, 1.0),
+        "gate_intercepts": dist.Normal(0.0, 2.5),
+    }
+
+
+def _site_prior(prior, shape: tuple[int, ...], name: str) -> dist.Distribution:
+    """``prior`` as a distribution with event shape ``shape``: a univariate prior (or one with
+    batch shape broadcasting to ``shape``) is expanded; one whose event shape is a trailing part of
+    ``shape`` is expanded over the rest."""
+    if not isinstance(prior, dist.Distribution):
+        raise TypeError(f"priors[{name!r}]: expected a numpyro Distribution, got {type(prior).__name__}")
+    event = tuple(prior.event_shape)
+    split = len(shape) - len(event)
+    if split < 0 or tuple(shape[split:]) != event:
+        raise ValueError(
+            f"priors[{name!r}]: expected a distribution with event shape () or a trailing part of "
+            f"{shape}, got event shape {event}"
         )
+    try:
+        expanded = prior.expand(tuple(shape[:split])) if prior.batch_shape != tuple(shape[:split]) else prior
+    except ValueError:
+        raise ValueError(
+            f"priors[{name!r}]: its batch shape {prior.batch_shape} does not broadcast to {shape[:split]}"
+        ) from None
+    return expanded.to_event(split) if split else expanded
+
+
+def moe_priors(
+    num_experts: int,
+    dim: int,
+    *,
+    link: str | Link = "linear",
+    intercepts: bool = False,
+    shared_noise: bool = True,
+    priors: dict | None = None,
+) -> MoEParams:
+    """Sample the mixture-of-experts parameter sites inside any NumPyro model.
+
+    Parameters
+    ----------
+    num_experts, dim
+        k and d (static integers).
+    link
+        The experts' link, recorded in the returned parameters.
+    intercepts
+        Also sample ``expert_intercepts`` and ``gate_intercepts``.
+    shared_noise
+        One noise sd for all experts (site ``noise`` of shape ()), or one per expert (shape (k,)).
+    priors
+        Replacements for `default_priors`, keyed by site name (``"experts"``, ``"gates"``,
+        ``"noise"``, ``"expert_intercepts"``, ``"gate_intercepts"``). A prior is a NumPyro
+        distribution with event shape () (expanded to the site's shape; its batch shape may hold
+        per-entry parameters, e.g. ``Normal(group_mean, tau)`` with ``group_mean`` of shape (k, d))
+        or with an event shape that ends the site's shape.
+
+    Returns
+    -------
+    MoEParams
+        The sampled values with the gates' fixed last row (zero) appended, noise of shape (k,)
+        and the link.
+    """
+    chosen = default_priors()
+    unknown = sorted(set(priors or {}) - set(chosen))
+    if unknown:
+        raise ValueError(f"priors: unknown sites {unknown}; expected some of {list(chosen)}")
+    chosen.update(priors or {})
+    free = num_experts - 1
+
+    def sample(name, shape, dims):
+        prior = _site_prior(chosen[name], shape, name)
+        return numpyro.sample(name, prior, infer={"event_dims": dims} if dims else {})
+
+    experts = sample("experts", (num_experts, dim), ["expert", "feature"])
+    if free:
+        free_gates = sample("gates", (free, dim), ["gate", "feature"])
     else:
-        free_gates = jnp.zeros((0, dim))
-    gates = jnp.concatenate([free_gates, jnp.zeros((1, dim), free_gates.dtype)], axis=0)
-    noise = numpyro.sample("noise", dist.HalfNormal(noise_prior_scale))
+        free_gates = jnp.zeros((0, dim), jnp.result_type(experts))
+    gates = jnp.concatenate([free_gates, jnp.zeros((1, dim), jnp.result_type(free_gates))], axis=0)
+    if shared_noise:
+        noise = jnp.broadcast_to(sample("noise", (), []), (num_experts,))
+    else:
+        noise = sample("noise", (num_experts,), ["expert"])
     expert_intercepts = gate_intercepts = None
     if intercepts:
-        expert_intercepts = numpyro.sample(
-            "expert_intercepts",
-            dist.Normal(0.0, expert_prior_scale).expand([num_experts]).to_event(1),
-            infer={"event_dims": ["expert"]},
-        )
-        if free > 0:
-            free_bias = numpyro.sample(
-                "gate_intercepts",
-                dist.Normal(0.0, gate_prior_scale).expand([free]).to_event(1),
-                infer={"event_dims": ["gate"]},
-            )
-        else:
-            free_bias = jnp.zeros((0,))
-        gate_intercepts = jnp.concatenate([free_bias, jnp.zeros((1,), free_bias.dtype)])
-    return MoEParams(experts, gates, noise, expert_intercepts, gate_intercepts)
-
-
-def _check_model_inputs(x, y, num_experts):
-    x = check_design(x)
-    if y is not None:
-        y = check_response(y, x.shape[0])
-    num_experts = check_num_experts(num_experts, x.shape[1], require_k_le_d=False)
-    return x, y, num_experts
+        expert_intercepts = sample("expert_intercepts", (num_experts,), ["expert"])
+        free_bias = sample("gate_intercepts", (free,), ["gate"]) if free else jnp.zeros((0,))
+        gate_intercepts = jnp.concatenate([free_bias, jnp.zeros((1,), jnp.result_type(free_bias))])
+    return MoEParams(experts, gates, noise, expert_intercepts, gate_intercepts, link)
 
 
 def moe_regression(
@@ -96,14 +168,11 @@ def moe_regression(
     num_experts: int,
     link: str | Link = "linear",
     intercepts: bool = False,
-    expert_prior_scale: float = 1.0,
-    gate_prior_scale: float = 2.5,
-    noise_prior_scale: float = 1.0,
-):
-    """Softmax-gated mixture-of-experts regression, the expert marginalised out.
-
-    ``y_n ~ sum_i softmax(W x_n + b)_i Normal(g(a_i . x_n + c_i), noise^2)``, written as a
-    ``MixtureSameFamily`` inside the ``obs`` plate, so ``log_likelihood`` is per point.
+    shared_noise: bool = True,
+    priors: dict | None = None,
+) -> MoEParams:
+    """Softmax-gated mixture-of-experts regression: `moe_priors`, a plate ``obs`` and the
+    `MixtureOfExperts` likelihood of ``y`` (the expert marginalised, log-likelihood per point).
 
     Parameters
     ----------
@@ -111,25 +180,20 @@ def moe_regression(
         (n, d) inputs (standardise real data first).
     y
         (n,) responses, or None to sample them (prior / posterior predictive).
-    num_experts
-        k >= 1.
-    link
-        Expert link name or callable (see `resolve_link`).
-    intercepts
-        Add the ``expert_intercepts`` and ``gate_intercepts`` sites.
-    expert_prior_scale, gate_prior_scale, noise_prior_scale
-        Normal(0, s) priors on experts and gates (and their intercepts), HalfNormal(s) on noise.
+    num_experts, link, intercepts, shared_noise, priors
+        As in `moe_priors`.
+
+    Returns
+    -------
+    MoEParams
+        The parameters sampled by `moe_priors`.
     """
-    x, y, num_experts = _check_model_inputs(x, y, num_experts)
-    link = resolve_link(link)
-    params = _sample_params(
-        x.shape[1], num_experts, intercepts, expert_prior_scale, gate_prior_scale,
-        noise_prior_scale,
+    params = moe_priors(
+        num_experts, jnp.shape(x)[1], link=link, intercepts=intercepts, shared_noise=shared_noise, priors=priors
     )
-    mixing = dist.Categorical(logits=gate_logits(params, x))
-    components = dist.Normal(expert_means(params, x, link), params.noise)
-    with numpyro.plate("obs", x.shape[0]):
-        numpyro.sample("y", dist.MixtureSameFamily(mixing, components), obs=y)
+    with numpyro.plate("obs", jnp.shape(x)[0]):
+        numpyro.sample("y", MixtureOfExperts.from_params(params, x), obs=y)
+    return params
 
 
 def moe_regression_enumerated(
@@ -139,61 +203,158 @@ def moe_regression_enumerated(
     num_experts: int,
     link: str | Link = "linear",
     intercepts: bool = False,
-    expert_prior_scale: float = 1.0,
-    gate_prior_scale: float = 2.5,
-    noise_prior_scale: float = 1.0,
-):
-    """The same model with the expert of each point as a latent site ``expert_assignment``.
+    shared_noise: bool = True,
+    priors: dict | None = None,
+) -> MoEParams:
+    """`moe_regression` with the expert of each point as a latent site ``expert_assignment``.
 
     The site is marked for parallel enumeration, so NUTS marginalises it exactly (needs
     ``funsor``); ``numpyro.contrib.funsor.infer_discrete`` then draws per-point assignments.
-    Arguments as in `moe_regression`.
+    Arguments and return value as in `moe_regression`.
     """
-    x, y, num_experts = _check_model_inputs(x, y, num_experts)
-    link = resolve_link(link)
-    params = _sample_params(
-        x.shape[1], num_experts, intercepts, expert_prior_scale, gate_prior_scale,
-        noise_prior_scale,
+    params = moe_priors(
+        num_experts, jnp.shape(x)[1], link=link, intercepts=intercepts, shared_noise=shared_noise, priors=priors
     )
-    logits = gate_logits(params, x)
-    means = expert_means(params, x, link)
-    with numpyro.plate("obs", x.shape[0]):
+    means = params.expert_means(x)
+    scales = jnp.broadcast_to(params.noise, means.shape)
+    with numpyro.plate("obs", jnp.shape(x)[0]):
         assignment = numpyro.sample(
             "expert_assignment",
-            dist.Categorical(logits=logits),
+            dist.Categorical(logits=params.gate_logits(x)),
             infer={"enumerate": "parallel"},
         )
-        numpyro.sample("y", dist.Normal(Vindex(means)[..., assignment], params.noise), obs=y)
+        numpyro.sample("y", dist.Normal(Vindex(means)[..., assignment], Vindex(scales)[..., assignment]), obs=y)
+    return params
 
 
-def params_to_sites(params: MoEParams) -> dict[str, jax.Array]:
-    """Model site values for `MoEParams` (gates normalised so the fixed last row is zero).
+def as_params(value, name: str = "params") -> MoEParams:
+    """The parameter record of ``value``: `MoEParams` itself, a fit result's ``.params``, or an
+    estimate's ``.to_params()`` (gates zero, a uniform gate)."""
+    if isinstance(value, MoEParams):
+        return value
+    if isinstance(getattr(value, "params", None), MoEParams):
+        return value.params
+    if callable(getattr(value, "to_params", None)):
+        return value.to_params()
+    raise TypeError(
+        f"{name}: expected MoEParams, an expert estimate or a fit result, got {type(value).__name__}"
+    )
 
-    For ``init_to_value(values=...)`` and ``handlers.condition``; take a subset of the dict
-    (e.g. ``{"experts": ...}``) to fix or start only some sites.
+
+def site_name(prefix: str, name: str) -> str:
+    """``name`` under a ``handlers.scope`` prefix (NumPyro joins them with a slash)."""
+    return f"{prefix}/{name}" if prefix else name
+
+
+def params_to_sites(params, *, prefix: str = "", shared_noise: bool = True) -> dict[str, jax.Array]:
+    """Site values of `moe_priors` for a parameter record (gates normalised, last row dropped).
+
+    For ``handlers.condition`` (fix some sites: take a subset, e.g. the ``experts`` entry) and
+    ``init_to_value``. ``params`` may be `MoEParams`, an expert estimate or a fit result.
+
+    Parameters
+    ----------
+    prefix
+        The model's ``handlers.scope`` prefix, if any.
+    shared_noise
+        Whether the model's ``noise`` site is shared (shape (), the mean of the k noises) or one per
+        expert (shape (k,)); `moe_priors`' default is shared.
     """
-    if not isinstance(params, MoEParams):
-        raise TypeError(f"params: expected MoEParams, got {type(params).__name__}")
-    params = normalize_gates(params)
-    sites = {"experts": params.experts, "noise": jnp.asarray(params.noise)}
+    params = as_params(params).normalized()
+    noise = jnp.asarray(params.noise)
+    noise = jnp.mean(noise) if shared_noise else jnp.broadcast_to(noise, (params.num_experts,))
+    sites = {"experts": params.experts, "noise": noise}
     if params.num_experts > 1:
         sites["gates"] = params.gates[:-1]
-    if params.expert_intercepts is not None:
-        sites["expert_intercepts"] = params.expert_intercepts
-    if params.gate_intercepts is not None and params.num_experts > 1:
-        sites["gate_intercepts"] = params.gate_intercepts[:-1]
-    return sites
+    if params.has_intercepts:
+        zeros = jnp.zeros(params.num_experts, jnp.result_type(params.experts))
+        sites["expert_intercepts"] = zeros if params.expert_intercepts is None else params.expert_intercepts
+        if params.num_experts > 1:
+            gate_bias = zeros if params.gate_intercepts is None else params.gate_intercepts
+            sites["gate_intercepts"] = gate_bias[:-1]
+    return {site_name(prefix, name): value for name, value in sites.items()}
 
 
-def sites_to_params(sites: dict) -> MoEParams:
-    """`MoEParams` from one draw of the model's sites (the inverse of `params_to_sites`)."""
-    experts = jnp.asarray(sites["experts"])
-    dim = experts.shape[-1]
-    free_gates = jnp.asarray(sites.get("gates", jnp.zeros((0, dim))))
-    gates = jnp.concatenate([free_gates, jnp.zeros((1, dim), free_gates.dtype)], axis=0)
-    expert_intercepts = sites.get("expert_intercepts")
-    gate_intercepts = None
-    if "expert_intercepts" in sites:
-        free_bias = jnp.asarray(sites.get("gate_intercepts", jnp.zeros((0,))))
-        gate_intercepts = jnp.concatenate([free_bias, jnp.zeros((1,), free_bias.dtype)])
-    return MoEParams(experts, gates, jnp.asarray(sites["noise"]), expert_intercepts, gate_intercepts)
+def sites_to_params(sites: dict, *, prefix: str = "", link: str | Link = "linear") -> MoEParams:
+    """`MoEParams` from one draw of `moe_priors`' sites (the inverse of `params_to_sites`).
+
+    A shared noise (shape ()) is broadcast to (k,). Leading batch axes (draws) are kept, so the
+    result of ``jax.vmap(sites_to_params)`` stacks records.
+    """
+    get = lambda name, default=None: sites.get(site_name(prefix, name), default)  # noqa: E731
+    if get("experts") is None:
+        raise KeyError(f"sites: no {site_name(prefix, 'experts')!r} entry; expected the sites of moe_priors")
+    experts = jnp.asarray(get("experts"))
+    k, dim = experts.shape[-2:]
+    batch = experts.shape[:-2]
+    free_gates = jnp.asarray(get("gates", jnp.zeros((*batch, 0, dim), experts.dtype)))
+    gates = jnp.concatenate([free_gates, jnp.zeros((*batch, 1, dim), free_gates.dtype)], axis=-2)
+    noise = jnp.asarray(get("noise"))
+    if noise.shape == batch:
+        noise = jnp.broadcast_to(noise[..., None], (*batch, k))
+    expert_intercepts = gate_intercepts = None
+    if get("expert_intercepts") is not None:
+        expert_intercepts = jnp.asarray(get("expert_intercepts"))
+        free_bias = jnp.asarray(get("gate_intercepts", jnp.zeros((*batch, 0), experts.dtype)))
+        gate_intercepts = jnp.concatenate([free_bias, jnp.zeros((*batch, 1), free_bias.dtype)], axis=-1)
+    return MoEParams(experts, gates, noise, expert_intercepts, gate_intercepts, link)
+
+
+def fixed_sites(fix, params, *, prefix: str = "", shared_noise: bool = True) -> dict[str, jax.Array]:
+    """The site values that hold the parameter groups in ``fix`` (``"experts"``, ``"gates"``,
+    ``"noise"``; each with its intercepts) at ``params``, for ``handlers.condition``."""
+    fix = check_fix(fix)
+    sites = params_to_sites(params, prefix=prefix, shared_noise=shared_noise)
+    names = {site_name(prefix, site) for group in fix for site in _GROUPS[group]}
+    return {name: value for name, value in sites.items() if name in names}
+
+
+def check_fix(fix) -> tuple[str, ...]:
+    """``fix`` as a tuple of parameter groups, or a ValueError/TypeError naming it."""
+    if isinstance(fix, str):
+        raise TypeError(f"fix: expected a tuple of parameter groups, e.g. ('experts',), got the string {fix!r}")
+    fix = tuple(fix)
+    unknown = sorted(set(fix) - set(_GROUPS))
+    if unknown:
+        raise ValueError(f"fix: unknown parameter groups {unknown}; expected some of {list(_GROUPS)}")
+    return fix
+
+
+def init_to_params(site=None, params=None, *, prefix: str = "", values: dict | None = None):
+    """Init strategy (in NumPyro's style) starting the mixture-of-experts sites at ``params``.
+
+    ``NUTS(model, init_strategy=init_to_params(params=fit))``, or in an ``AutoDelta`` guide.
+
+    Parameters
+    ----------
+    params
+        `MoEParams`, an expert estimate (a uniform gate) or a fit result, for the sites of
+        `moe_priors` under ``prefix``; or a dict mapping prefixes to such records, for a model with
+        several blocks (e.g. ``{"g1": fit1, "g2": fit2}`` for blocks under ``handlers.scope``).
+    prefix
+        The ``handlers.scope`` prefix of the sites (with a single record).
+    values
+        Starting values of the model's other sites, by name (as ``init_to_value``).
+
+    Every sample site of `moe_priors` starts at its value, the noise in the shape the model
+    declares (shared: the mean of the k noises); a site in ``values`` at that value; any other
+    latent site falls back to NumPyro's ``init_to_uniform``. Conditioned sites are left to the model.
+    """
+    if site is None:
+        blocks = params if isinstance(params, dict) else {prefix: params}
+        sites = {}
+        for block_prefix, block in blocks.items():
+            sites.update(params_to_sites(block, prefix=block_prefix, shared_noise=False))
+        sites.update({name: jnp.asarray(value) for name, value in (values or {}).items()})
+        return partial(_init_to_sites, values=sites)
+    return init_to_params(params=params, prefix=prefix, values=values)(site)
+
+
+def _init_to_sites(site, *, values):
+    if site["type"] == "sample" and not site["is_observed"] and site["name"] in values:
+        value = values[site["name"]]
+        shape = tuple(site["fn"].shape())
+        if np.shape(value) != shape and shape == () and site["name"].split("/")[-1] == "noise":
+            value = jnp.mean(value)  # a shared noise site
+        return jnp.broadcast_to(value, shape) if np.shape(value) != shape else value
+    return init_to_uniform(site)

@@ -1,51 +1,50 @@
-"""Parameters of a softmax-gated mixture of experts, and the densities they define.
+"""The parameter record of a softmax-gated mixture of experts.
 
 Model (DESIGN section 1), for one input x in R^d::
 
     P(z = i | x) = softmax(W x + b)_i          W = gates (k, d), last row zero; b = gate_intercepts
-    y | z = i, x ~ Normal(g(a_i . x + c_i), noise^2)    a_i = experts[i]; c = expert_intercepts
+    y | z = i, x ~ Normal(g(a_i . x + c_i), s_i^2)    a_i = experts[i]; c = expert_intercepts;
+                                                       s = noise (k,); g = link
+
+The record carries its link, so a saved fit is self-describing and everything downstream (the
+likelihood, prediction, metrics, EM) needs nothing from the caller but data.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import logsumexp
 
 from numpyro_moe._links import Link, resolve_link
 
-__all__ = [
-    "MoEParams",
-    "expert_means",
-    "gate_logits",
-    "gate_probabilities",
-    "joint_log_probs",
-    "normalize_gates",
-    "pointwise_log_likelihood",
-    "predictive_mean",
-    "responsibilities",
-]
+__all__ = ["MoEParams"]
 
 
-class MoEParams(NamedTuple):
-    """Parameters of a k-expert, d-dimensional mixture of experts (a JAX PyTree).
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MoEParams:
+    """Parameters of a k-expert, d-dimensional mixture of experts (a JAX PyTree, link static).
 
     Attributes
     ----------
     experts
         (k, d) expert weight vectors a_i.
     gates
-        (k, d) gating weights W. The model is identified with the last row zero; use
-        `normalize_gates` to bring any W to that form (softmax is shift-invariant).
+        (k, d) gating weights W. The model is identified with the last row zero; `normalized`
+        brings any W to that form (softmax is shift-invariant).
     noise
-        () standard deviation of the Gaussian noise on y.
+        (k,) noise standard deviation of each expert (a shared noise is k equal entries; a
+        scalar is accepted and broadcasts wherever it is used).
     expert_intercepts
         (k,) offsets c_i inside the link, or None for none.
     gate_intercepts
         (k,) gate offsets b_i (last entry zero), or None for none.
+    link
+        The expert link g (a name such as ``"tanh"``, or a callable, resolved to a `Link`);
+        static under ``jit`` and ``vmap``: a leading batch axis on the arrays stacks records.
     """
 
     experts: jax.Array
@@ -53,19 +52,42 @@ class MoEParams(NamedTuple):
     noise: jax.Array
     expert_intercepts: jax.Array | None = None
     gate_intercepts: jax.Array | None = None
+    link: Link = dataclasses.field(default="linear", metadata={"static": True})
+
+    def __post_init__(self):
+        # Only the static link is touched: JAX rebuilds records with placeholder leaves.
+        if not isinstance(self.link, Link):
+            object.__setattr__(self, "link", resolve_link(self.link))
 
     @property
     def num_experts(self) -> int:
-        return self.experts.shape[0]
+        return self.experts.shape[-2]
 
     @property
     def dim(self) -> int:
-        return self.experts.shape[1]
+        return self.experts.shape[-1]
+
+    @property
+    def has_intercepts(self) -> bool:
+        return self.expert_intercepts is not None or self.gate_intercepts is not None
+
+    def replace(self, **changes) -> MoEParams:
+        """A copy with the given fields replaced."""
+        return dataclasses.replace(self, **changes)
+
+    def normalized(self) -> MoEParams:
+        """The same model with the last gate row (and gate intercept) zero."""
+        gates = self.gates - self.gates[..., -1:, :]
+        gate_intercepts = self.gate_intercepts
+        if gate_intercepts is not None:
+            gate_intercepts = gate_intercepts - gate_intercepts[..., -1:]
+        return self.replace(gates=gates, gate_intercepts=gate_intercepts)
 
     def permute(self, permutation) -> MoEParams:
         """Relabel the experts: expert ``i`` of the result is expert ``permutation[i]`` of self.
 
-        The gates are re-normalised so the last row stays zero.
+        Experts, gates, noise and intercepts move together; the gates are re-normalised so the
+        last row stays zero.
 
         Raises
         ------
@@ -85,72 +107,39 @@ class MoEParams(NamedTuple):
                 )
         permutation = jnp.asarray(permutation)
         take = lambda value: None if value is None else value[permutation]  # noqa: E731
-        permuted = self._replace(
+        noise = self.noise if jnp.ndim(self.noise) == 0 else self.noise[permutation]
+        return self.replace(
             experts=self.experts[permutation],
             gates=self.gates[permutation],
+            noise=noise,
             expert_intercepts=take(self.expert_intercepts),
             gate_intercepts=take(self.gate_intercepts),
-        )
-        return normalize_gates(permuted)
+        ).normalized()
 
+    def gate_logits(self, x) -> jax.Array:
+        """(n, k) gate logits ``x W^T + b`` for inputs x of shape (n, d)."""
+        logits = x @ self.gates.T
+        if self.gate_intercepts is not None:
+            logits = logits + self.gate_intercepts
+        return logits
 
-def normalize_gates(params: MoEParams) -> MoEParams:
-    """Subtract the last gate row (and intercept) from all rows: same model, last row zero."""
-    gates = params.gates - params.gates[-1]
-    gate_intercepts = params.gate_intercepts
-    if gate_intercepts is not None:
-        gate_intercepts = gate_intercepts - gate_intercepts[-1]
-    return params._replace(gates=gates, gate_intercepts=gate_intercepts)
+    def gate_probabilities(self, x) -> jax.Array:
+        """(n, k) probabilities P(z = i | x) for inputs x of shape (n, d)."""
+        return jax.nn.softmax(self.gate_logits(x), axis=-1)
 
+    def expert_means(self, x) -> jax.Array:
+        """(n, k) expert means ``g(x a_i + c_i)`` for inputs x of shape (n, d)."""
+        pre_activation = x @ self.experts.T
+        if self.expert_intercepts is not None:
+            pre_activation = pre_activation + self.expert_intercepts
+        means = self.link.function(pre_activation)
+        if jnp.shape(means) != pre_activation.shape:  # static: costs nothing under jit
+            raise ValueError(
+                f"link: {self.link.name!r} must map arrays elementwise to arrays of the same shape; "
+                f"it mapped shape {pre_activation.shape} to shape {jnp.shape(means)}"
+            )
+        return means
 
-def gate_logits(params: MoEParams, x: jax.Array) -> jax.Array:
-    """(n, k) gate logits ``x W^T + b`` for inputs x of shape (n, d)."""
-    logits = x @ params.gates.T
-    if params.gate_intercepts is not None:
-        logits = logits + params.gate_intercepts
-    return logits
-
-
-def gate_probabilities(params: MoEParams, x: jax.Array) -> jax.Array:
-    """(n, k) probabilities P(z = i | x) for inputs x of shape (n, d)."""
-    return jax.nn.softmax(gate_logits(params, x), axis=-1)
-
-
-def expert_means(params: MoEParams, x: jax.Array, link: str | Link = "linear") -> jax.Array:
-    """(n, k) expert means ``g(x a_i + c_i)`` for inputs x of shape (n, d)."""
-    link = resolve_link(link)
-    pre_activation = x @ params.experts.T
-    if params.expert_intercepts is not None:
-        pre_activation = pre_activation + params.expert_intercepts
-    means = link.function(pre_activation)
-    if jnp.shape(means) != pre_activation.shape:  # static: costs nothing under jit
-        raise ValueError(
-            f"link: {link.name!r} must map arrays elementwise to arrays of the same shape; it "
-            f"mapped shape {pre_activation.shape} to shape {jnp.shape(means)}"
-        )
-    return means
-
-
-def joint_log_probs(params: MoEParams, x: jax.Array, y: jax.Array, link: str | Link = "linear") -> jax.Array:
-    """(n, k) log [P(z = i | x_n) Normal(y_n; g(a_i . x_n + c_i), noise^2)]."""
-    means = expert_means(params, x, link)
-    log_gate = jax.nn.log_softmax(gate_logits(params, x), axis=-1)
-    residual = (y[:, None] - means) / params.noise
-    return log_gate - 0.5 * residual**2 - jnp.log(params.noise) - 0.5 * jnp.log(2 * jnp.pi)
-
-
-def pointwise_log_likelihood(
-    params: MoEParams, x: jax.Array, y: jax.Array, link: str | Link = "linear"
-) -> jax.Array:
-    """(n,) log p(y_n | x_n), the expert marginalised by logsumexp."""
-    return logsumexp(joint_log_probs(params, x, y, link), axis=-1)
-
-
-def responsibilities(params: MoEParams, x: jax.Array, y: jax.Array, link: str | Link = "linear") -> jax.Array:
-    """(n, k) posterior expert probabilities P(z = i | x_n, y_n) (the E-step of EM)."""
-    return jax.nn.softmax(joint_log_probs(params, x, y, link), axis=-1)
-
-
-def predictive_mean(params: MoEParams, x: jax.Array, link: str | Link = "linear") -> jax.Array:
-    """(n,) E[y | x] = sum_i P(z = i | x) g(a_i . x + c_i)."""
-    return jnp.sum(gate_probabilities(params, x) * expert_means(params, x, link), axis=-1)
+    def predictive_mean(self, x) -> jax.Array:
+        """(n,) E[y | x] = sum_i P(z = i | x) g(a_i . x + c_i)."""
+        return jnp.sum(self.gate_probabilities(x) * self.expert_means(x), axis=-1)

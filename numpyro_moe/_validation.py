@@ -140,21 +140,18 @@ def check_params(
     num_experts: int | None = None,
     require_noise: bool = False,
 ) -> MoEParams:
-    """Return ``value`` if it is a well-formed `MoEParams`, or raise naming ``name``.
+    """Return ``value`` as a well-formed `MoEParams` with noise of shape (k,), or raise naming ``name``.
 
     Checks: the type; experts and gates of one shape (k, d) (all k gate rows, the last zero);
-    intercepts of shape (k,) when set; a scalar noise; finite experts, gates and intercepts;
-    ``dim`` columns and ``num_experts`` rows when given; and, with ``require_noise``, a finite
-    noise > 0 (needed wherever the likelihood is evaluated). Values inside a jit trace are not
-    checked (shapes are).
+    intercepts of shape (k,) when set; a noise of shape () (broadcast to (k,)) or (k,); finite
+    experts, gates and intercepts; ``dim`` columns and ``num_experts`` rows when given; and, with
+    ``require_noise``, finite noise > 0 (needed wherever the likelihood is evaluated). Values
+    inside a jit trace are not checked (shapes are).
     """
     if not isinstance(value, MoEParams):
         hint = ""
-        inner = getattr(value, "params", None)
-        if isinstance(inner, MoEParams) and np.ndim(inner.experts) == 2:
+        if isinstance(getattr(value, "params", None), MoEParams):
             hint = " (pass its .params)"
-        elif isinstance(getattr(getattr(value, "best", None), "params", None), MoEParams):
-            hint = " (pass its .best.params)"
         elif hasattr(value, "to_params"):
             hint = " (use its .to_params())"
         raise TypeError(f"{name}: expected MoEParams, got {type(value).__name__}{hint}")
@@ -169,8 +166,11 @@ def check_params(
         intercepts = getattr(value, field)
         if intercepts is not None and np.shape(intercepts) != (k,):
             raise ValueError(f"{name}: expected {field} of shape ({k},), got shape {np.shape(intercepts)}")
-    if np.shape(value.noise) != ():
-        raise ValueError(f"{name}: expected a scalar noise, got shape {np.shape(value.noise)}")
+    if np.shape(value.noise) not in ((), (k,)):
+        raise ValueError(
+            f"{name}: expected noise of shape ({k},) (one sd per expert) or () (shared), got shape "
+            f"{np.shape(value.noise)}"
+        )
     if dim is not None and d != dim:
         raise ValueError(f"{name}: expected experts with {dim} columns like x, got {d}")
     if num_experts is not None and k != num_experts:
@@ -182,8 +182,10 @@ def check_params(
             raise ValueError(f"{name}: expected finite {field}, found {bad} NaN or inf entries")
     if require_noise and not isinstance(value.noise, jax.core.Tracer):
         noise = np.asarray(value.noise)
-        if _count_nonfinite(noise) or not float(noise) > 0:
-            raise ValueError(f"{name}: expected noise > 0 (a finite standard deviation), got {noise}")
+        if _count_nonfinite(noise) or not np.all(noise > 0):
+            raise ValueError(f"{name}: expected noise > 0 (finite standard deviations), got {noise}")
+    if np.shape(value.noise) == ():
+        value = value.replace(noise=jnp.broadcast_to(jnp.asarray(value.noise), (k,)))
     return value
 
 

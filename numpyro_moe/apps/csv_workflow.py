@@ -15,12 +15,11 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from numpyro_moe._io import output_folder, save_params
-from numpyro_moe._links import resolve_link
-from numpyro_moe._params import MoEParams, gate_probabilities
-from numpyro_moe._pipeline import fit_moe
-from numpyro_moe._simulate import sample_response
-from numpyro_moe._validation import check_positive_int
+from numpyro_moe import MoEParams, fit_moe, run_nuts
+from numpyro_moe.apps.folders import output_folder
+from numpyro_moe.apps.plots import plot_gates, plot_trace, save_plot
+from numpyro_moe.io import save_result
+from numpyro_moe.simulation import sample_response
 
 __all__ = ["CsvData", "fit_csv", "read_csv"]
 
@@ -109,63 +108,14 @@ def _parameter_table(params: MoEParams, feature_names: list[str]) -> str:
     for i in range(params.num_experts):
         intercept = "" if params.gate_intercepts is None else f"{float(params.gate_intercepts[i]):.6g}"
         lines.append(f"gate {i}," + ",".join(f"{float(v):.6g}" for v in params.gates[i]) + f",{intercept}")
-    lines.append(f"noise,{float(params.noise):.6g}")
+    lines.append("noise," + ",".join(f"{float(v):.6g}" for v in np.broadcast_to(params.noise, (params.num_experts,))))
     return "\n".join(lines) + "\n"
 
 
-def _plot_gates(params: MoEParams, x: np.ndarray, feature_names: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    probabilities = np.asarray(gate_probabilities(params, x))
-    # The features the gate leans on most, at most six.
-    strength = np.abs(np.asarray(params.gates)).sum(axis=0)
-    shown = np.argsort(-strength)[: min(6, x.shape[1])]
-    figure, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3), squeeze=False, sharey=True)
-    for axis, feature in zip(axes[0], shown, strict=True):
-        for expert in range(probabilities.shape[1]):
-            axis.scatter(x[:, feature], probabilities[:, expert], s=3, alpha=0.4, label=f"expert {expert}")
-        axis.set_xlabel(f"{feature_names[feature]} (standardised)")
-    axes[0, 0].set_ylabel("P(expert | x)")
-    axes[0, -1].legend(markerscale=4, fontsize="small")
-    figure.suptitle("Gate probabilities against the inputs")
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def _save_plot(collection, path: Path) -> None:
-    """Save an ArviZ ``PlotCollection`` (matplotlib backend) and close its figure."""
-    import matplotlib.pyplot as plt
-
-    collection.savefig(path)
-    plt.close(collection.get_viz("figure"))
-
-
-MAX_TRACE_PANELS = 60
-
-
-def _plot_trace(datatree, path: Path) -> None:
-    """``az.plot_trace`` of every parameter, or of the first features when that is over 60 panels."""
-    import arviz as az
-
-    posterior = datatree["posterior"]
-    per_feature = sum(
-        int(np.prod([posterior.sizes[dim] for dim in value.dims if dim not in ("chain", "draw", "feature")]))
-        for value in posterior.data_vars.values() if "feature" in value.dims
-    )
-    others = sum(
-        int(np.prod([posterior.sizes[dim] for dim in value.dims if dim not in ("chain", "draw")]))
-        for value in posterior.data_vars.values() if "feature" not in value.dims
-    )
-    features = posterior.sizes["feature"]
-    if per_feature:
-        features = max(1, min(features, (MAX_TRACE_PANELS - others) // per_feature))
-    coords = {"feature": np.arange(features)} if features < posterior.sizes["feature"] else None
-    with az.rc_context({"plot.max_subplots": others + per_feature * features}):
-        _save_plot(az.plot_trace(datatree, coords=coords, backend="matplotlib"), path)
+def _positive_int(value, flag: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{flag}: expected an integer >= 1, got {value!r}")
+    return value
 
 
 def fit_csv(
@@ -178,7 +128,7 @@ def fit_csv(
     features: list[str] | None = None,
     nuts: bool = False,
     seed: int = 0,
-    num_restarts: int = 4,
+    num_starts: int = 5,
     num_chains: int = 4,
     num_warmup: int = 500,
     num_samples: int = 500,
@@ -188,18 +138,18 @@ def fit_csv(
     """Fit a mixture of experts to a CSV file and write the results into the folder ``out``.
 
     Columns are standardised (mean 0, sd 1; the transform is saved in ``standardization.json``),
-    the model has expert and gate intercepts, and the fit is `fit_moe` (tensor estimate among
+    the model has expert and gate intercepts, and the fit is `fit_moe` (the tensor estimate among
     random starts, joint EM); with ``nuts``, `run_nuts` from that fit.
 
-    Outputs: ``params.npz`` (point estimate, standardised units), ``parameters.csv``,
-    ``standardization.json``, ``summary.txt``, ``gate_probabilities.png``, ``ppc.png``; with
-    ``nuts`` also ``posterior.nc`` (the ArviZ DataTree), ``summary.csv`` (``az.summary``) and
-    ``trace.png``.
+    Outputs: ``fit.npz`` (the point fit, standardised units; ``numpyro_moe.io.load_result``),
+    ``parameters.csv``, ``standardization.json``, ``summary.txt``, ``gate_probabilities.png``,
+    ``ppc.png``; with ``nuts`` also ``posterior.nc`` (the ArviZ DataTree), ``summary.csv``
+    (``az.summary``) and ``trace.png``.
     """
     import arviz as az
 
-    link_name = resolve_link(link).name
-    num_experts = check_positive_int(num_experts, "--experts")
+    num_experts = _positive_int(num_experts, "--experts")
+    num_starts = _positive_int(num_starts, "--starts")
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"--out: {str(out)!r} already exists; choose another folder or pass --overwrite")
@@ -222,11 +172,11 @@ def fit_csv(
     key = jax.random.key(seed)
     fit_key, nuts_key, check_key = jax.random.split(key, 3)
     with output_folder(out, overwrite=overwrite) as staging:
-        say(f"read {n} rows, {d} features from {path}; fitting {num_experts} {link_name} experts")
-        fit = fit_moe(x, y, num_experts=num_experts, key=fit_key, link=link, num_restarts=num_restarts,
-                      intercepts=True, progress=verbose)
+        fit = fit_moe(x, y, num_experts=num_experts, key=fit_key, link=link, num_starts=num_starts,
+                      intercepts=True, progress_bar=verbose)
         params = fit.params
-        save_params(staging / "params.npz", params)
+        say(f"read {n} rows, {d} features from {path}; fitted {num_experts} {params.link.name} experts")
+        save_result(staging / "fit.npz", fit)
         (staging / "parameters.csv").write_text(_parameter_table(params, data.feature_names))
         (staging / "standardization.json").write_text(json.dumps({
             "features": data.feature_names, "target": data.target,
@@ -235,43 +185,35 @@ def fit_csv(
         }, indent=2) + "\n")
         summary = [
             f"data: {path} ({n} rows, features {data.feature_names}, target {data.target!r}), standardised",
-            f"model: {num_experts} experts, link {link_name}, expert and gate intercepts",
-            f"fit: tensor method + {num_restarts} random starts, joint EM; start {fit.chosen_start} won "
-            f"(0 = tensor estimate); mean log-likelihood per point {fit.em.log_likelihood:.4f}; "
-            f"EM iterations {fit.em.iterations}, converged {fit.em.converged}",
+            f"model: {num_experts} experts, link {params.link.name}, expert and gate intercepts",
+            f"fit: {num_starts} EM starts ({', '.join(fit.start_labels)}); start {fit.start} "
+            f"({fit.start_labels[fit.start]}) won; mean log-likelihood per point {fit.log_likelihood:.4f}; "
+            f"EM iterations {fit.iterations}, converged {fit.converged}",
         ]
-        _plot_gates(params, x, data.feature_names, staging / "gate_probabilities.png")
+        plot_gates(params, x, data.feature_names, staging / "gate_probabilities.png")
         if nuts:
             say(f"NUTS: {num_chains} chains x ({num_warmup} warmup + {num_samples} draws)")
-            result = _run_nuts(x, y, num_experts, fit, nuts_key, link, num_chains, num_warmup, num_samples)
+            result = run_nuts(x, y, fit, key=nuts_key, num_chains=num_chains, num_warmup=num_warmup,
+                              num_samples=num_samples)
             datatree = result.datatree
             datatree.to_netcdf(staging / "posterior.nc", engine="h5netcdf")
             table = az.summary(datatree)
             table.to_csv(staging / "summary.csv")
             summary.append("posterior summary (az.summary):\n" + table.to_string())
-            _plot_trace(datatree, staging / "trace.png")
-            _save_plot(az.plot_ppc_dist(datatree, backend="matplotlib"), staging / "ppc.png")
+            plot_trace(datatree, staging / "trace.png")
+            save_plot(az.plot_ppc_dist(datatree, backend="matplotlib"), staging / "ppc.png")
         else:
             # A plug-in predictive check: replicated y drawn from the point estimate.
             draws = np.stack([
-                np.asarray(sample_response(draw_key, params, x, link=link))
+                np.asarray(sample_response(params, x, key=draw_key))
                 for draw_key in jax.random.split(check_key, 50)
             ])
             check = az.from_dict(
                 {"posterior_predictive": {"y": draws[None]}, "observed_data": {"y": y}}, dims={"y": ["obs"]}
             )
-            az.plot_ppc_dist(check, backend="matplotlib").savefig(staging / "ppc.png")
+            save_plot(az.plot_ppc_dist(check, backend="matplotlib"), staging / "ppc.png")
             summary.append("parameters (standardised units): see parameters.csv")
         (staging / "summary.txt").write_text("\n".join(summary) + "\n")
     say("\n".join(summary))
     say(f"outputs written to {out}/")
     return out
-
-
-def _run_nuts(x, y, num_experts, fit, key, link, num_chains, num_warmup, num_samples):
-    from numpyro_moe._bayes import run_nuts
-
-    return run_nuts(
-        x, y, num_experts=num_experts, init=fit, key=key, link=link, intercepts=True,
-        num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples,
-    )

@@ -17,20 +17,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from numpyro_moe._baselines import fit_em_restarts
-from numpyro_moe._bayes import diagnostic_extreme, posterior_params, run_nuts
-from numpyro_moe._experts import estimate_experts
-from numpyro_moe._fit import fit_em, fit_gating
-from numpyro_moe._io import output_folder, save_params
-from numpyro_moe._metrics import (
-    expert_error,
-    gating_error,
-    heldout_log_likelihood,
-    mean_squared_error,
-)
-from numpyro_moe._params import MoEParams
-from numpyro_moe._simulate import sample_data, simulate
-from numpyro_moe._validation import check_positive_int
+from numpyro_moe import MoEParams, estimate_experts, fit_em, posterior_params, random_starts, run_nuts
+from numpyro_moe.apps.folders import output_folder
+from numpyro_moe.apps.plots import plot_gates, plot_trace, save_plot
+from numpyro_moe.io import save_result
+from numpyro_moe.metrics import expert_error, gating_error, heldout_log_likelihood, mean_squared_error
+from numpyro_moe.simulation import sample_data, simulate
 
 __all__ = ["format_table", "run_demo"]
 
@@ -54,7 +46,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _row(method: str, params: MoEParams, seconds: float, truth: MoEParams, x_test, y_test, link: str) -> dict:
+def _row(method: str, params: MoEParams, seconds: float, truth: MoEParams, x_test, y_test) -> dict:
     # The experts-only stage has no gate: its gate and held-out columns are NaN by design.
     experts_only = method == "tensor_experts_only"
     nan = float("nan")
@@ -62,14 +54,14 @@ def _row(method: str, params: MoEParams, seconds: float, truth: MoEParams, x_tes
         "method": method,
         "expert_error": expert_error(params, truth),
         "gating_error": nan if experts_only else gating_error(params, truth, x_test),
-        "heldout_loglik": nan if experts_only else heldout_log_likelihood(params, x_test, y_test, link=link),
-        "heldout_mse": nan if experts_only else mean_squared_error(params, x_test, y_test, link=link),
+        "heldout_loglik": nan if experts_only else heldout_log_likelihood(params, x_test, y_test),
+        "heldout_mse": nan if experts_only else mean_squared_error(params, x_test, y_test),
         "seconds": seconds,
     }
 
 
-def _nuts_stage(staging: Path, x, y, *, start: MoEParams, num_experts: int, link: str, key: jax.Array,
-                num_chains: int, num_warmup: int, num_draws: int) -> tuple[MoEParams, float, object, dict]:
+def _nuts_stage(staging: Path, x, y, *, start: MoEParams, key: jax.Array, num_chains: int, num_warmup: int,
+                num_draws: int) -> tuple[MoEParams, float, object, dict]:
     """NUTS from ``start`` on (x, y); writes posterior.nc, summary.csv and the three plots.
 
     Returns the posterior-mean parameters, the NUTS seconds, the ``az.summary`` table and the
@@ -79,13 +71,9 @@ def _nuts_stage(staging: Path, x, y, *, start: MoEParams, num_experts: int, link
     import matplotlib
 
     matplotlib.use("Agg")
-    from numpyro_moe._workflow import _plot_gates, _plot_trace, _save_plot
 
     began = time.perf_counter()
-    result = run_nuts(
-        x, y, num_experts=num_experts, init=start, key=key, link=link,
-        num_chains=num_chains, num_warmup=num_warmup, num_samples=num_draws,
-    )
+    result = run_nuts(x, y, start, key=key, num_chains=num_chains, num_warmup=num_warmup, num_samples=num_draws)
     seconds = time.perf_counter() - began
     datatree = result.datatree
     # Draws are relabelled to the start's expert labels, so their mean is a point estimate.
@@ -97,16 +85,13 @@ def _nuts_stage(staging: Path, x, y, *, start: MoEParams, num_experts: int, link
         "warmup": num_warmup,
         "draws": num_draws,
         "seconds": seconds,
-        # r_hat compares chains: undefined for one.
-        "max_r_hat": diagnostic_extreme(az.rhat(datatree), max) if num_chains > 1 else float("nan"),
-        "min_ess_bulk": diagnostic_extreme(az.ess(datatree, method="bulk"), min),
-        "divergences": int(np.asarray(datatree["sample_stats"]["diverging"]).sum()),
+        **result.diagnostics,  # max r_hat (NaN for one chain), min bulk ESS, divergences
     }
     datatree.to_netcdf(staging / "posterior.nc", engine="h5netcdf")
     table.to_csv(staging / "summary.csv")
-    _plot_gates(mean, np.asarray(x), [f"x{i}" for i in range(x.shape[1])], staging / "gate_probabilities.png")
-    _save_plot(az.plot_ppc_dist(datatree, backend="matplotlib"), staging / "ppc.png")
-    _plot_trace(datatree, staging / "trace.png")
+    plot_gates(mean, np.asarray(x), [f"x{i}" for i in range(x.shape[1])], staging / "gate_probabilities.png")
+    save_plot(az.plot_ppc_dist(datatree, backend="matplotlib"), staging / "ppc.png")
+    plot_trace(datatree, staging / "trace.png")
     return mean, seconds, table, diagnostics
 
 
@@ -129,7 +114,7 @@ def run_demo(
     num_experts: int = 3,
     noise: float = 0.1,
     link: str = "linear",
-    num_restarts: int = 10,
+    num_starts: int = 10,
     nuts: bool = True,
     nuts_samples: int = 2000,
     num_chains: int = 2,
@@ -142,7 +127,7 @@ def run_demo(
 
     Fits, on the same data: the tensor method of moments (ICML 2019) for the experts, then EM over
     the gate with those experts fixed, then joint EM from there; beside it, joint EM from one
-    random start, the best of ``num_restarts`` random-start EM runs, and the oracle (joint EM
+    random start, the best of ``num_starts`` random-start EM runs, and the oracle (joint EM
     started at the truth).
 
     With ``nuts`` (the default), then runs `run_nuts` (experts free) with ``num_chains`` chains
@@ -153,7 +138,7 @@ def run_demo(
 
     Writes into ``out`` (atomically; an existing folder is refused unless ``overwrite``):
     ``data.npz`` (train and held-out x, y), ``truth.npz`` and one ``<method>.npz`` per fit
-    (`save_params` format), ``results.json`` and ``results.txt``; with ``nuts`` also
+    (``numpyro_moe.io.load_result`` reads them), ``results.json`` and ``results.txt``; with ``nuts`` also
     ``posterior.nc`` (the `run_nuts` DataTree, netCDF), ``summary.csv`` (``az.summary``),
     ``nuts.json`` (settings, seconds, max r_hat, min bulk ESS, divergences), ``ppc.png``
     (posterior predictive check), ``trace.png`` and ``gate_probabilities.png`` (gate
@@ -161,10 +146,10 @@ def run_demo(
     """
     out = Path(out)
     if nuts:  # checked before any work, so that a bad setting costs nothing
-        nuts_samples = check_positive_int(nuts_samples, "nuts_samples")
-        num_chains = check_positive_int(num_chains, "num_chains")
-        num_warmup = check_positive_int(num_warmup, "num_warmup")
-        num_draws = check_positive_int(num_draws, "num_draws")
+        for flag, value in (("--nuts-samples", nuts_samples), ("--chains", num_chains),
+                            ("--num-warmup", num_warmup), ("--num-draws", num_draws)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{flag}: expected an integer >= 1, got {value!r}")
     key = jax.random.key(seed)
     data_key, test_key, tensor_key, restart_key = jax.random.split(key, 4)
     nuts_key = jax.random.fold_in(key, 4)  # apart from the split: the fits do not depend on `nuts`
@@ -176,11 +161,11 @@ def run_demo(
             verbose,
         )
         x, y, truth = simulate(
-            data_key, num_samples=num_samples, dim=dim, num_experts=num_experts, noise=noise, link=link
+            key=data_key, num_samples=num_samples, dim=dim, num_experts=num_experts, noise=noise, link=link
         )
-        x_test, y_test = sample_data(test_key, truth, num_samples=max(num_samples // 4, 1000), link=link)
+        x_test, y_test = sample_data(truth, key=test_key, num_samples=max(num_samples // 4, 1000))
         np.savez(staging / "data.npz", x=x, y=y, x_test=x_test, y_test=y_test)
-        save_params(staging / "truth.npz", truth)
+        save_result(staging / "truth.npz", truth)
 
         stages: dict[str, MoEParams] = {}
 
@@ -188,23 +173,17 @@ def run_demo(
             estimate = estimate_experts(x, y, num_experts=num_experts, link=link, key=tensor_key)
             return estimate.to_params()
 
+        def random_em(count):
+            starts = random_starts(x, y, num_experts=num_experts, num_starts=count, key=restart_key, link=link)
+            return fit_em(x, y, starts).params
+
         fits: list[tuple[str, Callable[[], MoEParams]]] = [
             ("tensor_experts_only", tensor),
-            ("tensor+gating_em", lambda: fit_gating(x, y, stages["tensor_experts_only"], link=link)),
-            ("tensor+gating_em+joint_em", lambda: fit_em(x, y, stages["tensor+gating_em"], link=link).params),
-            (
-                "baseline_em_1_random_start",
-                lambda: fit_em_restarts(
-                    x, y, num_experts=num_experts, key=restart_key, num_restarts=1, link=link
-                ).best.params,
-            ),
-            (
-                f"baseline_em_best_of_{num_restarts}",
-                lambda: fit_em_restarts(
-                    x, y, num_experts=num_experts, key=restart_key, num_restarts=num_restarts, link=link
-                ).best.params,
-            ),
-            ("oracle_em_from_truth", lambda: fit_em(x, y, truth, link=link).params),
+            ("tensor+gating_em", lambda: fit_em(x, y, stages["tensor_experts_only"], fix=("experts",)).params),
+            ("tensor+gating_em+joint_em", lambda: fit_em(x, y, stages["tensor+gating_em"]).params),
+            ("baseline_em_1_random_start", lambda: random_em(1)),
+            (f"baseline_em_best_of_{num_starts}", lambda: random_em(num_starts)),
+            ("oracle_em_from_truth", lambda: fit_em(x, y, truth).params),
         ]
         steps = len(fits) + int(nuts)
         rows = []
@@ -214,8 +193,8 @@ def run_demo(
             params = jax.block_until_ready(fit())
             seconds = time.perf_counter() - start
             stages[name] = params
-            save_params(staging / f"{name.replace('+', '_')}.npz", params)
-            rows.append(_row(name, params, seconds, truth, x_test, y_test, link))
+            save_result(staging / f"{name.replace('+', '_')}.npz", params)
+            rows.append(_row(name, params, seconds, truth, x_test, y_test))
             _say(f"      done in {seconds:.2f} s, expert error {rows[-1]['expert_error']:.4f}", verbose)
 
         if nuts:
@@ -228,11 +207,10 @@ def run_demo(
             )
             mean, seconds, summary, diagnostics = _nuts_stage(
                 staging, x[:rows_used], y[:rows_used], start=stages["tensor+gating_em+joint_em"],
-                num_experts=num_experts, link=link, key=nuts_key, num_chains=num_chains,
-                num_warmup=num_warmup, num_draws=num_draws,
+                key=nuts_key, num_chains=num_chains, num_warmup=num_warmup, num_draws=num_draws,
             )
-            save_params(staging / f"{name}.npz", mean)
-            rows.append(_row(name, mean, seconds, truth, x_test, y_test, link))
+            save_result(staging / f"{name}.npz", mean)
+            rows.append(_row(name, mean, seconds, truth, x_test, y_test))
             (staging / "nuts.json").write_text(json.dumps(diagnostics, indent=2) + "\n")
             notes.append(_nuts_note(name, diagnostics))
             _say(f"      done in {seconds:.2f} s, expert error {rows[-1]['expert_error']:.4f}", verbose)

@@ -15,7 +15,7 @@ def _demo(args: argparse.Namespace) -> int:
     # Before JAX starts: one host device per chain, so that NUTS chains run in parallel.
     numpyro.set_host_device_count(max(args.chains, 1))
     numpyro.enable_x64()
-    from numpyro_moe._demo import run_demo
+    from numpyro_moe.apps.demo import run_demo
 
     out = args.out or time.strftime("numpyro-moe-demo-%Y%m%d-%H%M%S")
     run_demo(
@@ -26,7 +26,7 @@ def _demo(args: argparse.Namespace) -> int:
         num_experts=args.experts,
         noise=args.noise,
         link=args.link,
-        num_restarts=args.restarts,
+        num_starts=args.starts,
         nuts=args.nuts,
         nuts_samples=args.nuts_samples,
         num_chains=args.chains,
@@ -44,7 +44,7 @@ def _fit(args: argparse.Namespace) -> int:
     numpyro.enable_x64()
     from pathlib import Path
 
-    from numpyro_moe._workflow import fit_csv
+    from numpyro_moe.apps.csv_workflow import fit_csv
 
     out = args.out or f"{Path(args.data).stem}-moe-k{args.experts}"
     fit_csv(
@@ -56,7 +56,7 @@ def _fit(args: argparse.Namespace) -> int:
         features=args.features.split(",") if args.features else None,
         nuts=args.nuts,
         seed=args.seed,
-        num_restarts=args.restarts,
+        num_starts=args.starts,
         num_chains=args.chains,
         num_warmup=args.num_warmup,
         num_samples=args.num_draws,
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--experts", type=int, default=3)
     demo.add_argument("--noise", type=float, default=0.1)
     demo.add_argument("--link", default="linear")
-    demo.add_argument("--restarts", type=int, default=10, help="random starts of the EM baseline")
+    demo.add_argument("--starts", type=int, default=10, help="random starts of the best-of EM baseline")
     demo.add_argument("--no-nuts", dest="nuts", action="store_false", help="skip the NUTS stage")
     demo.add_argument("--nuts-samples", type=int, default=2000,
                       help="NUTS runs on the first this many training rows")
@@ -102,12 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", help="output folder (default: <DATA>-moe-k<K>)")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--restarts", type=int, default=4, help="random EM starts beside the tensor start")
+    fit.add_argument("--starts", type=int, default=5, help="EM starts: the tensor estimate and random ones")
     fit.add_argument("--chains", type=int, default=4)
     fit.add_argument("--num-warmup", type=int, default=500)
     fit.add_argument("--num-draws", type=int, default=500)
     fit.set_defaults(run=_fit)
+
+    models = commands.add_parser("models", help="list or run the ready-made models by name")
+    models.add_argument("models_args", nargs=argparse.REMAINDER, metavar="list | run NAME [--quick] [--nuts]")
+    models.set_defaults(run=_models)
     return parser
+
+
+def _models(args: argparse.Namespace) -> int:
+    from numpyro_moe.models.__main__ import main as models_main
+
+    return models_main(args.models_args)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from numpyro_moe._links import Link, resolve_link
-from numpyro_moe._params import MoEParams, expert_means, gate_logits
+from numpyro_moe._distribution import MixtureOfExperts
+from numpyro_moe._links import Link
+from numpyro_moe._params import MoEParams
 from numpyro_moe._validation import (
     check_design,
     check_key,
@@ -34,7 +35,7 @@ class SimulatedData(NamedTuple):
         (n,) responses.
     truth
         `MoEParams` that generated the data (experts (k, d), gates (k, d) with last row zero,
-        noise ()).
+        noise (k,), the link).
     """
 
     x: jax.Array
@@ -42,12 +43,25 @@ class SimulatedData(NamedTuple):
     truth: MoEParams
 
 
+def _check_noise(noise, num_experts: int) -> jax.Array:
+    """A positive noise sd, shared (a number) or one per expert ((k,) array), as shape (k,)."""
+    if jnp.ndim(noise) == 0:
+        return jnp.full((num_experts,), check_positive(noise, "noise"))
+    noise = jnp.asarray(noise, dtype=float)
+    if noise.shape != (num_experts,) or not bool(jnp.all(jnp.isfinite(noise) & (noise > 0))):
+        raise ValueError(
+            f"noise: expected a positive number or {num_experts} positive sds (one per expert), got {noise}"
+        )
+    return noise
+
+
 def true_params(
-    key: jax.Array,
     *,
+    key: jax.Array,
     dim: int,
     num_experts: int,
-    noise: float = 0.1,
+    link: str | Link = "linear",
+    noise=0.1,
     gating: str = "orthogonal",
     gate_scale: float = 2.0,
     orthonormal_experts: bool = False,
@@ -57,7 +71,8 @@ def true_params(
     Experts are unit-norm random directions (orthonormal if ``orthonormal_experts``).
     ``gating="orthogonal"`` (the papers' setting) draws every gate row in the orthogonal
     complement of the experts' span, so w_j . a_i = 0; ``gating="correlated"`` draws gate rows
-    freely. The first k - 1 gate rows have norm ``gate_scale``; the last is zero.
+    freely. The first k - 1 gate rows have norm ``gate_scale``; the last is zero. ``noise`` is a
+    shared sd or one sd per expert.
 
     Raises
     ------
@@ -67,7 +82,7 @@ def true_params(
     key = check_key(key)
     dim = check_positive_int(dim, "dim")
     num_experts = check_num_experts(num_experts, dim, require_k_le_d=True)
-    noise = check_positive(noise, "noise")
+    noise = _check_noise(noise, num_experts)
     gate_scale = check_positive(gate_scale, "gate_scale")
     if gating not in GATINGS:
         raise ValueError(f"gating: expected one of {GATINGS}, got {gating!r}")
@@ -91,12 +106,10 @@ def true_params(
         gates = gates - (gates @ basis) @ basis.T
     gates = gate_scale * gates / jnp.linalg.norm(gates, axis=1, keepdims=True)
     gates = jnp.concatenate([gates, jnp.zeros((1, dim))], axis=0)
-    return MoEParams(experts=experts, gates=gates, noise=jnp.asarray(noise))
+    return MoEParams(experts=experts, gates=gates, noise=noise, link=link)
 
 
-def sample_data(
-    key: jax.Array, params: MoEParams, *, num_samples: int, link: str | Link = "linear"
-) -> tuple[jax.Array, jax.Array]:
+def sample_data(params: MoEParams, *, key: jax.Array, num_samples: int) -> tuple[jax.Array, jax.Array]:
     """Draw ``(x, y)`` from the model: x ~ N(0, I_d), expert by the gate, y by the expert.
 
     Use it with the ``truth`` of `simulate` and a fresh key for a held-out set.
@@ -111,11 +124,11 @@ def sample_data(
     params = check_params(params, "params", require_noise=True)
     x_key, y_key = jax.random.split(key)
     x = jax.random.normal(x_key, (num_samples, params.dim))
-    return x, sample_response(y_key, params, x, link=link)
+    return x, sample_response(params, x, key=y_key)
 
 
-def sample_response(key: jax.Array, params: MoEParams, x, *, link: str | Link = "linear") -> jax.Array:
-    """Draw y (n,) given inputs x (n, d): an expert per point by the gate, then its noisy mean.
+def sample_response(params: MoEParams, x, *, key: jax.Array) -> jax.Array:
+    """Draw y (n,) given inputs x (n, d) from the `MixtureOfExperts` of ``params``.
 
     Raises
     ------
@@ -128,21 +141,17 @@ def sample_response(key: jax.Array, params: MoEParams, x, *, link: str | Link = 
     x = check_design(x)
     if x.shape[1] != params.dim:
         raise ValueError(f"x: expected {params.dim} columns like params.experts, got {x.shape[1]}")
-    link = resolve_link(link)
-    z_key, noise_key = jax.random.split(key)
-    z = jax.random.categorical(z_key, gate_logits(params, x), axis=-1)
-    mean = jnp.take_along_axis(expert_means(params, x, link), z[:, None], axis=1)[:, 0]
-    return mean + params.noise * jax.random.normal(noise_key, mean.shape)
+    return MixtureOfExperts.from_params(params, x).sample(key)
 
 
 def simulate(
-    key: jax.Array,
     *,
+    key: jax.Array,
     num_samples: int,
     dim: int,
     num_experts: int,
     link: str | Link = "linear",
-    noise: float = 0.1,
+    noise=0.1,
     gating: str = "orthogonal",
     gate_scale: float = 2.0,
     orthonormal_experts: bool = False,
@@ -156,9 +165,9 @@ def simulate(
     num_samples, dim, num_experts
         n, d and k. ``num_experts <= dim`` (``<`` for orthogonal gating with k > 1).
     link
-        Expert link: a registered name or a callable (see `resolve_link`).
+        Expert link: a registered name or a callable (see `resolve_link`); recorded in ``truth``.
     noise
-        Noise standard deviation, > 0.
+        Noise standard deviation > 0, shared, or a (k,) array of one per expert.
     gating
         ``"orthogonal"`` (the papers' setting: every gate row orthogonal to every expert) or
         ``"correlated"`` (no such constraint; the moment method is then biased).
@@ -171,18 +180,19 @@ def simulate(
     -------
     SimulatedData
         ``x`` (n, d), ``y`` (n,), ``truth`` (`MoEParams`). For a held-out set from the same
-        truth: ``sample_data(other_key, truth, num_samples=m, link=link)``.
+        truth: ``sample_data(truth, key=other_key, num_samples=m)``.
     """
     key = check_key(key)
     params_key, data_key = jax.random.split(key)
     truth = true_params(
-        params_key,
+        key=params_key,
         dim=dim,
         num_experts=num_experts,
+        link=link,
         noise=noise,
         gating=gating,
         gate_scale=gate_scale,
         orthonormal_experts=orthonormal_experts,
     )
-    x, y = sample_data(data_key, truth, num_samples=num_samples, link=link)
+    x, y = sample_data(truth, key=data_key, num_samples=num_samples)
     return SimulatedData(x=x, y=y, truth=truth)

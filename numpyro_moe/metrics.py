@@ -8,13 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from numpyro_moe._links import Link
-from numpyro_moe._params import (
-    MoEParams,
-    gate_probabilities,
-    pointwise_log_likelihood,
-    predictive_mean,
-)
+from numpyro_moe._distribution import MixtureOfExperts
+from numpyro_moe._model import as_params
+from numpyro_moe._params import MoEParams
 from numpyro_moe._validation import check_design, check_params, check_response
 
 __all__ = [
@@ -43,11 +39,8 @@ class ExpertMatch(NamedTuple):
 
 
 def _experts_of(value, name: str) -> np.ndarray:
-    if isinstance(getattr(value, "params", None), MoEParams):  # EMResult, MoEFit, MapResult
-        raise TypeError(
-            f"{name}: expected a (k, d) experts array or an object with .experts, got "
-            f"{type(value).__name__} (pass its .params)"
-        )
+    if isinstance(getattr(value, "params", None), MoEParams):  # a fit result
+        value = value.params
     experts = value.experts if hasattr(value, "experts") else value
     try:
         experts = np.asarray(experts, dtype=float)
@@ -62,10 +55,6 @@ def _experts_of(value, name: str) -> np.ndarray:
     return experts
 
 
-def _check_params(value, name: str, *, require_noise: bool = False) -> MoEParams:
-    return check_params(value, name, require_noise=require_noise)
-
-
 def match_experts(estimate, truth) -> ExpertMatch:
     """Match estimated experts to true ones, minimising the Frobenius error.
 
@@ -75,12 +64,12 @@ def match_experts(estimate, truth) -> ExpertMatch:
     Parameters
     ----------
     estimate, truth
-        (k, d) arrays, or objects with an ``experts`` attribute of that shape.
+        (k, d) arrays, objects with an ``experts`` attribute of that shape, or fit results.
 
     Raises
     ------
     TypeError
-        For values that are not numeric arrays, or fit results (pass their ``.params``).
+        For values that are not numeric arrays.
     ValueError
         For shapes other than one (k, d), non-finite values, or an all-zero ``truth``.
     """
@@ -114,12 +103,12 @@ def gating_error(params: MoEParams, truth: MoEParams, x) -> float:
     Parameters
     ----------
     params, truth
-        `MoEParams` with gates of shape (k, d).
+        `MoEParams` (or fit results) with gates of shape (k, d).
     x
         (n, d) held-out inputs.
     """
-    for name, value in (("params", params), ("truth", truth)):
-        _check_params(value, name)  # shapes, finite experts, gates and intercepts
+    params = check_params(as_params(params, "params"), "params")  # shapes, finite values
+    truth = check_params(as_params(truth, "truth"), "truth")
     if params.experts.shape != truth.experts.shape:
         raise ValueError(
             f"params: expected experts of shape {truth.experts.shape} like truth, got "
@@ -130,28 +119,34 @@ def gating_error(params: MoEParams, truth: MoEParams, x) -> float:
         raise ValueError(f"x: expected {truth.dim} columns like truth's experts, got {x.shape[1]}")
     permutation = match_experts(params, truth).permutation
     aligned = params.permute(permutation)
-    difference = gate_probabilities(aligned, x) - gate_probabilities(truth, x)
+    difference = aligned.gate_probabilities(x) - truth.gate_probabilities(x)
     return float(0.5 * jnp.abs(difference).sum(-1).mean())
 
 
 def _check_eval_inputs(params, x, y):
-    _check_params(params, "params", require_noise=True)
+    params = check_params(as_params(params, "params"), "params", require_noise=True)
     x = check_design(x)
     y = check_response(y, x.shape[0])
     if x.shape[1] != params.dim:
         raise ValueError(f"x: expected {params.dim} columns like params.experts, got {x.shape[1]}")
-    return x, y
+    return params, x, y
 
 
-def heldout_log_likelihood(params: MoEParams, x, y, *, link: str | Link = "linear") -> float:
-    """Mean log p(y | x) per point on held-out data (x (n, d), y (n,))."""
-    x, y = _check_eval_inputs(params, x, y)
-    return float(jnp.mean(pointwise_log_likelihood(params, x, y, link)))
+def heldout_log_likelihood(params: MoEParams, x, y) -> float:
+    """Mean log p(y | x) per point on held-out data (x (n, d), y (n,)), under ``params.link``.
+
+    ``params``: `MoEParams` or a fit result.
+    """
+    params, x, y = _check_eval_inputs(params, x, y)
+    return float(jnp.mean(MixtureOfExperts.from_params(params, x).log_prob(y)))
 
 
-def mean_squared_error(params: MoEParams, x, y, *, link: str | Link = "linear") -> float:
-    """Mean of (y - E[y | x])^2 on held-out data (x (n, d), y (n,))."""
-    x, y = _check_eval_inputs(params, x, y)
-    residual = y - predictive_mean(params, x, link)
+def mean_squared_error(params: MoEParams, x, y) -> float:
+    """Mean of (y - E[y | x])^2 on held-out data (x (n, d), y (n,)), under ``params.link``.
+
+    ``params``: `MoEParams` or a fit result.
+    """
+    params, x, y = _check_eval_inputs(params, x, y)
+    residual = y - params.predictive_mean(x)
     return float(jnp.mean(residual**2))
 

@@ -1,0 +1,101 @@
+"""The mixture-of-experts likelihood as a NumPyro distribution (DESIGN section 1).
+
+``y_n ~ sum_i softmax(logits_n)_i Normal(loc_ni, scale_i)``: a ``MixtureSameFamily`` whose mixing
+weights are the gate's and whose components are the experts' Gaussians, so it goes wherever a
+NumPyro distribution goes (``numpyro.sample``, ``log_density``, ``Predictive``, ``jit``, ``vmap``,
+``grad``) and adds what a mixture of experts needs: the posterior expert probabilities of observed
+responses (the E-step of EM) and a constructor from a parameter record.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpyro.distributions as dist
+from jax import lax
+from numpyro.distributions import constraints
+
+from numpyro_moe._params import MoEParams
+
+__all__ = ["MixtureOfExperts"]
+
+
+class MixtureOfExperts(dist.MixtureSameFamily):
+    """Softmax-gated mixture of Gaussian experts, one observation per batch element.
+
+    Parameters
+    ----------
+    gate_logits
+        (..., k) gate logits (softmax gives P(z = i | x)); shift-invariant over the last axis.
+    expert_locs
+        (..., k) expert means ``g(a_i . x + c_i)``.
+    expert_scales
+        (k,) or (..., k) expert noise standard deviations, > 0 (a scalar is a shared noise).
+    validate_args
+        Check the arguments' constraints (NumPyro's ``validate_args``).
+
+    The batch shape is the broadcast of the three arguments without their last axis; the event
+    shape is (). ``mean`` and ``variance`` are the mixture's; ``log_prob`` is the marginal
+    log-density with the expert summed out by logsumexp.
+
+    Examples
+    --------
+    Inside a model, with the package's priors::
+
+        params = moe_priors(num_experts=3, dim=x.shape[1])
+        with numpyro.plate("obs", x.shape[0]):
+            numpyro.sample("y", MixtureOfExperts.from_params(params, x), obs=y)
+    """
+
+    arg_constraints = {
+        "gate_logits": constraints.real_vector,
+        "expert_locs": constraints.real_vector,
+        "expert_scales": constraints.positive,
+    }
+    pytree_data_fields = ("gate_logits", "expert_locs", "expert_scales")
+
+    def __init__(self, gate_logits, expert_locs, expert_scales, *, validate_args=None):
+        shapes = {
+            "gate_logits": jnp.shape(gate_logits),
+            "expert_locs": jnp.shape(expert_locs),
+            "expert_scales": jnp.shape(expert_scales),
+        }
+        for name in ("gate_logits", "expert_locs"):
+            if len(shapes[name]) == 0:
+                raise ValueError(f"{name}: expected an array whose last axis indexes the k experts, got a scalar")
+        num_experts = shapes["gate_logits"][-1]
+        for name, shape in shapes.items():
+            if shape and shape[-1] not in (1, num_experts):
+                raise ValueError(
+                    f"{name}: expected a last axis of {num_experts} experts like gate_logits, got shape {shape}"
+                )
+        try:
+            lax.broadcast_shapes(*shapes.values())
+        except ValueError:
+            raise ValueError(
+                f"gate_logits, expert_locs, expert_scales: shapes {list(shapes.values())} do not broadcast"
+            ) from None
+        self.gate_logits = gate_logits
+        self.expert_locs = expert_locs
+        self.expert_scales = expert_scales
+        components = dist.Normal(
+            jnp.broadcast_to(expert_locs, lax.broadcast_shapes(shapes["expert_locs"], (num_experts,))),
+            expert_scales,
+            validate_args=False,  # checked once below, as this distribution's own arguments
+        )
+        mixing = dist.Categorical(logits=gate_logits, validate_args=False)
+        super().__init__(mixing, components, validate_args=validate_args)
+
+    @classmethod
+    def from_params(cls, params: MoEParams, x, *, validate_args=None) -> MixtureOfExperts:
+        """The likelihood of responses at inputs x (n, d) under a parameter record (batch shape (n,))."""
+        return cls(params.gate_logits(x), params.expert_means(x), params.noise, validate_args=validate_args)
+
+    @property
+    def gate_probabilities(self) -> jax.Array:
+        """(..., k) gate probabilities P(z = i | x)."""
+        return self.mixing_distribution.probs
+
+    def expert_probabilities(self, value) -> jax.Array:
+        """(..., k) posterior probabilities P(z = i | x, y = value) (EM's responsibilities)."""
+        return jax.nn.softmax(self.component_log_probs(value), axis=-1)

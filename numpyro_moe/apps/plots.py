@@ -1,0 +1,65 @@
+"""The applications' figures: gate probabilities against the inputs, trace plots, predictive checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from numpyro_moe import MoEParams
+
+__all__ = ["MAX_TRACE_PANELS", "plot_gates", "plot_trace", "save_plot"]
+
+MAX_TRACE_PANELS = 60
+
+
+def plot_gates(params: MoEParams, x: np.ndarray, feature_names: list[str], path: Path) -> None:
+    """Scatter of P(expert | x) against the (at most six) features the gate leans on most."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probabilities = np.asarray(params.gate_probabilities(x))
+    strength = np.abs(np.asarray(params.gates)).sum(axis=0)
+    shown = np.argsort(-strength)[: min(6, x.shape[1])]
+    figure, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3), squeeze=False, sharey=True)
+    for axis, feature in zip(axes[0], shown, strict=True):
+        for expert in range(probabilities.shape[1]):
+            axis.scatter(x[:, feature], probabilities[:, expert], s=3, alpha=0.4, label=f"expert {expert}")
+        axis.set_xlabel(f"{feature_names[feature]} (standardised)")
+    axes[0, 0].set_ylabel("P(expert | x)")
+    axes[0, -1].legend(markerscale=4, fontsize="small")
+    figure.suptitle("Gate probabilities against the inputs")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def save_plot(collection, path: Path) -> None:
+    """Save an ArviZ ``PlotCollection`` (matplotlib backend) and close its figure."""
+    import matplotlib.pyplot as plt
+
+    collection.savefig(path)
+    plt.close(collection.get_viz("figure"))
+
+
+def plot_trace(datatree, path: Path) -> None:
+    """``az.plot_trace`` of every parameter, or of the first features when that is over 60 panels."""
+    import arviz as az
+
+    posterior = datatree["posterior"]
+    per_feature = sum(
+        int(np.prod([posterior.sizes[dim] for dim in value.dims if dim not in ("chain", "draw", "feature")]))
+        for value in posterior.data_vars.values() if "feature" in value.dims
+    )
+    others = sum(
+        int(np.prod([posterior.sizes[dim] for dim in value.dims if dim not in ("chain", "draw")]))
+        for value in posterior.data_vars.values() if "feature" not in value.dims
+    )
+    features = posterior.sizes["feature"]
+    if per_feature:
+        features = max(1, min(features, (MAX_TRACE_PANELS - others) // per_feature))
+    coords = {"feature": np.arange(features)} if features < posterior.sizes["feature"] else None
+    with az.rc_context({"plot.max_subplots": others + per_feature * features}):
+        save_plot(az.plot_trace(datatree, coords=coords, backend="matplotlib"), path)
