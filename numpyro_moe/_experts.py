@@ -481,6 +481,9 @@ def bootstrap_standard_errors(
     """
     if not isinstance(estimate, ExpertEstimate):
         raise TypeError(f"estimate: expected ExpertEstimate, got {type(estimate).__name__}")
+    taken = sorted(set(estimate_kwargs) & {"num_experts", "key", "link"})
+    if taken:
+        raise ValueError(f"{taken[0]}: set by the estimate or by bootstrap_standard_errors itself; do not pass it")
     key = check_key(key)
     num_bootstrap = check_positive_int(num_bootstrap, "num_bootstrap", minimum=2)
     x = np.asarray(check_design(x))

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from numpyro_moe import decompose_symmetric_tensor
 from numpyro_moe._tensor import _robust_power_method
+from numpyro_moe.experts import decompose_symmetric_tensor
 
 
 def odeco_tensor(seed: int, k: int, signs=None):

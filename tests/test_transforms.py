@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from numpyro_moe import LINKS, output_transforms
+from numpyro_moe._links import LINKS
 from numpyro_moe._transforms import gaussian_expectation_nodes
+from numpyro_moe.experts import output_transforms
 
 NOISES = (0.0, 0.3)
 
