@@ -415,7 +415,7 @@ def test_bootstrap_reestimates_with_the_estimates_link(moderate, monkeypatch):
         assert (kwargs["noise"], kwargs["standardize"]) == (0.3, False)
     # The two replicates drew other rows and other power-method keys.
     assert not jnp.array_equal(jax.random.key_data(calls[0]["key"]), jax.random.key_data(calls[1]["key"]))
-    with pytest.raises(TypeError, match="link"):
+    with pytest.raises(ValueError, match="^link: set by the estimate"):
         bootstrap_standard_errors(x, y, estimate, key=jax.random.key(3), num_bootstrap=2, link="linear")
 
 
