@@ -93,8 +93,8 @@ class MixtureOfExperts(dist.MixtureSameFamily):
 
     @property
     def gate_probabilities(self) -> jax.Array:
-        """(..., k) gate probabilities P(z = i | x)."""
-        return self.mixing_distribution.probs
+        """(..., k) gate probabilities P(z = i | x), over the batch shape."""
+        return jnp.broadcast_to(self.mixing_distribution.probs, self.batch_shape + (self.mixture_size,))
 
     def expert_probabilities(self, value) -> jax.Array:
         """(..., k) posterior probabilities P(z = i | x, y = value) (EM's responsibilities)."""

@@ -241,6 +241,13 @@ def as_params(value, name: str = "params") -> MoEParams:
     )
 
 
+def _shared(noise) -> jax.Array:
+    """One noise sd for a shared noise site: the common value of equal noises (exactly), else
+    their mean."""
+    noise = jnp.atleast_1d(jnp.asarray(noise))
+    return jnp.where(jnp.all(noise == noise[0]), noise[0], jnp.mean(noise))
+
+
 def site_name(prefix: str, name: str) -> str:
     """``name`` under a ``handlers.scope`` prefix (NumPyro joins them with a slash)."""
     return f"{prefix}/{name}" if prefix else name
@@ -262,7 +269,7 @@ def params_to_sites(params, *, prefix: str = "", shared_noise: bool = True) -> d
     """
     params = as_params(params).normalized()
     noise = jnp.asarray(params.noise)
-    noise = jnp.mean(noise) if shared_noise else jnp.broadcast_to(noise, (params.num_experts,))
+    noise = _shared(noise) if shared_noise else jnp.broadcast_to(noise, (params.num_experts,))
     sites = {"experts": params.experts, "noise": noise}
     if params.num_experts > 1:
         sites["gates"] = params.gates[:-1]
@@ -355,6 +362,6 @@ def _init_to_sites(site, *, values):
         value = values[site["name"]]
         shape = tuple(site["fn"].shape())
         if np.shape(value) != shape and shape == () and site["name"].split("/")[-1] == "noise":
-            value = jnp.mean(value)  # a shared noise site
+            value = _shared(value)
         return jnp.broadcast_to(value, shape) if np.shape(value) != shape else value
     return init_to_uniform(site)

@@ -66,12 +66,21 @@ def _flatten(value, prefix: str, arrays: dict) -> None:
 
 
 def _load_class(path: str):
+    """The record class named ``module:qualname`` in a saved file, only from this package."""
     module_name, _, qualname = path.partition(":")
-    if not module_name.startswith(_PACKAGE):
+    if module_name != _PACKAGE and not module_name.startswith(_PACKAGE + "."):
         raise ValueError(f"path: the file names a class outside {_PACKAGE} ({path!r}); refusing to load it")
-    target = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        target = getattr(target, part)
+    try:
+        target = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError):
+        raise ValueError(f"path: the file names a class {path!r} that {_PACKAGE} does not have") from None
+    record = isinstance(target, type) and (
+        dataclasses.is_dataclass(target) or (issubclass(target, tuple) and hasattr(target, "_fields"))
+    )
+    if not record:
+        raise ValueError(f"path: the file names {path!r}, which is not a result record of {_PACKAGE}")
     return target
 
 
@@ -157,4 +166,7 @@ def load_result(path: str | os.PathLike, *, links: dict | None = None):
         raise ValueError(f"path: {str(path)!r} is not an .npz file written by save_result") from error
     if "result#class" not in contents:
         raise ValueError(f"path: {str(path)!r} was not written by save_result")
-    return _unflatten(contents, "result", dict(links or {}))
+    try:
+        return _unflatten(contents, "result", dict(links or {}))
+    except KeyError as error:
+        raise ValueError(f"path: {str(path)!r} is damaged: the entry {error} is missing") from None

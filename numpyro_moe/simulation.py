@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from numpyro_moe._distribution import MixtureOfExperts
 from numpyro_moe._links import Link
@@ -45,9 +46,9 @@ class SimulatedData(NamedTuple):
 
 def _check_noise(noise, num_experts: int) -> jax.Array:
     """A positive noise sd, shared (a number) or one per expert ((k,) array), as shape (k,)."""
-    if jnp.ndim(noise) == 0:
+    if np.ndim(noise) == 0:
         return jnp.full((num_experts,), check_positive(noise, "noise"))
-    noise = jnp.asarray(noise, dtype=float)
+    noise = jnp.asarray(np.asarray(noise, dtype=float))
     if noise.shape != (num_experts,) or not bool(jnp.all(jnp.isfinite(noise) & (noise > 0))):
         raise ValueError(
             f"noise: expected a positive number or {num_experts} positive sds (one per expert), got {noise}"

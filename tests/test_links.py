@@ -1,4 +1,4 @@
-"""The expert link registry and `resolve_link`."""
+"""The expert link registry, `resolve_link`, and the link a `MoEParams` record carries."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from scipy.special import expit
 
-from numpyro_moe import LINKS, Link, resolve_link
+import numpyro_moe as moe
+from numpyro_moe._links import LINKS, Link, resolve_link
 
 T = jnp.linspace(-4.0, 4.0, 17)
 
@@ -76,3 +77,58 @@ def test_unknown_name_is_a_value_error_naming_link(name):
 def test_non_callable_is_a_type_error_naming_link(value):
     with pytest.raises(TypeError, match=r"^link: expected a link name"):
         resolve_link(value)
+
+
+# --------------------------------------------------------------------------- the record's link
+
+
+def _record(link):
+    rng = np.random.default_rng(0)
+    experts = jnp.asarray(rng.normal(size=(2, 3)))
+    gates = jnp.asarray(np.vstack([rng.normal(size=(1, 3)), np.zeros((1, 3))]))
+    return moe.MoEParams(experts, gates, jnp.array([0.1, 0.2]), link=link)
+
+
+def test_moe_params_resolves_its_link():
+    assert _record("linear").link == resolve_link("linear")
+    assert moe.MoEParams(jnp.zeros((2, 3)), jnp.zeros((2, 3)), jnp.ones(2)).link.name == "linear"  # default
+    tanh = _record("tanh")
+    assert isinstance(tanh.link, Link) and tanh.link.name == "tanh"
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 3)))
+    np.testing.assert_allclose(tanh.expert_means(x), np.tanh(np.asarray(x) @ np.asarray(tanh.experts).T), rtol=1e-12)
+
+    def cubic(t):
+        return t**3
+
+    record = _record(cubic)
+    assert record.link.name == "cubic" and record.link.function is cubic
+    np.testing.assert_allclose(record.expert_means(x), (np.asarray(x) @ np.asarray(record.experts).T) ** 3, rtol=1e-12)
+    resolved = resolve_link("sigmoid")
+    assert _record(resolved).link is resolved
+
+
+def test_moe_params_bad_link_is_an_error_naming_link():
+    with pytest.raises(ValueError, match=r"^link: unknown link"):
+        _record("softmax")
+    with pytest.raises(TypeError, match=r"^link: expected a link name"):
+        _record(3)
+
+
+def test_link_is_static_under_jit_and_survives_tree_maps():
+    record = _record("tanh")
+    # The link is not a leaf: only the three arrays (intercepts None) are.
+    assert len(jax.tree.leaves(record)) == 3
+    doubled = jax.tree.map(lambda leaf: 2 * leaf, record)
+    assert doubled.link is record.link
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 3)))
+    means = jax.jit(lambda params: params.expert_means(x))(record)
+    np.testing.assert_allclose(means, np.tanh(np.asarray(x) @ np.asarray(record.experts).T), rtol=1e-12)
+    # A different link is a different static value: the jitted function follows it, not a cache.
+    linear = jax.jit(lambda params: params.expert_means(x))(record.replace(link="linear"))
+    np.testing.assert_allclose(linear, np.asarray(x) @ np.asarray(record.experts).T, rtol=1e-12)
+
+
+def test_link_that_changes_shapes_is_rejected_naming_link():
+    record = _record(lambda t: jnp.sum(t, axis=-1))
+    with pytest.raises(ValueError, match=r"^link: '<lambda>' must map arrays elementwise"):
+        record.expert_means(jnp.ones((4, 3)))

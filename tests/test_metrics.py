@@ -1,27 +1,19 @@
-"""How results are judged: expert error, gating error, held-out likelihood and MSE."""
+"""How results are judged (`moe.metrics`): expert error, gating error, held-out likelihood and MSE."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy.special import logsumexp, softmax
+from scipy.special import log_softmax, logsumexp, softmax
 from scipy.stats import norm
 
-from numpyro_moe import (
-    MoEParams,
-    expert_error,
-    gating_error,
-    heldout_log_likelihood,
-    match_experts,
-    mean_squared_error,
-    sample_data,
-    simulate,
-    true_params,
-)
+import numpyro_moe as moe
+from numpyro_moe import MoEParams
 
 # One held-out design shared by the statistical checks (n large for small standard errors).
 N, D, K = 20_000, 5, 3
@@ -29,13 +21,18 @@ N, D, K = 20_000, 5, 3
 
 @pytest.fixture(scope="module")
 def heldout():
-    x, y, truth = simulate(jax.random.key(0), num_samples=N, dim=D, num_experts=K, noise=0.2)
+    x, y, truth = moe.simulation.simulate(key=jax.random.key(0), num_samples=N, dim=D, num_experts=K, noise=0.2)
     return np.asarray(x), np.asarray(y), truth
+
+
+def fit_of(params: MoEParams) -> moe.Fit:
+    """A fit result holding ``params`` (the metrics take anything with ``.params``)."""
+    return moe.Fit(params=params, log_likelihood=0.0, history=np.zeros(1), iterations=1, converged=True, method="em")
 
 
 def perturbed(truth: MoEParams, scale=0.2, seed=1) -> MoEParams:
     rng = np.random.default_rng(seed)
-    return truth._replace(
+    return truth.replace(
         experts=truth.experts + scale * rng.normal(size=truth.experts.shape),
         gates=(truth.gates + scale * 5 * rng.normal(size=truth.gates.shape)).at[-1].set(0.0),
     )
@@ -45,9 +42,10 @@ def perturbed(truth: MoEParams, scale=0.2, seed=1) -> MoEParams:
 
 
 def test_expert_error_of_the_truth_is_zero():
-    truth = true_params(jax.random.key(1), dim=D, num_experts=K)
-    assert expert_error(truth, truth) == 0.0
-    match = match_experts(truth, truth)
+    truth = moe.simulation.true_params(key=jax.random.key(1), dim=D, num_experts=K)
+    assert moe.metrics.expert_error(truth, truth) == 0.0
+    match = moe.metrics.match_experts(truth, truth)
+    assert isinstance(match, moe.metrics.ExpertMatch)
     assert match.error == 0.0
     np.testing.assert_array_equal(match.permutation, np.arange(K))
 
@@ -55,8 +53,8 @@ def test_expert_error_of_the_truth_is_zero():
 def test_expert_error_scale():
     experts = np.random.default_rng(2).normal(size=(K, D))
     # ||1.1 A - A|| / ||A|| = 0.1 exactly.
-    assert expert_error(1.1 * experts, experts) == pytest.approx(0.1, abs=1e-12)
-    assert expert_error(0.5 * experts, experts) == pytest.approx(0.5, abs=1e-12)
+    assert moe.metrics.expert_error(1.1 * experts, experts) == pytest.approx(0.1, abs=1e-12)
+    assert moe.metrics.expert_error(0.5 * experts, experts) == pytest.approx(0.5, abs=1e-12)
 
 
 @pytest.mark.parametrize("permutation", [(1, 2, 0), (2, 1, 0), (0, 2, 1)])
@@ -66,9 +64,9 @@ def test_expert_error_is_invariant_to_relabelling(permutation):
     estimate = truth + 0.05 * rng.normal(size=(K, D))  # close, so the identity is the best match
     permutation = np.array(permutation)
     relabelled = estimate[permutation]
-    assert expert_error(relabelled, truth) == pytest.approx(expert_error(estimate, truth), abs=1e-14)
-    assert expert_error(estimate, truth) > 0.01  # not trivially zero
-    match = match_experts(relabelled, truth)
+    assert moe.metrics.expert_error(relabelled, truth) == pytest.approx(moe.metrics.expert_error(estimate, truth), abs=1e-14)
+    assert moe.metrics.expert_error(estimate, truth) > 0.01  # not trivially zero
+    match = moe.metrics.match_experts(relabelled, truth)
     # estimate[permutation] is aligned with the truth: it undoes the relabelling.
     np.testing.assert_array_equal(match.permutation, np.argsort(permutation))
     np.testing.assert_array_equal(relabelled[match.permutation], estimate)
@@ -85,18 +83,23 @@ def test_expert_error_is_the_brute_force_minimum(k):
             for perm in itertools.permutations(range(k))
         }
         best = min(errors.values())
-        match = match_experts(estimate, truth)
+        match = moe.metrics.match_experts(estimate, truth)
         assert match.error == pytest.approx(best, rel=1e-12)
-        assert expert_error(estimate, truth) == pytest.approx(best, rel=1e-12)
+        assert moe.metrics.expert_error(estimate, truth) == pytest.approx(best, rel=1e-12)
         assert errors[tuple(int(i) for i in match.permutation)] == pytest.approx(best, rel=1e-12)
         assert sorted(match.permutation.tolist()) == list(range(k))
 
 
 def test_expert_error_accepts_params_and_arrays():
-    truth = true_params(jax.random.key(4), dim=D, num_experts=K)
-    scaled = truth._replace(experts=1.1 * truth.experts)
-    assert expert_error(scaled, truth) == pytest.approx(0.1, abs=1e-12)
-    assert expert_error(scaled.experts, truth.experts) == pytest.approx(0.1, abs=1e-12)
+    truth = moe.simulation.true_params(key=jax.random.key(4), dim=D, num_experts=K)
+    scaled = truth.replace(experts=1.1 * truth.experts)
+    assert moe.metrics.expert_error(scaled, truth) == pytest.approx(0.1, abs=1e-12)
+    assert moe.metrics.expert_error(scaled.experts, truth.experts) == pytest.approx(0.1, abs=1e-12)
+    # Fit results (anything with .params) are accepted too, on either side.
+    assert moe.metrics.expert_error(fit_of(scaled), truth) == pytest.approx(0.1, abs=1e-12)
+    assert moe.metrics.expert_error(scaled, fit_of(truth)) == pytest.approx(0.1, abs=1e-12)
+    relabelled = scaled.permute(np.array([2, 0, 1]))
+    np.testing.assert_array_equal(moe.metrics.match_experts(fit_of(relabelled), truth).permutation, [1, 2, 0])
 
 
 # --------------------------------------------------------------------------- gating error
@@ -104,38 +107,39 @@ def test_expert_error_accepts_params_and_arrays():
 
 def test_gating_error_zero_for_truth_and_its_relabellings(heldout):
     x, _, truth = heldout
-    assert gating_error(truth, truth, x) == 0.0
+    assert moe.metrics.gating_error(truth, truth, x) == 0.0
     for permutation in itertools.permutations(range(K)):
         relabelled = truth.permute(np.array(permutation))
         assert np.all(np.asarray(relabelled.gates[-1]) == 0.0)
         if permutation != (0, 1, 2):
             assert not np.allclose(np.asarray(relabelled.experts), np.asarray(truth.experts))
-        assert gating_error(relabelled, truth, x) < 1e-12
+        assert moe.metrics.gating_error(relabelled, truth, x) < 1e-12
 
 
 def test_gating_error_matches_direct_total_variation(heldout):
     x, _, truth = heldout
     estimate = perturbed(truth)
-    value = gating_error(estimate, truth, x)
+    value = moe.metrics.gating_error(estimate, truth, x)
     p_true = softmax(x @ np.asarray(truth.gates).T, axis=1)
     p_est = softmax(x @ np.asarray(estimate.gates).T, axis=1)
     assert value == pytest.approx(0.5 * np.abs(p_est - p_true).sum(1).mean(), rel=1e-10)
     assert 0.05 < value < 1.0
     # Relabelling the estimate does not change it (the experts decide the matching).
-    assert gating_error(estimate.permute(np.array([2, 0, 1])), truth, x) == pytest.approx(value, rel=1e-10)
+    assert moe.metrics.gating_error(estimate.permute(np.array([2, 0, 1])), truth, x) == pytest.approx(value, rel=1e-10)
+    assert moe.metrics.gating_error(fit_of(estimate), fit_of(truth), x) == value  # fit results too
 
 
 def test_gating_error_is_bounded_by_one(heldout):
     x, _, truth = heldout
     # Opposite, very sharp gates with the same experts: total variation close to 1 everywhere.
-    sharp = truth._replace(gates=50.0 * truth.gates)
-    opposite = truth._replace(gates=-50.0 * truth.gates)
-    value = gating_error(opposite, sharp, x)
+    sharp = truth.replace(gates=50.0 * truth.gates)
+    opposite = truth.replace(gates=-50.0 * truth.gates)
+    value = moe.metrics.gating_error(opposite, sharp, x)
     assert 0.9 < value <= 1.0
     rng = np.random.default_rng(5)
     for _ in range(5):
-        wild = truth._replace(gates=jnp.asarray(20 * rng.normal(size=(K, D))))
-        assert 0.0 <= gating_error(wild, truth, x) <= 1.0
+        wild = truth.replace(gates=jnp.asarray(20 * rng.normal(size=(K, D))))
+        assert 0.0 <= moe.metrics.gating_error(wild, truth, x) <= 1.0
 
 
 # --------------------------------------------------------------------------- held-out fit
@@ -145,27 +149,49 @@ def test_heldout_log_likelihood_is_the_mean_pointwise_value(heldout):
     x, y, truth = heldout
     logits = x @ np.asarray(truth.gates).T
     log_gate = logits - logsumexp(logits, axis=1, keepdims=True)
-    component = norm.logpdf(y[:, None], x @ np.asarray(truth.experts).T, float(truth.noise))
+    component = norm.logpdf(y[:, None], x @ np.asarray(truth.experts).T, np.asarray(truth.noise)[None, :])
     expected = logsumexp(log_gate + component, axis=1).mean()
-    assert heldout_log_likelihood(truth, x, y) == pytest.approx(expected, rel=1e-10)
+    assert moe.metrics.heldout_log_likelihood(truth, x, y) == pytest.approx(expected, rel=1e-10)
+    assert moe.metrics.heldout_log_likelihood(fit_of(truth), x, y) == pytest.approx(expected, rel=1e-10)
+
+
+def test_heldout_metrics_use_the_records_link_and_per_expert_noise(heldout):
+    x, y, truth = heldout
+    x, y = x[:2000], y[:2000]
+    params = truth.replace(
+        link="tanh",
+        noise=jnp.array([0.1, 0.3, 0.6]),
+        expert_intercepts=jnp.array([0.2, -0.1, 0.0]),
+        gate_intercepts=jnp.array([0.5, -0.5, 0.0]),
+    )
+    logits = x @ np.asarray(params.gates).T + np.asarray(params.gate_intercepts)
+    means = np.tanh(x @ np.asarray(params.experts).T + np.asarray(params.expert_intercepts))
+    component = norm.logpdf(y[:, None], means, np.array([0.1, 0.3, 0.6])[None, :])
+    expected = logsumexp(log_softmax(logits, axis=1) + component, axis=1).mean()
+    assert moe.metrics.heldout_log_likelihood(params, x, y) == pytest.approx(expected, rel=1e-10)
+    predictive = (softmax(logits, axis=1) * means).sum(1)
+    assert moe.metrics.mean_squared_error(params, x, y) == pytest.approx(np.mean((y - predictive) ** 2), rel=1e-10)
+    # A different link is a different model.
+    assert abs(moe.metrics.heldout_log_likelihood(params.replace(link="linear"), x, y) - expected) > 0.01
 
 
 def test_truth_beats_perturbed_parameters_on_held_out_data(heldout):
     x, y, truth = heldout
-    at_truth = heldout_log_likelihood(truth, x, y)
+    at_truth = moe.metrics.heldout_log_likelihood(truth, x, y)
     for candidate in (
         perturbed(truth),
-        truth._replace(noise=2 * truth.noise),
-        truth._replace(noise=0.5 * truth.noise),
-        truth._replace(gates=jnp.zeros_like(truth.gates)),
+        truth.replace(noise=2 * truth.noise),
+        truth.replace(noise=0.5 * truth.noise),
+        truth.replace(gates=jnp.zeros_like(truth.gates)),
     ):
         # Differences here are O(0.1) nats per point against a standard error ~0.01 at n=20000.
-        assert heldout_log_likelihood(candidate, x, y) < at_truth - 0.02
+        assert moe.metrics.heldout_log_likelihood(candidate, x, y) < at_truth - 0.02
     # The predictive mean does not involve the noise; wrong experts or gates move it.
-    at_truth = mean_squared_error(truth, x, y)
-    assert mean_squared_error(truth._replace(noise=2 * truth.noise), x, y) == pytest.approx(at_truth, rel=1e-12)
-    assert mean_squared_error(perturbed(truth), x, y) > at_truth + 0.01
-    assert mean_squared_error(truth._replace(gates=jnp.zeros_like(truth.gates)), x, y) > at_truth + 0.01
+    at_truth = moe.metrics.mean_squared_error(truth, x, y)
+    assert moe.metrics.mean_squared_error(truth.replace(noise=2 * truth.noise), x, y) == pytest.approx(at_truth, rel=1e-12)
+    assert moe.metrics.mean_squared_error(perturbed(truth), x, y) > at_truth + 0.01
+    assert moe.metrics.mean_squared_error(truth.replace(gates=jnp.zeros_like(truth.gates)), x, y) > at_truth + 0.01
+    assert moe.metrics.mean_squared_error(fit_of(truth), x, y) == at_truth
 
 
 def test_mean_squared_error_at_the_truth_is_noise_plus_gate_variance(heldout):
@@ -177,17 +203,17 @@ def test_mean_squared_error_at_the_truth_is_noise_plus_gate_variance(heldout):
     mean = (probs * means).sum(1)
     conditional = 0.2**2 + (probs * means**2).sum(1) - mean**2
     terms = (y - mean) ** 2 - conditional
-    mse = mean_squared_error(truth, x, y)
+    mse = moe.metrics.mean_squared_error(truth, x, y)
     assert mse == pytest.approx(np.mean((y - mean) ** 2), rel=1e-10)
     assert abs(mse - conditional.mean()) < 5 * terms.std() / np.sqrt(N)
 
 
 def test_mean_squared_error_single_linear_expert_is_the_noise_variance():
     noise = 0.3
-    truth = true_params(jax.random.key(6), dim=D, num_experts=1, noise=noise)
-    x, y = sample_data(jax.random.key(7), truth, num_samples=N)
+    truth = moe.simulation.true_params(key=jax.random.key(6), dim=D, num_experts=1, noise=noise)
+    x, y = moe.simulation.sample_data(truth, key=jax.random.key(7), num_samples=N)
     # Var of a squared N(0, s^2) is 2 s^4: standard error of the mean s^2 sqrt(2/n); allow 5.
-    assert abs(mean_squared_error(truth, x, y) - noise**2) < 5 * noise**2 * np.sqrt(2 / N)
+    assert abs(moe.metrics.mean_squared_error(truth, x, y) - noise**2) < 5 * noise**2 * np.sqrt(2 / N)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -196,39 +222,40 @@ def test_mean_squared_error_single_linear_expert_is_the_noise_variance():
 def test_expert_error_bad_inputs_name_the_argument():
     truth = np.ones((3, 4))
     with pytest.raises(ValueError, match=r"^estimate: expected experts of shape \(3, 4\)"):
-        expert_error(np.ones((2, 4)), truth)
+        moe.metrics.expert_error(np.ones((2, 4)), truth)
     with pytest.raises(ValueError, match=r"^estimate: expected experts of shape \(k, d\)"):
-        expert_error(np.ones(4), truth)
+        moe.metrics.expert_error(np.ones(4), truth)
     with pytest.raises(ValueError, match=r"^estimate: expected finite"):
-        expert_error(np.full((3, 4), np.nan), truth)
+        moe.metrics.expert_error(np.full((3, 4), np.nan), truth)
     with pytest.raises(ValueError, match=r"^truth: expected finite"):
-        match_experts(truth, np.where(np.eye(3, 4) > 0, np.inf, 1.0))
+        moe.metrics.match_experts(truth, np.where(np.eye(3, 4) > 0, np.inf, 1.0))
 
 
 def test_gating_error_bad_inputs_name_the_argument(heldout):
     x, _, truth = heldout
     x = x[:100]
-    small = true_params(jax.random.key(8), dim=D, num_experts=2)
+    small = moe.simulation.true_params(key=jax.random.key(8), dim=D, num_experts=2)
     with pytest.raises(ValueError, match=r"^params: expected experts of shape \(3, 5\)"):
-        gating_error(small, truth, x)
+        moe.metrics.gating_error(small, truth, x)
     # Gates in the model's site form (k - 1 rows) are not MoEParams gates.
     with pytest.raises(ValueError, match=r"^params: expected experts and gates of one shape"):
-        gating_error(truth._replace(gates=truth.gates[:-1]), truth, x)
+        moe.metrics.gating_error(truth.replace(gates=truth.gates[:-1]), truth, x)
     with pytest.raises(ValueError, match=r"^truth: expected experts and gates of one shape"):
-        gating_error(truth, truth._replace(gates=truth.gates[:-1]), x)
+        moe.metrics.gating_error(truth, truth.replace(gates=truth.gates[:-1]), x)
     with pytest.raises(ValueError, match=r"^params: expected finite"):
-        gating_error(truth._replace(experts=truth.experts.at[0, 0].set(jnp.nan)), truth, x)
+        moe.metrics.gating_error(truth.replace(experts=truth.experts.at[0, 0].set(jnp.nan)), truth, x)
     with pytest.raises(TypeError, match=r"^params: expected MoEParams"):
-        gating_error(truth.experts, truth, x)
+        moe.metrics.gating_error(truth.experts, truth, x)
+    fields = {field.name: getattr(truth, field.name) for field in dataclasses.fields(truth)}
     with pytest.raises(TypeError, match=r"^truth: expected MoEParams"):
-        gating_error(truth, dict(truth._asdict()), x)
+        moe.metrics.gating_error(truth, fields, x)
     with pytest.raises(ValueError, match=r"^x: expected 5 columns"):
-        gating_error(truth, truth, x[:, :4])
+        moe.metrics.gating_error(truth, truth, x[:, :4])
     with pytest.raises(ValueError, match=r"^x: expected finite"):
-        gating_error(truth, truth, np.where(np.arange(5) == 2, np.nan, x))
+        moe.metrics.gating_error(truth, truth, np.where(np.arange(5) == 2, np.nan, x))
 
 
-@pytest.mark.parametrize("metric", [heldout_log_likelihood, mean_squared_error])
+@pytest.mark.parametrize("metric", [moe.metrics.heldout_log_likelihood, moe.metrics.mean_squared_error])
 def test_heldout_metrics_bad_inputs_name_the_argument(metric, heldout):
     x, y, truth = heldout
     x, y = x[:100], y[:100]
@@ -245,8 +272,11 @@ def test_heldout_metrics_bad_inputs_name_the_argument(metric, heldout):
     with pytest.raises(TypeError, match=r"^params: expected MoEParams"):
         metric(truth.experts, x, y)
     # Site-form gates (k - 1 rows) would otherwise broadcast silently for k = 2.
-    two = true_params(jax.random.key(9), dim=D, num_experts=2)
+    two = moe.simulation.true_params(key=jax.random.key(9), dim=D, num_experts=2)
     with pytest.raises(ValueError, match=r"^params: expected experts and gates of one shape"):
-        metric(two._replace(gates=two.gates[:-1]), x, y)
-    with pytest.raises(ValueError, match=r"^link: unknown link"):
-        metric(truth, x, y, link="nope")
+        metric(two.replace(gates=two.gates[:-1]), x, y)
+    with pytest.raises(ValueError, match=r"^params: expected noise > 0"):
+        metric(truth.replace(noise=jnp.array([0.2, 0.0, 0.2])), x, y)
+    # The link is the record's: no link argument any more.
+    with pytest.raises(TypeError):
+        metric(truth, x, y, link="linear")
