@@ -5,9 +5,10 @@ A. Papers' setting (orthogonal gates, d=10, k=3, noise 0.1, linear, n=20k), per 
    gating error of tensor -> gating EM -> joint EM, divided by the oracle's (joint EM started at
    the truth). Target: expert ratio <= 1.1 on >= 48/50 seeds, gating ratio <= 1.2.
 B. Harder regimes: success rates (expert error < 0.1) of every method on the same seeds:
-   tensor -> EM (one start), `fit_moe` (tensor start + 4 random starts), joint EM from 1 random
-   start, best of 5 random-start EM (the same number of starts as `fit_moe`), gradient descent on
-   the squared loss and on the likelihood (1 random start each), and the oracle.
+   tensor -> EM (one start), `fit_moe` (num_starts=5: the tensor start + 4 random starts), joint
+   EM from 1 random start, best of 5 random-start EM (`fit_em` on `random_starts`, the same number
+   of starts as `fit_moe`), gradient descent on the squared loss and on the likelihood
+   (`numpyro_moe.baselines`, from 1 random start each), and the oracle.
 C. Speed at n=200k, d=10, k=3: tensor + EM against R's flexmix
    (`flexmix(y ~ x, k = 3, concomitant = FLXPmultinom(~ x))`) on the same data in the same run,
    with the expert and gating error of each. Skipped, with a note, when R/flexmix is missing.
@@ -38,18 +39,27 @@ def _setup():
     return jax, numpyro_moe
 
 
+def _tensor_then_em(moe, x, y, estimate):
+    """The pipeline with one start: EM over the gate with the experts fixed at the moment
+    estimate (the ICML 2019 paper's gating stage), then joint EM from there."""
+    gated = moe.fit_em(x, y, estimate, fix=("experts",))
+    return moe.fit_em(x, y, gated).params
+
+
 def papers_setting(num_seeds):
     jax, moe = _setup()
+    from numpyro_moe.metrics import expert_error, gating_error
+    from numpyro_moe.simulation import sample_data, simulate
     expert_ratios, gate_ratios = [], []
     start = time.perf_counter()
     for seed in range(num_seeds):
-        x, y, truth = moe.simulate(jax.random.key(seed), num_samples=20_000, dim=10, num_experts=3)
-        x_test, _ = moe.sample_data(jax.random.key(10_000 + seed), truth, num_samples=20_000)
+        x, y, truth = simulate(key=jax.random.key(seed), num_samples=20_000, dim=10, num_experts=3)
+        x_test, _ = sample_data(truth, key=jax.random.key(10_000 + seed), num_samples=20_000)
         estimate = moe.estimate_experts(x, y, num_experts=3, key=jax.random.key(seed))
-        fitted = moe.fit_em(x, y, moe.fit_gating(x, y, estimate)).params
+        fitted = _tensor_then_em(moe, x, y, estimate)
         oracle = moe.fit_em(x, y, truth).params
-        expert_ratios.append(moe.expert_error(fitted, truth) / moe.expert_error(oracle, truth))
-        gate_ratios.append(moe.gating_error(fitted, truth, x_test) / moe.gating_error(oracle, truth, x_test))
+        expert_ratios.append(expert_error(fitted, truth) / expert_error(oracle, truth))
+        gate_ratios.append(gating_error(fitted, truth, x_test) / gating_error(oracle, truth, x_test))
     expert_ratios, gate_ratios = np.array(expert_ratios), np.array(gate_ratios)
     print(
         f"  expert error / oracle: within 1.1x on {(expert_ratios <= 1.1).sum()}/{num_seeds} seeds "
@@ -71,6 +81,8 @@ REGIMES = {
 
 def hard_regimes(num_seeds, gd_steps):
     jax, moe = _setup()
+    from numpyro_moe.metrics import expert_error
+    from numpyro_moe.simulation import simulate
     for name, setting in REGIMES.items():
         setting = dict(setting)
         link = setting.pop("link", "linear")
@@ -78,20 +90,26 @@ def hard_regimes(num_seeds, gd_steps):
         methods = {}
 
         def record(method, params, truth):
-            methods.setdefault(method, []).append(moe.expert_error(params, truth))
+            methods.setdefault(method, []).append(expert_error(params, truth))
+
+        def starts(x, y, key, count):
+            return moe.random_starts(x, y, num_experts=k, num_starts=count, key=key, link=link)
 
         start = time.perf_counter()
         for seed in range(num_seeds):
-            x, y, truth = moe.simulate(jax.random.key(seed), dim=10, link=link, **setting)
+            x, y, truth = simulate(key=jax.random.key(seed), dim=10, link=link, **setting)
             key = jax.random.key(1000 + seed)
             estimate = moe.estimate_experts(x, y, num_experts=k, link=link, key=key)
-            record("tensor -> EM (1 start)", moe.fit_em(x, y, moe.fit_gating(x, y, estimate, link=link), link=link).params, truth)
-            record("fit_moe: tensor + 4 random starts", moe.fit_moe(x, y, num_experts=k, key=key, link=link, num_restarts=4).params, truth)
-            record("EM, 1 random start", moe.fit_em_restarts(x, y, num_experts=k, key=key, num_restarts=1, link=link).best.params, truth)
-            record("EM, best of 5 random starts", moe.fit_em_restarts(x, y, num_experts=k, key=key, num_restarts=5, link=link).best.params, truth)
-            record("GD squared loss, 1 random start", moe.fit_squared_loss_gd(x, y, num_experts=k, key=key, link=link, num_steps=gd_steps), truth)
-            record("GD likelihood, 1 random start", moe.fit_likelihood_gd(x, y, num_experts=k, key=key, link=link, num_steps=gd_steps), truth)
-            record("oracle (EM from truth)", moe.fit_em(x, y, truth, link=link).params, truth)
+            record("tensor -> EM (1 start)", _tensor_then_em(moe, x, y, estimate), truth)
+            record("fit_moe: tensor + 4 random starts",
+                   moe.fit_moe(x, y, num_experts=k, key=key, link=link, num_starts=5).params, truth)
+            record("EM, 1 random start", moe.fit_em(x, y, starts(x, y, key, 1)).params, truth)
+            record("EM, best of 5 random starts", moe.fit_em(x, y, starts(x, y, key, 5)).params, truth)
+            squared = moe.baselines.fit_squared_loss_gd(x, y, starts(x, y, key, 1), num_steps=gd_steps)
+            record("GD squared loss, 1 random start", squared.params, truth)
+            likelihood = moe.baselines.fit_likelihood_gd(x, y, starts(x, y, key, 1), num_steps=gd_steps)
+            record("GD likelihood, 1 random start", likelihood.params, truth)
+            record("oracle (EM from truth)", moe.fit_em(x, y, truth).params, truth)
         print(f"  regime: {name} (d=10), {num_seeds} seeds, {time.perf_counter() - start:.0f} s", flush=True)
         for method, errors in methods.items():
             errors = np.array(errors)
@@ -116,13 +134,15 @@ cat(elapsed, "\n")
 
 def flexmix_comparison(num_samples):
     jax, moe = _setup()
+    from numpyro_moe.metrics import expert_error, gating_error
+    from numpyro_moe.simulation import sample_data, simulate
     k, d = 3, 10
-    x, y, truth = moe.simulate(jax.random.key(0), num_samples=num_samples, dim=d, num_experts=k)
-    x_test, _ = moe.sample_data(jax.random.key(1), truth, num_samples=20_000)
+    x, y, truth = simulate(key=jax.random.key(0), num_samples=num_samples, dim=d, num_experts=k)
+    x_test, _ = sample_data(truth, key=jax.random.key(1), num_samples=20_000)
 
     def ours():
         estimate = moe.estimate_experts(x, y, num_experts=k, key=jax.random.key(0))
-        return jax.block_until_ready(moe.fit_em(x, y, moe.fit_gating(x, y, estimate)).params)
+        return jax.block_until_ready(_tensor_then_em(moe, x, y, estimate))
 
     start = time.perf_counter()
     ours()
@@ -132,7 +152,7 @@ def flexmix_comparison(num_samples):
     warm = time.perf_counter() - start
     print(
         f"  numpyro-moe tensor + EM: {warm:.2f} s warm ({cold:.2f} s with compilation), expert error "
-        f"{moe.expert_error(params, truth):.4f}, gating error {moe.gating_error(params, truth, x_test):.4f}",
+        f"{expert_error(params, truth):.4f}, gating error {gating_error(params, truth, x_test):.4f}",
         flush=True,
     )
     if shutil.which("Rscript") is None:
@@ -163,12 +183,12 @@ def flexmix_comparison(num_samples):
         gates_table = np.genfromtxt(folder / "gates.csv", delimiter=",", skip_header=1)[:, 1:]
     # Rows of experts_table: intercept, x0..x9 slopes, sigma; columns: components.
     flex_experts = experts_table[1 : d + 1].T
-    flex_noise = float(np.mean(experts_table[d + 1]))
+    flex_noise = experts_table[d + 1]  # one sigma per component, as MoEParams holds it
     gate_matrix = gates_table[1 : d + 1].T  # (k, d), first component's row is 0
-    flex = moe.MoEParams(flex_experts, gate_matrix - gate_matrix[-1], np.asarray(flex_noise))
+    flex = moe.MoEParams(flex_experts, gate_matrix - gate_matrix[-1], flex_noise)
     print(
         f"  flexmix: {fit_seconds:.1f} s fit ({wall:.1f} s with R start-up and CSV), expert error "
-        f"{moe.expert_error(flex, truth):.4f}, gating error {moe.gating_error(flex, truth, x_test):.4f} "
+        f"{expert_error(flex, truth):.4f}, gating error {gating_error(flex, truth, x_test):.4f} "
         "(flexmix also fits intercepts, which the truth has at zero)"
     )
     print(f"  speed-up of numpyro-moe over flexmix: {fit_seconds / warm:.0f}x warm, {fit_seconds / cold:.0f}x cold (target >= 50x)")

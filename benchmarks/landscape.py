@@ -3,10 +3,10 @@ descent on the squared loss, from the same random starts.
 
 Papers' setting: orthonormal experts, gate rows orthogonal to the experts, d=10, k=3, noise 0.1,
 linear link, n=200k, one data set. For each of 10 random starts (keys 0..9):
-- the landscape loss (`landscape_experts`, one start per key, noise given);
+- the landscape loss (`numpyro_moe.experts.landscape_experts`, one start per key, noise given);
 - Adam on the squared loss mean (y - E[y | x])^2 over experts and gates
-  (`fit_squared_loss_gd`, 3000 steps, learning rate 0.01) from the SAME starting experts (the
-  landscape run's ``starts``), a uniform gate and the true noise.
+  (`numpyro_moe.baselines.fit_squared_loss_gd`, 3000 steps, learning rate 0.01) from the SAME
+  starting experts (the landscape run's ``starts``), a uniform gate and the true noise.
 Prints the expert error of each per start, how many starts recovered the experts (error < 0.1,
 DESIGN section 6) and timings. Target: the landscape loss recovers from at least 9 of 10 starts.
 Then the same on correlated gates (gate rows not orthogonal to the experts), for information:
@@ -32,7 +32,6 @@ def _setup():
 
     jax.config.update("jax_enable_x64", True)
     import numpyro_moe
-    import numpyro_moe._landscape  # not re-exported by the package yet
 
     return jax, numpyro_moe
 
@@ -40,8 +39,8 @@ def _setup():
 def compare(gating: str, num_samples: int, num_starts: int, *, verbose: bool):
     """Per start: (landscape error, squared-loss error, landscape seconds, squared-loss seconds)."""
     jax, nm = _setup()
-    x, y, truth = nm.simulate(
-        jax.random.key(DATA_KEY), num_samples=num_samples, dim=DIM, num_experts=NUM_EXPERTS,
+    x, y, truth = nm.simulation.simulate(
+        key=jax.random.key(DATA_KEY), num_samples=num_samples, dim=DIM, num_experts=NUM_EXPERTS,
         noise=NOISE, gating=gating, orthonormal_experts=True,
     )
     rows = []
@@ -51,18 +50,18 @@ def compare(gating: str, num_samples: int, num_starts: int, *, verbose: bool):
         with warnings.catch_warnings():
             # The correlated-gates data break the design assumptions by construction.
             warnings.simplefilter("ignore", nm.ReliabilityWarning)
-            result = nm._landscape.landscape_experts(
+            result = nm.experts.landscape_experts(
                 x, y, num_experts=NUM_EXPERTS, noise=NOISE, key=key, num_starts=1
             )
         landscape_seconds = time.perf_counter() - began
-        landscape_error = nm.expert_error(result.experts, truth.experts)
+        landscape_error = nm.metrics.expert_error(result.experts, truth.experts)
 
         init = nm.MoEParams(result.starts[0], np.zeros((NUM_EXPERTS, DIM)), np.asarray(NOISE))
         began = time.perf_counter()
-        fitted = nm.fit_squared_loss_gd(x, y, num_experts=NUM_EXPERTS, key=key, init=init)
+        fitted = nm.baselines.fit_squared_loss_gd(x, y, init).params
         fitted.experts.block_until_ready()
         squared_seconds = time.perf_counter() - began
-        squared_error = nm.expert_error(fitted.experts, truth.experts)
+        squared_error = nm.metrics.expert_error(fitted.experts, truth.experts)
         rows.append((landscape_error, squared_error, landscape_seconds, squared_seconds))
         if verbose:
             print(

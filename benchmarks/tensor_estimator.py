@@ -40,8 +40,8 @@ def accuracy(link, gating, sizes, seeds, *, dim=10, num_experts=3, noise=0.1):
     for n in sizes:
         errors = []
         for seed in range(seeds):
-            x, y, truth = nm.simulate(
-                jax.random.key(seed), num_samples=n, dim=dim, num_experts=num_experts, link=link,
+            x, y, truth = nm.simulation.simulate(
+                key=jax.random.key(seed), num_samples=n, dim=dim, num_experts=num_experts, link=link,
                 noise=noise, gating=gating,
             )
             import warnings
@@ -49,7 +49,7 @@ def accuracy(link, gating, sizes, seeds, *, dim=10, num_experts=3, noise=0.1):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", nm.ReliabilityWarning)
                 estimate = nm.estimate_experts(x, y, num_experts=num_experts, link=link, key=jax.random.key(seed))
-            errors.append(nm.expert_error(estimate, truth))
+            errors.append(nm.metrics.expert_error(estimate, truth))
         table[n] = errors
         print(
             f"  {link:8s} {gating:10s} n={n:>9,d}  median error {np.median(errors):.4f}  "
@@ -87,12 +87,12 @@ n, d, k = 1_000_000, 100, 5
 paths = os.path.join(folder, "x.npy"), os.path.join(folder, "y.npy")
 record = {"dtype": dtype}
 if mode == "write":  # simulate once, in blocks, straight into the files the other runs load
-    truth = nm.true_params(jax.random.key(0), dim=d, num_experts=k)
+    truth = nm.simulation.true_params(key=jax.random.key(0), dim=d, num_experts=k)
     x = np.lib.format.open_memmap(paths[0], mode="w+", dtype=dtype, shape=(n, d))
     y = np.lib.format.open_memmap(paths[1], mode="w+", dtype=dtype, shape=(n,))
     block = 20_000
     for i, start in enumerate(range(0, n, block)):
-        xc, yc = nm.sample_data(jax.random.key(i + 1), truth, num_samples=block)
+        xc, yc = nm.simulation.sample_data(truth, key=jax.random.key(i + 1), num_samples=block)
         x[start:start + block], y[start:start + block] = np.asarray(xc), np.asarray(yc)
     x.flush(), y.flush()
 elif mode == "memory":
@@ -102,23 +102,25 @@ elif mode == "memory":
     record["data_bytes"] = x.nbytes + y.nbytes
     record["loaded_rss"] = status("VmRSS")
     config = dict(zip(("eigensolver", "precision"), sys.argv[4].split(":")))
+    key = jax.random.key(0)  # the power method's restarts; made here so the call's share counts JAX's start
     reset_peak()
-    nm.estimate_experts(x, y, num_experts=k, **config)
+    nm.estimate_experts(x, y, num_experts=k, key=key, **config)
     record["peak_rss"] = status("VmHWM")
     record["after_rss"] = status("VmRSS")
     reset_peak()
-    nm.estimate_experts(x, y, num_experts=k, **config)
+    nm.estimate_experts(x, y, num_experts=k, key=key, **config)
     record["second_peak_rss"] = status("VmHWM")
 else:
-    truth = nm.true_params(jax.random.key(0), dim=d, num_experts=k)
+    truth = nm.simulation.true_params(key=jax.random.key(0), dim=d, num_experts=k)
     x, y = np.load(paths[0]), np.load(paths[1])
+    key = jax.random.key(0)  # the power method's restarts
     gram = jax.jit(lambda a: a.T @ a)
     x_device = jnp.asarray(x)
     gram(x_device).block_until_ready()
     names = sys.argv[4].split(",")
     configs = [dict(zip(("eigensolver", "precision"), name.split(":"))) for name in names]
     for config in configs:
-        nm.estimate_experts(x[:300_000], y[:300_000], num_experts=k, **config)  # compile
+        nm.estimate_experts(x[:300_000], y[:300_000], num_experts=k, key=key, **config)  # compile
     # The gram alone 5 times, then 5 rounds that time the gram and every configuration in turn
     # (a slow spell of the machine hits all of them alike). Each one's best time is kept: the
     # gram's over all 10 runs, the conservative choice (right after an estimator run the gram
@@ -130,12 +132,13 @@ else:
             continue
         for name, config in zip(names, configs):
             start = time.perf_counter()
-            estimates[name] = nm.estimate_experts(x, y, num_experts=k, **config)
+            estimates[name] = nm.estimate_experts(x, y, num_experts=k, key=key, **config)
             times[name].append(time.perf_counter() - start)
     record["gram_seconds"], record["gram_median"] = min(gram_times), float(np.median(gram_times))
     for name in names:
         record[name] = {
-            "seconds": min(times[name]), "median": float(np.median(times[name])), "expert_error": nm.expert_error(estimates[name], truth),
+            "seconds": min(times[name]), "median": float(np.median(times[name])),
+            "expert_error": nm.metrics.expert_error(estimates[name], truth),
             "precision": estimates[name].diagnostics.precision,
         }
 print(json.dumps(record))

@@ -227,8 +227,9 @@ def fit_em(
     init
         The start(s) (see `as_starts`): `MoEParams` (its link is the fit's), an expert estimate
         (gates start at zero, a uniform gate), a `Fit`, `random_starts`, or a list of these, run
-        together (vmapped). Intercepts are fitted when the starts have them. A start without a
-        finite positive noise starts at the residual spread of its closest expert per point.
+        together (vmapped); the best final log-likelihood wins, the first of those within ``tol`` of
+        it on a tie. Intercepts are fitted when the starts have them. A start without a finite
+        positive noise starts at the residual spread of its closest expert per point.
     fix
         Parameter groups held at their starting values: ``"experts"`` (with their intercepts; EM
         over the gate alone, as in the ICML 2019 paper), ``"gates"`` (with theirs), ``"noise"``.
@@ -261,7 +262,8 @@ def fit_em(
         progress="EM" if progress_bar else None,
     )
     log_likelihoods = np.where(np.isfinite(log_likelihoods), log_likelihoods, -np.inf)
-    best = int(np.argmax(log_likelihoods))
+    # Starts that reach the same optimum (within the convergence tolerance) tie: the first wins.
+    best = int(np.argmax(log_likelihoods >= np.max(log_likelihoods) - tol))
     count = int(iterations[best])
     best_history = np.asarray(history[best, :count])
     converged = count < max_iterations or bool(count > 1 and abs(best_history[-1] - best_history[-2]) < tol)

@@ -347,6 +347,11 @@ def init_to_params(site=None, params=None, *, prefix: str = "", values: dict | N
     declares (shared: the mean of the k noises); a site in ``values`` at that value; any other
     latent site falls back to NumPyro's ``init_to_uniform``. Conditioned sites are left to the model.
     """
+    if site is not None and not isinstance(site, dict):
+        raise TypeError(
+            f"site: init_to_params takes the record as a keyword, e.g. init_to_params(params=fit); got a "
+            f"{type(site).__name__} as the site"
+        )
     if site is None:
         blocks = params if isinstance(params, dict) else {prefix: params}
         sites = {}
