@@ -4,14 +4,14 @@ import argparse
 import sys
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m numpyro_moe.models") -> int:
     import numpyro
 
     numpyro.set_host_device_count(4)
     numpyro.enable_x64()
     from numpyro_moe.models import MODELS
 
-    parser = argparse.ArgumentParser(prog="python -m numpyro_moe.models", description="Ready-made mixture-of-experts models")
+    parser = argparse.ArgumentParser(prog=prog, description="Ready-made mixture-of-experts models")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("list", help="list the models")
     run = commands.add_parser("run", help="run a model by name")
@@ -25,7 +25,7 @@ def main(argv=None) -> int:
             print(f"{name:22s} {module.DESCRIPTION}")
         return 0
     if args.name not in MODELS:
-        print(f"python -m numpyro_moe.models run: error: name: unknown model {args.name!r}; expected one of {sorted(MODELS)}",
+        print(f"{prog} run: error: name: unknown model {args.name!r}; expected one of {sorted(MODELS)}",
               file=sys.stderr)
         return 2
     print(f"{args.name}: {MODELS[args.name].DESCRIPTION}")

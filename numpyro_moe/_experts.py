@@ -330,9 +330,12 @@ def estimate_experts(
     top = values[num_experts - 1]
     eigen_gap = (top - next_value) / moment.noise_floor if moment.noise_floor > 0 else np.inf
     if eigen_gap < 1 or top <= 0:
+        gap = (
+            f"the gap between T2's eigenvalues {num_experts} and {num_experts + 1} ({top - next_value:.3g})"
+            if num_experts < len(values) else f"T2's eigenvalue {num_experts} ({top:.3g})"
+        )
         warnings.warn(
-            f"num_experts: the gap between T2's eigenvalues {num_experts} and {num_experts + 1} "
-            f"({top - next_value:.3g}) is below the sampling-noise floor ({moment.noise_floor:.3g}); "
+            f"num_experts: {gap} is below the sampling-noise floor ({moment.noise_floor:.3g}); "
             "the k-th expert direction is not resolved: use more data or fewer experts (see "
             "suggest_num_experts). The estimate is only a starting point.",
             ReliabilityWarning,

@@ -105,9 +105,13 @@ def check_data(x, y):
 
 def _one_start(value, name: str, dim: int) -> MoEParams:
     params = as_params(value, name)
-    if np.ndim(params.experts) == 3:
-        return params
-    return jax.tree_util.tree_map(lambda leaf: leaf[None], check_params(params, name, dim=dim))
+    if np.ndim(params.experts) != 3:
+        return jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf)[None], check_params(params, name, dim=dim))
+    # Starts stacked on a leading axis: each is checked as one start would be.
+    count = np.shape(params.experts)[0]
+    for index in range(count):
+        check_params(jax.tree_util.tree_map(lambda leaf: leaf[index], params), f"{name}[{index}]", dim=dim)
+    return params
 
 
 def as_starts(init, dim: int, name: str = "init") -> MoEParams:
@@ -254,10 +258,13 @@ def fit_em(
     max_iterations = check_positive_int(max_iterations, "max_iterations")
     tol = resolvable_tol(check_positive(tol, "tol"), x.dtype)
     intercepts = starts.has_intercepts
+    noise = _starting_noise(starts, x, y)
+    if shared_noise:  # a shared model starts from one noise, so its first step is an EM step
+        noise = jnp.broadcast_to(jnp.sqrt(jnp.mean(noise**2, axis=-1, keepdims=True)), noise.shape)
     experts, gates = to_augmented(starts, intercepts)
     design = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1) if intercepts else x
     experts, gates, noise, log_likelihoods, history, iterations = em_iterations(
-        experts, gates, _starting_noise(starts, x, y), design, y, link=starts.link, fix=fix,
+        experts, gates, noise, design, y, link=starts.link, fix=fix,
         shared_noise=shared_noise, max_iterations=max_iterations, tol=tol,
         progress="EM" if progress_bar else None,
     )
@@ -416,6 +423,12 @@ def fit_moe(
     key = check_key(key)
     num_experts = check_num_experts(num_experts, x.shape[1], require_k_le_d=False)
     num_starts = check_positive_int(num_starts, "num_starts")
+    max_iterations = check_positive_int(max_iterations, "max_iterations")
+    tol = check_positive(tol, "tol")
+    if estimate_options is not None and not isinstance(estimate_options, dict):
+        raise TypeError(
+            f"estimate_options: expected a dict of estimate_experts options, got {type(estimate_options).__name__}"
+        )
     options = dict(estimate_options or {})
     taken = sorted(set(options) & {"num_experts", "key", "link"})
     if taken:

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _models(args: argparse.Namespace) -> int:
     from numpyro_moe.models.__main__ import main as models_main
 
-    return models_main(args.models_args)
+    return models_main(args.models_args, prog="numpyro-moe models")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,11 +145,16 @@ def run_demo(
     probabilities at the posterior mean against the inputs). Returns the table rows.
     """
     out = Path(out)
-    if nuts:  # checked before any work, so that a bad setting costs nothing
-        for flag, value in (("--nuts-samples", nuts_samples), ("--chains", num_chains),
-                            ("--num-warmup", num_warmup), ("--num-draws", num_draws)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{flag}: expected an integer >= 1, got {value!r}")
+    # Checked before any work, so that a bad setting costs nothing.
+    counts = [("--num-samples", num_samples), ("--dim", dim), ("--experts", num_experts), ("--starts", num_starts)]
+    if nuts:
+        counts += [("--nuts-samples", nuts_samples), ("--chains", num_chains), ("--num-warmup", num_warmup),
+                   ("--num-draws", num_draws)]
+    for flag, value in counts:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{flag}: expected an integer >= 1, got {value!r}")
+    if not (isinstance(noise, int | float) and not isinstance(noise, bool) and noise > 0):
+        raise ValueError(f"--noise: expected a number > 0, got {noise!r}")
     key = jax.random.key(seed)
     data_key, test_key, tensor_key, restart_key = jax.random.split(key, 4)
     nuts_key = jax.random.fold_in(key, 4)  # apart from the split: the fits do not depend on `nuts`

@@ -22,7 +22,7 @@ def output_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(
-            f"out: {str(path)!r} already exists; choose another folder or pass --overwrite"
+            f"--out: {str(path)!r} already exists; choose another folder or pass --overwrite"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
