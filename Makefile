@@ -20,11 +20,12 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/numpyro-moe demo
 
+# Test files run in parallel, one worker per core (a file's module fixtures stay in one worker).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n auto --dist loadfile
 
 test-slow: $(STAMP)
-	$(VENV)/bin/python -m pytest -m slow
+	$(VENV)/bin/python -m pytest -n auto --dist loadfile -m slow
 
 clean:
 	rm -rf $(VENV) .pytest_cache

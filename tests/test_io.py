@@ -389,7 +389,7 @@ def test_output_folder_refuses_an_existing_folder(tmp_path):
     target.mkdir()
     (target / "old.txt").write_text("keep me")
     with (
-        pytest.raises(FileExistsError, match=r"^out: .*run.* already exists") as info,
+        pytest.raises(FileExistsError, match=r"^--out: .*run.* already exists") as info,
         output_folder(target),
     ):
         pytest.fail("the body must not run")
@@ -418,3 +418,27 @@ def test_output_folder_overwrite_keeps_the_old_folder_when_the_body_raises(tmp_p
         raise KeyboardInterrupt
     assert sorted(p.name for p in target.iterdir()) == ["old.txt"]
     assert _leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- every other record
+
+
+def _other_records():
+    data = _simulated()
+    point = moe.MoEParams(data.truth.experts, data.truth.gates, data.truth.noise, link="tanh")
+    tensor = np.einsum("i,ia,ib,ic->abc", np.array([2.0, 1.0]), np.eye(2), np.eye(2), np.eye(2))
+    return {
+        "Prediction": moe.predict(point, data.x[:7], key=jax.random.key(1), num_draws=20),
+        "TensorDecomposition": moe.experts.decompose_symmetric_tensor(tensor, 2, key=jax.random.key(2)),
+        "OutputTransforms": moe.experts.output_transforms("tanh", 0.2),
+        "FourthOrderTransform": moe.experts.fourth_order_transform("sigmoid", 0.1),
+        "ExpertMatch": moe.metrics.match_experts(point.experts[::-1], point.experts),
+        "NumExpertsSuggestion": moe.experts.suggest_num_experts(data.x, data.y),
+    }
+
+
+def test_every_other_result_record_round_trips_exactly(tmp_path):
+    for name, record in _other_records().items():
+        loaded = _round_trip(tmp_path, record, name=f"{name}.npz")
+        assert type(loaded).__name__ == name
+        _assert_same(record, loaded, name)
