@@ -25,8 +25,10 @@ def main(argv=None, prog: str = "python -m numpyro_moe.models") -> int:
             print(f"{name:22s} {module.DESCRIPTION}")
         return 0
     if args.name not in MODELS:
-        print(f"{prog} run: error: name: unknown model {args.name!r}; expected one of {sorted(MODELS)}",
-              file=sys.stderr)
+        print(
+            f"{prog} run: error: name: unknown model {args.name!r}; expected one of {sorted(MODELS)}",
+            file=sys.stderr,
+        )
         return 2
     print(f"{args.name}: {MODELS[args.name].DESCRIPTION}")
     MODELS[args.name].run(quick=args.quick, nuts=args.nuts, seed=args.seed)

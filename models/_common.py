@@ -32,8 +32,15 @@ def run_dataset(x, y, feature_names, *, num_experts, link="linear", quick=False,
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", moe.ReliabilityWarning)
         for k in (1, num_experts):
-            fit = moe.fit_moe(x[train], y[train], num_experts=k, key=jax.random.key(seed), link=link,
-                              num_starts=2 if quick else 9, intercepts=True)
+            fit = moe.fit_moe(
+                x[train],
+                y[train],
+                num_experts=k,
+                key=jax.random.key(seed),
+                link=link,
+                num_starts=2 if quick else 9,
+                intercepts=True,
+            )
             results[k] = {
                 "params": fit.params,
                 "heldout_loglik": heldout_log_likelihood(fit, x[test], y[test]),
@@ -43,10 +50,18 @@ def run_dataset(x, y, feature_names, *, num_experts, link="linear", quick=False,
         print(f"  note: {warning}")
     print(f"  features: {feature_names}; {len(train)} training and {len(test)} held-out rows (standardised)")
     for k, row in results.items():
-        print(f"  {k} expert(s): held-out log-likelihood per point {row['heldout_loglik']:.4f}, MSE {row['heldout_mse']:.4f}")
+        print(
+            f"  {k} expert(s): held-out log-likelihood per point {row['heldout_loglik']:.4f}, MSE {row['heldout_mse']:.4f}"
+        )
     if nuts:
-        run = moe.run_nuts(x[train], y[train], results[num_experts]["params"], key=jax.random.key(seed + 1),
-                           num_warmup=100 if quick else 500, num_samples=100 if quick else 500)
+        run = moe.run_nuts(
+            x[train],
+            y[train],
+            results[num_experts]["params"],
+            key=jax.random.key(seed + 1),
+            num_warmup=100 if quick else 500,
+            num_samples=100 if quick else 500,
+        )
         results["datatree"] = run.datatree
         import arviz as az
 

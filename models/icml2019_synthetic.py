@@ -18,8 +18,14 @@ DIM, NUM_EXPERTS, NOISE = 10, 3, 0.1
 
 def load(*, num_samples=20_000, link="linear", seed=0):
     """``(x, y, truth)`` simulated in the paper's setting."""
-    return simulate(key=jax.random.key(seed), num_samples=num_samples, dim=DIM, num_experts=NUM_EXPERTS,
-                    noise=NOISE, link=link)
+    return simulate(
+        key=jax.random.key(seed),
+        num_samples=num_samples,
+        dim=DIM,
+        num_experts=NUM_EXPERTS,
+        noise=NOISE,
+        link=link,
+    )
 
 
 def model(x, y=None, link="linear"):
@@ -40,11 +46,19 @@ def run(*, quick=False, nuts=False, seed=0):
             "tensor+em": expert_error(refined, truth),
             "gating": gating_error(refined, truth, x_test),
         }
-        print(f"  {link:8s} n={x.shape[0]}: expert error tensor {results[link]['tensor']:.4f}, after EM "
-              f"{results[link]['tensor+em']:.4f}; gating error {results[link]['gating']:.4f}")
+        print(
+            f"  {link:8s} n={x.shape[0]}: expert error tensor {results[link]['tensor']:.4f}, after EM "
+            f"{results[link]['tensor+em']:.4f}; gating error {results[link]['gating']:.4f}"
+        )
     if nuts:
         x, y, truth = load(num_samples=2000, seed=seed)
         fit = moe.fit_moe(x, y, num_experts=NUM_EXPERTS, key=jax.random.key(seed), num_starts=1)
-        results["datatree"] = moe.run_nuts(x, y, fit, key=jax.random.key(seed),
-                                           num_warmup=100 if quick else 500, num_samples=100 if quick else 500).datatree
+        results["datatree"] = moe.run_nuts(
+            x,
+            y,
+            fit,
+            key=jax.random.key(seed),
+            num_warmup=100 if quick else 500,
+            num_samples=100 if quick else 500,
+        ).datatree
     return results

@@ -18,7 +18,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-import xarray as xr
 from jax.flatten_util import ravel_pytree
 from numpyro import handlers
 from numpyro.infer import MCMC, NUTS, Predictive, init_to_value
@@ -35,6 +34,7 @@ from numpyro_moe._model import (
     check_fix,
     fixed_sites,
     init_to_params,
+    is_record,
     moe_regression,
     site_name,
     sites_to_params,
@@ -78,7 +78,7 @@ def _start_values(model, init, *, prefix: str, values: dict | None, key, model_a
     """Constrained values of every latent site of ``model`` at ``init``: the mixture-of-experts
     sites from a parameter record (or all sites from a dict), the user's sites from ``values``,
     any other site by NumPyro's ``init_to_uniform``; conditioned sites drop out."""
-    if isinstance(init, dict) and init and all(_is_record(value) for value in init.values()):
+    if isinstance(init, dict) and init and all(is_record(value) for value in init.values()):
         strategy = init_to_params(params=init, values=values)
     elif isinstance(init, dict):
         given = {**init, **(values or {})}
@@ -88,15 +88,10 @@ def _start_values(model, init, *, prefix: str, values: dict | None, key, model_a
     seeded = handlers.substitute(handlers.seed(model, key), substitute_fn=strategy)
     trace = handlers.trace(seeded).get_trace(*model_args, **model_kwargs)
     return {
-        name: site["value"] for name, site in trace.items()
+        name: site["value"]
+        for name, site in trace.items()
         if site["type"] == "sample" and not site["is_observed"]
     }
-
-
-def _is_record(value) -> bool:
-    return isinstance(value, MoEParams) or isinstance(getattr(value, "params", None), MoEParams) or callable(
-        getattr(value, "to_params", None)
-    )
 
 
 def chain_init_params(
@@ -144,20 +139,29 @@ def chain_init_params(
     jitter = check_positive(jitter, "jitter")
     model_kwargs = model_kwargs or {}
     start_key, jitter_key = jax.random.split(key)
-    start = _start_values(model, init, prefix=prefix, values=values, key=start_key, model_args=model_args,
-                          model_kwargs=model_kwargs)
+    start = _start_values(
+        model,
+        init,
+        prefix=prefix,
+        values=values,
+        key=start_key,
+        model_args=model_args,
+        model_kwargs=model_kwargs,
+    )
     unconstrained = unconstrain_fn(model, model_args, model_kwargs, start)
     leaves, tree = jax.tree_util.tree_flatten(unconstrained)
     keys = jax.random.split(jitter_key, len(leaves))
     noisy = [
-        leaf[None] + jitter * jax.random.normal(leaf_key, (num_chains, *jnp.shape(leaf)), jnp.result_type(leaf))
+        leaf[None]
+        + jitter * jax.random.normal(leaf_key, (num_chains, *jnp.shape(leaf)), jnp.result_type(leaf))
         for leaf, leaf_key in zip(leaves, keys, strict=True)
     ]
     return jax.tree_util.tree_unflatten(tree, noisy)
 
 
-def laplace_inverse_mass_matrix(model, init, *, prefix: str = "", values: dict | None = None, model_args=(),
-                                model_kwargs=None):
+def laplace_inverse_mass_matrix(
+    model, init, *, prefix: str = "", values: dict | None = None, model_args=(), model_kwargs=None
+):
     """Inverse Hessian of ``model``'s potential energy at ``init``, in unconstrained space.
 
     A (D, D) array over the model's latent sites flattened in sorted-name order (NumPyro's
@@ -167,11 +171,20 @@ def laplace_inverse_mass_matrix(model, init, *, prefix: str = "", values: dict |
     model's other sites at ``values``, which a mode needs).
     """
     model_kwargs = model_kwargs or {}
-    start = _start_values(model, init, prefix=prefix, values=values, key=jax.random.key(0), model_args=model_args,
-                          model_kwargs=model_kwargs)
+    start = _start_values(
+        model,
+        init,
+        prefix=prefix,
+        values=values,
+        key=jax.random.key(0),
+        model_args=model_args,
+        model_kwargs=model_kwargs,
+    )
     flat, unravel = ravel_pytree(unconstrain_fn(model, model_args, model_kwargs, start))
     # One XLA program (about 10x faster than op-by-op Hessians for a new model).
-    hessian = jax.jit(jax.hessian(lambda point: potential_energy(model, model_args, model_kwargs, unravel(point))))(flat)
+    hessian = jax.jit(
+        jax.hessian(lambda point: potential_energy(model, model_args, model_kwargs, unravel(point)))
+    )(flat)
     hessian = np.asarray((hessian + hessian.T) / 2, dtype=np.float64)
     eigenvalues, eigenvectors = np.linalg.eigh(hessian)
     if not np.all(np.isfinite(eigenvalues)) or eigenvalues[0] <= 1e-10 * max(eigenvalues[-1], 1e-300):
@@ -212,8 +225,10 @@ def _expert_blocks(dataset, prefix: str) -> list[str]:
     """Tree variables of ``dataset`` holding a block's experts: named ``experts`` (under ``prefix``
     and any further scopes) with dims ending in (expert, feature)."""
     return [
-        str(name) for name, value in dataset.data_vars.items()
-        if str(name).split(TREE_DIVIDER)[-1] == "experts" and _under(str(name), prefix)
+        str(name)
+        for name, value in dataset.data_vars.items()
+        if str(name).split(TREE_DIVIDER)[-1] == "experts"
+        and _under(str(name), prefix)
         and tuple(value.dims[-2:]) == ("expert", "feature")
     ]
 
@@ -274,10 +289,14 @@ def relabel(datatree, reference, *, prefix: str = ""):
     cost = 0.0
     for block in blocks:
         target = references[block]
-        target = np.asarray(target if isinstance(target, np.ndarray | jax.Array) else as_params(target, "reference").experts)
+        target = np.asarray(
+            target if isinstance(target, np.ndarray | jax.Array) else as_params(target, "reference").experts
+        )
         draws = posterior[block].transpose("chain", "draw", "expert", "feature").values
         if target.shape != draws.shape[2:]:
-            raise ValueError(f"reference: expected experts of shape {draws.shape[2:]} like {block!r}, got {target.shape}")
+            raise ValueError(
+                f"reference: expected experts of shape {draws.shape[2:]} like {block!r}, got {target.shape}"
+            )
         cost = cost + ((target[None, None, :, None, :] - draws[:, :, None, :, :]) ** 2).sum(-1)
     chains, draws_count, k, _ = cost.shape
     permutations = np.empty((chains, draws_count, k), dtype=np.int64)
@@ -297,10 +316,12 @@ def relabel(datatree, reference, *, prefix: str = ""):
         relabelled[name] = value.copy(data=array)
     tree = datatree.copy()
     tree["posterior"] = relabelled
+    import xarray as xr  # with ArviZ, only when a tree is at hand: importing the package stays light
+
     stats = tree["sample_stats"].to_dataset() if "sample_stats" in tree.children else None
     name = _tree_name(site_name(prefix, "expert_permutation"))
     record = xr.DataArray(permutations, dims=("chain", "draw", "expert"))
-    tree["sample_stats"] = (stats.assign({name: record}) if stats is not None else xr.Dataset({name: record}))
+    tree["sample_stats"] = stats.assign({name: record}) if stats is not None else xr.Dataset({name: record})
     return tree, permutations
 
 
@@ -321,7 +342,8 @@ class _tree_names(Messenger):
             msg["name"] = _tree_name(msg["name"])
         if msg.get("cond_indep_stack"):
             msg["cond_indep_stack"] = [
-                CondIndepStackFrame(_tree_name(frame.name), frame.dim, frame.size) for frame in msg["cond_indep_stack"]
+                CondIndepStackFrame(_tree_name(frame.name), frame.dim, frame.size)
+                for frame in msg["cond_indep_stack"]
             ]
 
 
@@ -340,8 +362,15 @@ def _converter_input(mcmc):
     return _Renamed(mcmc)
 
 
-def to_datatree(mcmc, *, reference=None, prefix: str = "", relabel_draws: bool = True, log_likelihood: bool = True,
-                **from_numpyro_kwargs):
+def to_datatree(
+    mcmc,
+    *,
+    reference=None,
+    prefix: str = "",
+    relabel_draws: bool = True,
+    log_likelihood: bool = True,
+    **from_numpyro_kwargs,
+):
     """``arviz.from_numpyro`` for a model with mixture-of-experts sites, relabelled.
 
     Named dims come from the sites' ``event_dims`` and the model's plates (no table). Sites and
@@ -403,7 +432,9 @@ def posterior_params(datatree, *, prefix: str = "", link: str | Link | None = No
     recorded; ``prefix`` is the sites' ``handlers.scope`` prefix (as in the model).
     """
     if not hasattr(datatree, "children") or "posterior" not in datatree.children:
-        raise TypeError(f"datatree: expected an ArviZ DataTree with a posterior group, got {type(datatree).__name__}")
+        raise TypeError(
+            f"datatree: expected an ArviZ DataTree with a posterior group, got {type(datatree).__name__}"
+        )
     posterior = datatree["posterior"].to_dataset()
     constant = datatree["constant_data"].to_dataset() if "constant_data" in datatree.children else {}
     shape = (posterior.sizes["chain"] * posterior.sizes["draw"],)
@@ -429,7 +460,9 @@ def posterior_params(datatree, *, prefix: str = "", link: str | Link | None = No
                 "made by to_datatree with a reference); pass link="
             )
         link = datatree.attrs[_link_attribute(prefix)]
-    return sites_to_params({name: jnp.asarray(value) for name, value in sites.items()}, link=resolve_link(link))
+    return sites_to_params(
+        {name: jnp.asarray(value) for name, value in sites.items()}, link=resolve_link(link)
+    )
 
 
 class Prediction(NamedTuple):
@@ -445,8 +478,9 @@ class Prediction(NamedTuple):
     gate_probabilities: np.ndarray
 
 
-def predict(source, x_new, *, key: jax.Array, interval: float = 0.9, num_draws: int = 1000,
-            prefix: str = "") -> Prediction:
+def predict(
+    source, x_new, *, key: jax.Array, interval: float = 0.9, num_draws: int = 1000, prefix: str = ""
+) -> Prediction:
     """Predictive mean and interval of y, and gate probabilities, at new inputs.
 
     Parameters
@@ -490,7 +524,9 @@ def predict(source, x_new, *, key: jax.Array, interval: float = 0.9, num_draws: 
 
     probabilities, means = jax.vmap(moments)(draws)
     picks = jnp.arange(total) % count
-    y_draws = jax.vmap(sample)(jax.tree_util.tree_map(lambda leaf: leaf[picks], draws), jax.random.split(key, total))
+    y_draws = jax.vmap(sample)(
+        jax.tree_util.tree_map(lambda leaf: leaf[picks], draws), jax.random.split(key, total)
+    )
     tail = (1 - interval) / 2
     y_draws = np.asarray(y_draws)
     return Prediction(
@@ -530,7 +566,9 @@ def _chain_method(num_chains: int) -> str:
 def _diagnostic_extreme(result, reduce=max) -> float:
     """Max (or min) over all variables of an ArviZ diagnostic's DataTree; NaN if any is NaN."""
     dataset = result.to_dataset() if hasattr(result, "to_dataset") else result
-    values = np.concatenate([np.ravel(np.asarray(value, dtype=float)) for value in dataset.data_vars.values()])
+    values = np.concatenate(
+        [np.ravel(np.asarray(value, dtype=float)) for value in dataset.data_vars.values()]
+    )
     if np.isnan(values).any():
         return float("nan")
     return float(reduce(values))
@@ -617,14 +655,22 @@ def run_nuts(
     noise = jnp.asarray(start.noise, x.dtype)
     start = start.replace(noise=jnp.where(jnp.isfinite(noise) & (noise > 0), noise, jnp.std(y) / 2))
     model_kwargs = dict(
-        num_experts=start.num_experts, link=start.link, intercepts=start.has_intercepts,
-        shared_noise=shared_noise, priors=priors,
+        num_experts=start.num_experts,
+        link=start.link,
+        intercepts=start.has_intercepts,
+        shared_noise=shared_noise,
+        priors=priors,
     )
     fixed = fixed_sites(fix, start, shared_noise=shared_noise)
     model = handlers.condition(moe_regression, fixed) if fixed else moe_regression
     chain_key, run_key, predictive_key = jax.random.split(key, 3)
     init_params = chain_init_params(
-        model, start, num_chains=num_chains, key=chain_key, jitter=jitter, model_args=(x, y),
+        model,
+        start,
+        num_chains=num_chains,
+        key=chain_key,
+        jitter=jitter,
+        model_args=(x, y),
         model_kwargs=model_kwargs,
     )
     if num_chains == 1:  # MCMC takes a single chain's start without the chain axis
@@ -643,8 +689,12 @@ def run_nuts(
             mass_options.update(inverse_mass_matrix=_desynchronised(inverse_mass), adapt_mass_matrix=False)
     kernel = NUTS(model, init_strategy=init_to_params(params=start), **mass_options)
     mcmc = MCMC(
-        kernel, num_warmup=num_warmup, num_samples=num_samples, num_chains=num_chains,
-        chain_method=chain_method or _chain_method(num_chains), progress_bar=progress_bar,
+        kernel,
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        num_chains=num_chains,
+        chain_method=chain_method or _chain_method(num_chains),
+        progress_bar=progress_bar,
     )
     mcmc.run(run_key, x, y, init_params=init_params, extra_fields=("diverging",), **model_kwargs)
 
@@ -653,7 +703,9 @@ def run_nuts(
         predictive_key, x, **model_kwargs
     )["y"]
     datatree = to_datatree(
-        mcmc, reference=start, relabel_draws=relabel_draws,
+        mcmc,
+        reference=start,
+        relabel_draws=relabel_draws,
         posterior_predictive={"y": np.asarray(replicated).reshape(num_chains, num_samples, -1)},
     )
     diverging = np.asarray(datatree["sample_stats"]["diverging"])
@@ -731,8 +783,16 @@ def compare_num_experts(
     trees = {}
     for k, candidate_key in zip(candidates, jax.random.split(key, len(candidates)), strict=True):
         fit_key, nuts_key = jax.random.split(candidate_key)
-        fit = fit_moe(x, y, num_experts=k, key=fit_key, link=link, intercepts=intercepts, num_starts=num_starts,
-                      shared_noise=nuts_kwargs.get("shared_noise", True))
+        fit = fit_moe(
+            x,
+            y,
+            num_experts=k,
+            key=fit_key,
+            link=link,
+            intercepts=intercepts,
+            num_starts=num_starts,
+            shared_noise=nuts_kwargs.get("shared_noise", True),
+        )
         trees[f"k={k}"] = run_nuts(x, y, fit, key=nuts_key, **nuts_kwargs).datatree
     for name, tree in trees.items():
         with warnings.catch_warnings(record=True) as caught:

@@ -62,7 +62,9 @@ class MixtureOfExperts(dist.MixtureSameFamily):
         }
         for name in ("gate_logits", "expert_locs"):
             if len(shapes[name]) == 0:
-                raise ValueError(f"{name}: expected an array whose last axis indexes the k experts, got a scalar")
+                raise ValueError(
+                    f"{name}: expected an array whose last axis indexes the k experts, got a scalar"
+                )
         num_experts = shapes["gate_logits"][-1]
         for name, shape in shapes.items():
             if shape and shape[-1] not in (1, num_experts):

@@ -106,7 +106,9 @@ def check_data(x, y):
 def _one_start(value, name: str, dim: int) -> MoEParams:
     params = as_params(value, name)
     if np.ndim(params.experts) != 3:
-        return jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf)[None], check_params(params, name, dim=dim))
+        return jax.tree_util.tree_map(
+            lambda leaf: jnp.asarray(leaf)[None], check_params(params, name, dim=dim)
+        )
     # Starts stacked on a leading axis: each is checked as one start would be.
     count = np.shape(params.experts)[0]
     for index in range(count):
@@ -143,9 +145,11 @@ def as_starts(init, dim: int, name: str = "init") -> MoEParams:
             jnp.asarray(start.gates, dtype),
             noise,
             (jnp.asarray(start.expert_intercepts, dtype) if start.expert_intercepts is not None else zeros)
-            if intercepts else None,
+            if intercepts
+            else None,
             (jnp.asarray(start.gate_intercepts, dtype) if start.gate_intercepts is not None else zeros)
-            if intercepts else None,
+            if intercepts
+            else None,
             start.link,
         )
 
@@ -264,8 +268,16 @@ def fit_em(
     experts, gates = to_augmented(starts, intercepts)
     design = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1) if intercepts else x
     experts, gates, noise, log_likelihoods, history, iterations = em_iterations(
-        experts, gates, noise, design, y, link=starts.link, fix=fix,
-        shared_noise=shared_noise, max_iterations=max_iterations, tol=tol,
+        experts,
+        gates,
+        noise,
+        design,
+        y,
+        link=starts.link,
+        fix=fix,
+        shared_noise=shared_noise,
+        max_iterations=max_iterations,
+        tol=tol,
         progress="EM" if progress_bar else None,
     )
     log_likelihoods = np.where(np.isfinite(log_likelihoods), log_likelihoods, -np.inf)
@@ -341,11 +353,16 @@ def fit_map(
     tol = check_positive(tol, "tol")
     starts = as_starts(init, x.shape[1])
     if starts.experts.shape[0] != 1:
-        raise ValueError(f"init: fit_map takes one start, got {starts.experts.shape[0]}; run fit_em for several")
+        raise ValueError(
+            f"init: fit_map takes one start, got {starts.experts.shape[0]}; run fit_em for several"
+        )
     start = _first(starts).replace(noise=_starting_noise(starts, x, y)[0])
     model_kwargs = dict(
-        num_experts=start.num_experts, link=start.link, intercepts=start.has_intercepts,
-        shared_noise=shared_noise, priors=priors,
+        num_experts=start.num_experts,
+        link=start.link,
+        intercepts=start.has_intercepts,
+        shared_noise=shared_noise,
+        priors=priors,
     )
     fixed = fixed_sites(fix, start, shared_noise=shared_noise)
     model = handlers.condition(moe_regression, fixed) if fixed else moe_regression
@@ -434,7 +451,9 @@ def fit_moe(
     if taken:
         raise ValueError(f"estimate_options: {taken} are set by fit_moe's own arguments; pass them there")
     tensor_key, random_key = jax.random.split(key)
-    em_options = dict(shared_noise=shared_noise, max_iterations=max_iterations, tol=tol, progress_bar=progress_bar)
+    em_options = dict(
+        shared_noise=shared_noise, max_iterations=max_iterations, tol=tol, progress_bar=progress_bar
+    )
     starts, labels = [], []
     if num_experts <= x.shape[1]:
         estimate = estimate_experts(x, y, num_experts=num_experts, link=link, key=tensor_key, **options)
@@ -443,8 +462,16 @@ def fit_moe(
         labels.append("tensor")
     if num_starts > len(starts):
         count = num_starts - len(starts)
-        starts.append(random_starts(
-            x, y, num_experts=num_experts, num_starts=count, key=random_key, link=link, intercepts=intercepts,
-        ))
+        starts.append(
+            random_starts(
+                x,
+                y,
+                num_experts=num_experts,
+                num_starts=count,
+                key=random_key,
+                link=link,
+                intercepts=intercepts,
+            )
+        )
         labels += ["random"] * count
     return fit_em(x, y, starts, **em_options)._replace(start_labels=tuple(labels))

@@ -42,6 +42,7 @@ __all__ = [
     "default_priors",
     "fixed_sites",
     "init_to_params",
+    "is_record",
     "moe_priors",
     "moe_regression",
     "moe_regression_enumerated",
@@ -189,7 +190,12 @@ def moe_regression(
         The parameters sampled by `moe_priors`.
     """
     params = moe_priors(
-        num_experts, jnp.shape(x)[1], link=link, intercepts=intercepts, shared_noise=shared_noise, priors=priors
+        num_experts,
+        jnp.shape(x)[1],
+        link=link,
+        intercepts=intercepts,
+        shared_noise=shared_noise,
+        priors=priors,
     )
     with numpyro.plate("obs", jnp.shape(x)[0]):
         numpyro.sample("y", MixtureOfExperts.from_params(params, x), obs=y)
@@ -213,7 +219,12 @@ def moe_regression_enumerated(
     Arguments and return value as in `moe_regression`.
     """
     params = moe_priors(
-        num_experts, jnp.shape(x)[1], link=link, intercepts=intercepts, shared_noise=shared_noise, priors=priors
+        num_experts,
+        jnp.shape(x)[1],
+        link=link,
+        intercepts=intercepts,
+        shared_noise=shared_noise,
+        priors=priors,
     )
     means = params.expert_means(x)
     scales = jnp.broadcast_to(params.noise, means.shape)
@@ -223,8 +234,19 @@ def moe_regression_enumerated(
             dist.Categorical(logits=params.gate_logits(x)),
             infer={"enumerate": "parallel"},
         )
-        numpyro.sample("y", dist.Normal(Vindex(means)[..., assignment], Vindex(scales)[..., assignment]), obs=y)
+        numpyro.sample(
+            "y", dist.Normal(Vindex(means)[..., assignment], Vindex(scales)[..., assignment]), obs=y
+        )
     return params
+
+
+def is_record(value) -> bool:
+    """Whether ``value`` gives a parameter record (see `as_params`)."""
+    return (
+        isinstance(value, MoEParams)
+        or isinstance(getattr(value, "params", None), MoEParams)
+        or callable(getattr(value, "to_params", None))
+    )
 
 
 def as_params(value, name: str = "params") -> MoEParams:
@@ -234,7 +256,7 @@ def as_params(value, name: str = "params") -> MoEParams:
         return value
     if isinstance(getattr(value, "params", None), MoEParams):
         return value.params
-    if callable(getattr(value, "to_params", None)):
+    if is_record(value):
         return value.to_params()
     raise TypeError(
         f"{name}: expected MoEParams, an expert estimate or a fit result, got {type(value).__name__}"
@@ -319,7 +341,9 @@ def fixed_sites(fix, params, *, prefix: str = "", shared_noise: bool = True) -> 
 def check_fix(fix) -> tuple[str, ...]:
     """``fix`` as a tuple of parameter groups, or a ValueError/TypeError naming it."""
     if isinstance(fix, str):
-        raise TypeError(f"fix: expected a tuple of parameter groups, e.g. ('experts',), got the string {fix!r}")
+        raise TypeError(
+            f"fix: expected a tuple of parameter groups, e.g. ('experts',), got the string {fix!r}"
+        )
     fix = tuple(fix)
     unknown = sorted(set(fix) - set(_GROUPS))
     if unknown:

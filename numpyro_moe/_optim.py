@@ -36,8 +36,13 @@ def minimize_adam(
     Returns the final variables and the (num_steps,) loss values along the way.
     """
     return _adam_scan(
-        variables, args, jnp.asarray(learning_rate), loss=loss, num_steps=num_steps,
-        cosine_decay=cosine_decay, static=static,
+        variables,
+        args,
+        jnp.asarray(learning_rate),
+        loss=loss,
+        num_steps=num_steps,
+        cosine_decay=cosine_decay,
+        static=static,
     )
 
 
@@ -53,5 +58,7 @@ def _adam_scan(variables, args, learning_rate, *, loss, num_steps, cosine_decay,
         updates, state = optimizer.update(grads, state, variables)
         return (optax.apply_updates(variables, updates), state), value
 
-    (variables, _), values = jax.lax.scan(step, (variables, optimizer.init(variables)), None, length=num_steps)
+    (variables, _), values = jax.lax.scan(
+        step, (variables, optimizer.init(variables)), None, length=num_steps
+    )
     return variables, values

@@ -52,8 +52,13 @@ def _result(params, losses, x, y, method) -> Fit:
     history = -np.asarray(losses)
     log_likelihood = float(jnp.mean(MixtureOfExperts.from_params(params, x).log_prob(y)))
     return Fit(
-        params=params, log_likelihood=log_likelihood, history=history, iterations=len(history),
-        converged=True, method=method, start_log_likelihoods=np.asarray([log_likelihood]),
+        params=params,
+        log_likelihood=log_likelihood,
+        history=history,
+        iterations=len(history),
+        converged=True,
+        method=method,
+        start_log_likelihoods=np.asarray([log_likelihood]),
     )
 
 
@@ -96,7 +101,9 @@ def fit_likelihood_gd(
     if not variables:
         raise ValueError("fix: every parameter group is fixed; nothing is left to fit")
     variables, losses = minimize_adam(
-        _negative_log_likelihood, variables, (start, x, y),
+        _negative_log_likelihood,
+        variables,
+        (start, x, y),
         num_steps=check_positive_int(num_steps, "num_steps"),
         learning_rate=check_positive(learning_rate, "learning_rate"),
     )
@@ -126,7 +133,9 @@ def fit_squared_loss_gd(
     start = _single_start(init, x)
     variables = {"experts": start.experts, "gates": (start.gates[:-1] - start.gates[-1]).astype(x.dtype)}
     variables, losses = minimize_adam(
-        _squared_loss, variables, (start, x, y),
+        _squared_loss,
+        variables,
+        (start, x, y),
         num_steps=check_positive_int(num_steps, "num_steps"),
         learning_rate=check_positive(learning_rate, "learning_rate"),
     )

@@ -62,7 +62,9 @@ def _flatten(value, prefix: str, arrays: dict) -> None:
         except (TypeError, ValueError) as error:
             raise TypeError(f"result: cannot save a {type(value).__name__} at {prefix!r}") from error
         if arrays[prefix].dtype == object:
-            raise TypeError(f"result: cannot save a {type(value).__name__} at {prefix!r} (not a numeric array)")
+            raise TypeError(
+                f"result: cannot save a {type(value).__name__} at {prefix!r} (not a numeric array)"
+            )
 
 
 def _load_class(path: str):
@@ -99,7 +101,11 @@ def _unflatten(data: dict, prefix: str, links: dict):
         )
     if f"{prefix}#class" in data:
         kind = _load_class(str(data[f"{prefix}#class"]))
-        names = [field.name for field in dataclasses.fields(kind)] if dataclasses.is_dataclass(kind) else kind._fields
+        names = (
+            [field.name for field in dataclasses.fields(kind)]
+            if dataclasses.is_dataclass(kind)
+            else kind._fields
+        )
         values = {name: _unflatten(data, f"{prefix}/{name}", links) for name in names}
         return kind(**values)
     for kind in (tuple, list):

@@ -85,14 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--link", default="linear")
     demo.add_argument("--starts", type=int, default=10, help="random starts of the best-of EM baseline")
     demo.add_argument("--no-nuts", dest="nuts", action="store_false", help="skip the NUTS stage")
-    demo.add_argument("--nuts-samples", type=int, default=2000,
-                      help="NUTS runs on the first this many training rows")
+    demo.add_argument(
+        "--nuts-samples", type=int, default=2000, help="NUTS runs on the first this many training rows"
+    )
     demo.add_argument("--chains", type=int, default=2, help="NUTS chains (run in parallel)")
     demo.add_argument("--num-warmup", type=int, default=1000, help="NUTS warmup iterations per chain")
     demo.add_argument("--num-draws", type=int, default=1000, help="NUTS draws per chain")
     demo.set_defaults(run=_demo)
 
-    fit = commands.add_parser("fit", help="fit a CSV file: standardise, estimate, EM (and NUTS); write results")
+    fit = commands.add_parser(
+        "fit", help="fit a CSV file: standardise, estimate, EM (and NUTS); write results"
+    )
     fit.add_argument("data", metavar="DATA.csv", help="numeric CSV with a header row")
     fit.add_argument("--target", required=True, help="name of the response column")
     fit.add_argument("--experts", type=int, required=True, help="number of experts k")

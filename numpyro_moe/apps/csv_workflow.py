@@ -86,7 +86,9 @@ def read_csv(path: str | os.PathLike, *, target: str, features: list[str] | None
                     f"column {name!r}: line {row_number} holds {cell!r}, which is not numeric"
                 ) from None
             if not np.isfinite(value):
-                raise ValueError(f"column {name!r}: line {row_number} holds {cell!r}; expected a finite number")
+                raise ValueError(
+                    f"column {name!r}: line {row_number} holds {cell!r}; expected a finite number"
+                )
             values[row_index, column_number] = value
     return CsvData(values[:, 1:], values[:, 0], list(features), target)
 
@@ -104,11 +106,15 @@ def _parameter_table(params: MoEParams, feature_names: list[str]) -> str:
     lines = ["parameter," + ",".join(feature_names) + ",intercept"]
     for i in range(params.num_experts):
         intercept = "" if params.expert_intercepts is None else f"{float(params.expert_intercepts[i]):.6g}"
-        lines.append(f"expert {i}," + ",".join(f"{float(v):.6g}" for v in params.experts[i]) + f",{intercept}")
+        lines.append(
+            f"expert {i}," + ",".join(f"{float(v):.6g}" for v in params.experts[i]) + f",{intercept}"
+        )
     for i in range(params.num_experts):
         intercept = "" if params.gate_intercepts is None else f"{float(params.gate_intercepts[i]):.6g}"
         lines.append(f"gate {i}," + ",".join(f"{float(v):.6g}" for v in params.gates[i]) + f",{intercept}")
-    lines.append("noise," + ",".join(f"{float(v):.6g}" for v in np.broadcast_to(params.noise, (params.num_experts,))))
+    lines.append(
+        "noise," + ",".join(f"{float(v):.6g}" for v in np.broadcast_to(params.noise, (params.num_experts,)))
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -152,7 +158,9 @@ def fit_csv(
     num_starts = _positive_int(num_starts, "--starts")
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"--out: {str(out)!r} already exists; choose another folder or pass --overwrite")
+        raise FileExistsError(
+            f"--out: {str(out)!r} already exists; choose another folder or pass --overwrite"
+        )
     data = read_csv(path, target=target, features=features)
     n, d = data.x.shape
     parameters = num_experts * (2 * d + 2)
@@ -172,17 +180,34 @@ def fit_csv(
     key = jax.random.key(seed)
     fit_key, nuts_key, check_key = jax.random.split(key, 3)
     with output_folder(out, overwrite=overwrite) as staging:
-        fit = fit_moe(x, y, num_experts=num_experts, key=fit_key, link=link, num_starts=num_starts,
-                      intercepts=True, progress_bar=verbose)
+        fit = fit_moe(
+            x,
+            y,
+            num_experts=num_experts,
+            key=fit_key,
+            link=link,
+            num_starts=num_starts,
+            intercepts=True,
+            progress_bar=verbose,
+        )
         params = fit.params
         say(f"read {n} rows, {d} features from {path}; fitted {num_experts} {params.link.name} experts")
         save_result(staging / "fit.npz", fit)
         (staging / "parameters.csv").write_text(_parameter_table(params, data.feature_names))
-        (staging / "standardization.json").write_text(json.dumps({
-            "features": data.feature_names, "target": data.target,
-            "feature_mean": x_mean.tolist(), "feature_scale": x_scale.tolist(),
-            "target_mean": float(y_mean[0]), "target_scale": float(y_scale[0]),
-        }, indent=2) + "\n")
+        (staging / "standardization.json").write_text(
+            json.dumps(
+                {
+                    "features": data.feature_names,
+                    "target": data.target,
+                    "feature_mean": x_mean.tolist(),
+                    "feature_scale": x_scale.tolist(),
+                    "target_mean": float(y_mean[0]),
+                    "target_scale": float(y_scale[0]),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         summary = [
             f"data: {path} ({n} rows, features {data.feature_names}, target {data.target!r}), standardised",
             f"model: {num_experts} experts, link {params.link.name}, expert and gate intercepts",
@@ -193,8 +218,9 @@ def fit_csv(
         plot_gates(params, x, data.feature_names, staging / "gate_probabilities.png")
         if nuts:
             say(f"NUTS: {num_chains} chains x ({num_warmup} warmup + {num_samples} draws)")
-            result = run_nuts(x, y, fit, key=nuts_key, num_chains=num_chains, num_warmup=num_warmup,
-                              num_samples=num_samples)
+            result = run_nuts(
+                x, y, fit, key=nuts_key, num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples
+            )
             datatree = result.datatree
             datatree.to_netcdf(staging / "posterior.nc", engine="h5netcdf")
             table = az.summary(datatree)
@@ -204,10 +230,12 @@ def fit_csv(
             save_plot(az.plot_ppc_dist(datatree, backend="matplotlib"), staging / "ppc.png")
         else:
             # A plug-in predictive check: replicated y drawn from the point estimate.
-            draws = np.stack([
-                np.asarray(sample_response(params, x, key=draw_key))
-                for draw_key in jax.random.split(check_key, 50)
-            ])
+            draws = np.stack(
+                [
+                    np.asarray(sample_response(params, x, key=draw_key))
+                    for draw_key in jax.random.split(check_key, 50)
+                ]
+            )
             check = az.from_dict(
                 {"posterior_predictive": {"y": draws[None]}, "observed_data": {"y": y}}, dims={"y": ["obs"]}
             )

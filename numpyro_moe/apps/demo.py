@@ -60,8 +60,9 @@ def _row(method: str, params: MoEParams, seconds: float, truth: MoEParams, x_tes
     }
 
 
-def _nuts_stage(staging: Path, x, y, *, start: MoEParams, key: jax.Array, num_chains: int, num_warmup: int,
-                num_draws: int) -> tuple[MoEParams, float, object, dict]:
+def _nuts_stage(
+    staging: Path, x, y, *, start: MoEParams, key: jax.Array, num_chains: int, num_warmup: int, num_draws: int
+) -> tuple[MoEParams, float, object, dict]:
     """NUTS from ``start`` on (x, y); writes posterior.nc, summary.csv and the three plots.
 
     Returns the posterior-mean parameters, the NUTS seconds, the ``az.summary`` table and the
@@ -73,7 +74,9 @@ def _nuts_stage(staging: Path, x, y, *, start: MoEParams, key: jax.Array, num_ch
     matplotlib.use("Agg")
 
     began = time.perf_counter()
-    result = run_nuts(x, y, start, key=key, num_chains=num_chains, num_warmup=num_warmup, num_samples=num_draws)
+    result = run_nuts(
+        x, y, start, key=key, num_chains=num_chains, num_warmup=num_warmup, num_samples=num_draws
+    )
     seconds = time.perf_counter() - began
     datatree = result.datatree
     # Draws are relabelled to the start's expert labels, so their mean is a point estimate.
@@ -146,10 +149,19 @@ def run_demo(
     """
     out = Path(out)
     # Checked before any work, so that a bad setting costs nothing.
-    counts = [("--num-samples", num_samples), ("--dim", dim), ("--experts", num_experts), ("--starts", num_starts)]
+    counts = [
+        ("--num-samples", num_samples),
+        ("--dim", dim),
+        ("--experts", num_experts),
+        ("--starts", num_starts),
+    ]
     if nuts:
-        counts += [("--nuts-samples", nuts_samples), ("--chains", num_chains), ("--num-warmup", num_warmup),
-                   ("--num-draws", num_draws)]
+        counts += [
+            ("--nuts-samples", nuts_samples),
+            ("--chains", num_chains),
+            ("--num-warmup", num_warmup),
+            ("--num-draws", num_draws),
+        ]
     for flag, value in counts:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{flag}: expected an integer >= 1, got {value!r}")
@@ -179,12 +191,17 @@ def run_demo(
             return estimate.to_params()
 
         def random_em(count):
-            starts = random_starts(x, y, num_experts=num_experts, num_starts=count, key=restart_key, link=link)
+            starts = random_starts(
+                x, y, num_experts=num_experts, num_starts=count, key=restart_key, link=link
+            )
             return fit_em(x, y, starts).params
 
         fits: list[tuple[str, Callable[[], MoEParams]]] = [
             ("tensor_experts_only", tensor),
-            ("tensor+gating_em", lambda: fit_em(x, y, stages["tensor_experts_only"], fix=("experts",)).params),
+            (
+                "tensor+gating_em",
+                lambda: fit_em(x, y, stages["tensor_experts_only"], fix=("experts",)).params,
+            ),
             ("tensor+gating_em+joint_em", lambda: fit_em(x, y, stages["tensor+gating_em"]).params),
             ("baseline_em_1_random_start", lambda: random_em(1)),
             (f"baseline_em_best_of_{num_starts}", lambda: random_em(num_starts)),
@@ -211,8 +228,14 @@ def run_demo(
                 verbose,
             )
             mean, seconds, summary, diagnostics = _nuts_stage(
-                staging, x[:rows_used], y[:rows_used], start=stages["tensor+gating_em+joint_em"],
-                key=nuts_key, num_chains=num_chains, num_warmup=num_warmup, num_draws=num_draws,
+                staging,
+                x[:rows_used],
+                y[:rows_used],
+                start=stages["tensor+gating_em+joint_em"],
+                key=nuts_key,
+                num_chains=num_chains,
+                num_warmup=num_warmup,
+                num_draws=num_draws,
             )
             save_result(staging / f"{name}.npz", mean)
             rows.append(_row(name, mean, seconds, truth, x_test, y_test))

@@ -51,11 +51,13 @@ def plot_trace(datatree, path: Path) -> None:
     posterior = datatree["posterior"]
     per_feature = sum(
         int(np.prod([posterior.sizes[dim] for dim in value.dims if dim not in ("chain", "draw", "feature")]))
-        for value in posterior.data_vars.values() if "feature" in value.dims
+        for value in posterior.data_vars.values()
+        if "feature" in value.dims
     )
     others = sum(
         int(np.prod([posterior.sizes[dim] for dim in value.dims if dim not in ("chain", "draw")]))
-        for value in posterior.data_vars.values() if "feature" not in value.dims
+        for value in posterior.data_vars.values()
+        if "feature" not in value.dims
     )
     features = posterior.sizes["feature"]
     if per_feature:
