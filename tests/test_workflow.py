@@ -29,7 +29,7 @@ FEATURES = ["age", "dose", "weight"]
 PNG = b"\x89PNG\r\n\x1a\n"
 # Two EM starts: the tensor estimate and one random start, so the summary has a choice to report.
 SMOKE = {"target": "y", "num_experts": 2, "num_starts": 2, "verbose": False}
-OUTPUTS = ["fit.npz", "parameters.csv", "standardization.json", "summary.txt", "gate_probabilities.png", "ppc.png"]
+OUTPUTS = ["fit.npz", "parameters.csv", "model.json", "summary.txt", "gate_probabilities.png", "ppc.png"]
 
 
 def _write(path, text):
@@ -108,9 +108,11 @@ def test_read_csv_tolerates_spaces_and_blank_lines(tmp_path):
         ("a,a,y\n1,2,3\n4,5,6\n", {"target": "y"}, r"^DATA: .*repeats the column names \['a'\]"),
         ("a,b,y\n1,2,3\n4,abc,6\n", {"target": "y"},
          r"^column 'b': line 3 holds 'abc', which is not numeric"),
-        ("a,b,y\n1,2,3\n4,,6\n", {"target": "y"}, r"^column 'b': line 3 holds '', which is not numeric"),
+        # Missing values (empty, NA, nan, ...) are refused by default, naming the columns and lines.
+        ("a,b,y\n1,2,3\n4,,6\n", {"target": "y"},
+         r"^DATA: 1 of 2 rows has missing values \(column 'b': 1 row; line 3\); pass --missing drop"),
         ("a,b,y\n1,2,3\n4,5,nan\n", {"target": "y"},
-         r"^column 'y': line 3 holds 'nan'; expected a finite number"),
+         r"^DATA: 1 of 2 rows has missing values \(column 'y': 1 row; line 3\); pass --missing drop"),
         ("a,b,y\n1,2,3\n-inf,5,6\n", {"target": "y"}, r"^column 'a': line 3 holds '-inf'; expected a finite"),
         # A blank line does not shift the line numbers reported.
         ("a,b,y\n1,2,3\n\n4,x,6\n", {"target": "y"}, r"^column 'b': line 4 holds 'x'"),
@@ -179,7 +181,7 @@ def test_fit_csv_saves_the_whole_fit_with_its_link_and_intercepts(fitted, table)
     assert fit.log_likelihood == pytest.approx(float(np.max(fit.start_log_likelihoods)), rel=1e-12)
     assert fit.iterations >= 1 and fit.history.shape[0] >= 1
     # The saved parameters, on the data standardised as recorded, give the likelihood reported.
-    meta = json.loads((out / "standardization.json").read_text())
+    meta = json.loads((out / "model.json").read_text())["standardization"]
     z = (x - np.array(meta["feature_mean"])) / np.array(meta["feature_scale"])
     t = (y - meta["target_mean"]) / meta["target_scale"]
     log_likelihood = float(np.mean(MixtureOfExperts.from_params(params, z).log_prob(t)))
@@ -189,11 +191,12 @@ def test_fit_csv_saves_the_whole_fit_with_its_link_and_intercepts(fitted, table)
     assert log_likelihood > -1.0
 
 
-def test_fit_csv_standardization_json(fitted, table):
+def test_fit_csv_model_json_standardization(fitted, table):
     _, out = fitted
     x, y = table
-    meta = json.loads((out / "standardization.json").read_text())
-    assert meta["features"] == FEATURES and meta["target"] == "y"
+    model = json.loads((out / "model.json").read_text())
+    assert model["features"] == FEATURES and model["target"] == "y"
+    meta = model["standardization"]
     np.testing.assert_allclose(meta["feature_mean"], x.mean(axis=0), rtol=1e-12)
     np.testing.assert_allclose(meta["feature_scale"], x.std(axis=0), rtol=1e-12)
     assert meta["target_mean"] == pytest.approx(y.mean(), rel=1e-12)
@@ -205,7 +208,7 @@ def test_fit_csv_summary_names_the_starts_and_the_winner(fitted, csv_file):
     fit = load_result(out / "fit.npz")
     summary = (out / "summary.txt").read_text()
     assert f"data: {csv_file} (400 rows, features {FEATURES}, target 'y'), standardised" in summary
-    assert "model: 2 experts, link linear, expert and gate intercepts" in summary
+    assert "model: 2 experts, link linear, a noise sd per expert, expert and gate intercepts" in summary
     label = fit.start_labels[fit.start]
     assert (f"fit: 2 EM starts (tensor, random); start {fit.start} ({label}) won; "
             f"mean log-likelihood per point {fit.log_likelihood:.4f}; "
@@ -312,7 +315,7 @@ def test_interrupted_fit_leaves_no_folder(csv_file, tmp_path, monkeypatch):
     assert len(reached) == 1
     beside, staged = reached[0]
     assert len(beside) == 1 and beside[0].startswith(".result.partial-")
-    assert staged == ["fit.npz", "parameters.csv", "standardization.json"]
+    assert staged == ["fit.npz", "model.json", "parameters.csv"]
     assert not out.exists()
     assert os.listdir(tmp_path) == []  # the hidden staging folder is cleaned up too
 
@@ -397,7 +400,7 @@ def test_cli_fit_writes_outputs(csv_file, fitted, tmp_path, capsys, keep_xla_fla
     assert "2 EM starts (tensor, random)" in captured.out
     # JAX had started, so the host device count request has no effect (and does not fail).
     assert jax.local_device_count() == devices
-    features = json.loads((out / "standardization.json").read_text())["features"]
+    features = json.loads((out / "model.json").read_text())["features"]
     assert features == FEATURES
     # The command is fit_csv with the same seed: the same fit.
     cli_fit, function_fit = load_result(out / "fit.npz"), load_result(fitted[1] / "fit.npz")
@@ -411,7 +414,7 @@ def test_cli_fit_features_option(csv_file, tmp_path, keep_xla_flags):
     # Three features as in the other fits (so no new compile), in another order.
     assert main(["fit", str(csv_file), "--target", "y", "--experts", "2", "--out", str(out),
                  "--starts", "2", "--features", "weight,age,dose"]) == 0
-    assert json.loads((out / "standardization.json").read_text())["features"] == ["weight", "age", "dose"]
+    assert json.loads((out / "model.json").read_text())["features"] == ["weight", "age", "dose"]
     assert (out / "parameters.csv").read_text().splitlines()[0] == "parameter,weight,age,dose,intercept"
 
 

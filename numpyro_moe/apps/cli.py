@@ -6,7 +6,12 @@ import argparse
 import sys
 import time
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main", "parse_experts"]
+
+# The choices of csv_workflow.CRITERIA and tables.MISSING_POLICIES, spelt here so that parsing
+# the command line (and --help) does not import JAX.
+CRITERIA = ("bic", "icl")
+MISSING_POLICIES = ("error", "drop")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -33,8 +38,35 @@ def _demo(args: argparse.Namespace) -> int:
         num_warmup=args.num_warmup,
         num_draws=args.num_draws,
         overwrite=args.overwrite,
+        verbose=not args.quiet,
     )
     return 0
+
+
+def parse_experts(text: str):
+    """``--experts``: ``auto``, ``K``, ``A-B`` (every k from A to B) or ``K1,K2,...``."""
+    text = text.strip()
+    expected = f"--experts: expected auto, K, A-B or K1,K2,... (integers >= 1), got {text!r}"
+    if text == "auto":
+        return "auto"
+    try:
+        if "," in text:
+            return tuple(int(part) for part in text.split(","))
+        first, dash, last = text.partition("-")
+        if dash and first:  # "A-B"; a lone "-2" is a (bad) integer, refused by fit_csv
+            first, last = int(first), int(last)
+            if not 1 <= first <= last:
+                raise ValueError(expected + ": A-B needs 1 <= A <= B")
+            return tuple(range(first, last + 1))
+        return int(text)
+    except ValueError as error:
+        raise ValueError(str(error) if str(error).startswith("--experts") else expected) from None
+
+
+def _one_hot(text: str | None):
+    if text is None:
+        return ()
+    return "all" if text.strip() == "all" else [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -46,14 +78,25 @@ def _fit(args: argparse.Namespace) -> int:
 
     from numpyro_moe.apps.csv_workflow import fit_csv
 
-    out = args.out or f"{Path(args.data).stem}-moe-k{args.experts}"
+    num_experts = parse_experts(args.experts)
+    single = isinstance(num_experts, int) or (isinstance(num_experts, tuple) and len(set(num_experts)) == 1)
+    if args.out:
+        out = args.out
+    elif single:
+        out = f"{Path(args.data).stem}-moe-k{num_experts if isinstance(num_experts, int) else num_experts[0]}"
+    else:
+        out = f"{Path(args.data).stem}-moe"
     fit_csv(
         args.data,
         target=args.target,
-        num_experts=args.experts,
+        num_experts=num_experts,
+        criterion=args.criterion,
         out=out,
         link=args.link,
-        features=args.features.split(",") if args.features else None,
+        features=[name.strip() for name in args.features.split(",")] if args.features else None,
+        missing=args.missing,
+        one_hot=_one_hot(args.one_hot),
+        shared_noise=args.shared_noise,
         nuts=args.nuts,
         seed=args.seed,
         num_starts=args.starts,
@@ -61,6 +104,27 @@ def _fit(args: argparse.Namespace) -> int:
         num_warmup=args.num_warmup,
         num_samples=args.num_draws,
         overwrite=args.overwrite,
+        verbose=not args.quiet,
+    )
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import numpyro
+
+    numpyro.enable_x64()  # the fits are float64
+    from numpyro_moe.apps.predict import predict_csv
+
+    predict_csv(
+        args.fit_dir,
+        args.data,
+        out=args.out,
+        point=args.point,
+        interval=args.interval,
+        seed=args.seed,
+        missing=args.missing,
+        overwrite=args.overwrite,
+        verbose=not args.quiet,
     )
     return 0
 
@@ -91,25 +155,87 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--chains", type=int, default=2, help="NUTS chains (run in parallel)")
     demo.add_argument("--num-warmup", type=int, default=1000, help="NUTS warmup iterations per chain")
     demo.add_argument("--num-draws", type=int, default=1000, help="NUTS draws per chain")
+    demo.add_argument("--quiet", action="store_true", help="print only errors and warnings that matter")
     demo.set_defaults(run=_demo)
 
     fit = commands.add_parser(
-        "fit", help="fit a CSV file: standardise, estimate, EM (and NUTS); write results"
+        "fit",
+        help="fit a CSV file: standardise, choose k, estimate, EM (and NUTS); write a fit folder",
+        description="Fit a mixture of experts to a CSV file and write a fit folder that numpyro-moe predict "
+        "reads: model.json (columns, encoding, standardisation, model, k-selection table), fit.npz, "
+        "parameters.csv, summary.txt, plots (and posterior.nc with --nuts).",
     )
-    fit.add_argument("data", metavar="DATA.csv", help="numeric CSV with a header row")
-    fit.add_argument("--target", required=True, help="name of the response column")
-    fit.add_argument("--experts", type=int, required=True, help="number of experts k")
+    fit.add_argument(
+        "data", metavar="DATA.csv", help="CSV with a header row (row names are detected and dropped)"
+    )
+    fit.add_argument("--target", required=True, help="name of the response column (numeric)")
+    fit.add_argument(
+        "--experts",
+        default="auto",
+        metavar="auto|K|A-B|K1,K2,...",
+        help="number of experts k; several are compared by --criterion and the best kept (default: auto = "
+        "1-5, leaving out those the rows cannot support)",
+    )
+    fit.add_argument(
+        "--criterion", choices=CRITERIA, default="bic", help="how k is chosen among several (lower is better)"
+    )
     fit.add_argument("--link", default="linear", help="expert link: linear, sigmoid, relu or tanh")
     fit.add_argument("--features", help="comma-separated feature columns (default: all but the target)")
+    fit.add_argument(
+        "--missing",
+        choices=MISSING_POLICIES,
+        default="error",
+        help="rows with missing values (empty, NA, NaN, N/A, NULL, None, ?, #N/A): refuse them, or drop them",
+    )
+    fit.add_argument(
+        "--one-hot",
+        metavar="COL[,COL]|all",
+        help="encode these text columns (or all of them) as 0/1 indicator columns, the first level as reference",
+    )
+    fit.add_argument(
+        "--shared-noise", action="store_true", help="one noise sd for all experts (default: one per expert)"
+    )
     fit.add_argument("--nuts", action="store_true", help="also run NUTS from the fit and write a DataTree")
-    fit.add_argument("--out", help="output folder (default: <DATA>-moe-k<K>)")
+    fit.add_argument("--out", help="output folder (default: <DATA>-moe, or <DATA>-moe-k<K> for one k)")
     fit.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--starts", type=int, default=5, help="EM starts: the tensor estimate and random ones")
     fit.add_argument("--chains", type=int, default=4)
     fit.add_argument("--num-warmup", type=int, default=500)
     fit.add_argument("--num-draws", type=int, default=500)
+    fit.add_argument("--quiet", action="store_true", help="print only errors and warnings that matter")
     fit.set_defaults(run=_fit)
+
+    predict = commands.add_parser(
+        "predict",
+        help="predict the rows of a CSV file from a fit folder; write the predictions as CSV",
+        description="Predict new data from a fit folder of numpyro-moe fit, in the target's units: mean, "
+        "lower, upper, gate_<i>, outside_training and (when the file has the target) log_density. The "
+        "posterior draws (posterior.nc) are used when the folder has them, else the point fit.",
+    )
+    predict.add_argument("fit_dir", metavar="FIT_DIR", help="folder written by numpyro-moe fit")
+    predict.add_argument(
+        "data",
+        metavar="NEW.csv",
+        help="CSV with the model's columns (others are ignored; the target is optional)",
+    )
+    predict.add_argument(
+        "--out", metavar="PRED.csv", help="output file (default: <NEW>-predictions.csv beside it)"
+    )
+    predict.add_argument(
+        "--point", action="store_true", help="use the point fit even when there are posterior draws"
+    )
+    predict.add_argument("--interval", type=float, default=0.9, help="probability of the predictive interval")
+    predict.add_argument("--seed", type=int, default=0, help="seed of the predictive draws (the interval)")
+    predict.add_argument(
+        "--missing",
+        choices=MISSING_POLICIES,
+        default="error",
+        help="rows missing a feature: refuse them, or leave their predictions empty",
+    )
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    predict.add_argument("--quiet", action="store_true", help="print only errors and warnings that matter")
+    predict.set_defaults(run=_predict)
 
     models = commands.add_parser("models", help="list or run the ready-made models by name")
     models.add_argument("models_args", nargs=argparse.REMAINDER, metavar="list | run NAME [--quick] [--nuts]")
@@ -127,7 +253,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``numpyro-moe`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        if args.command == "models":
+            return args.run(args)
+        from numpyro_moe.apps.messages import short_warnings
+
+        with short_warnings(args.command, quiet=args.quiet):
+            return args.run(args)
     except (ValueError, TypeError, FileExistsError, FileNotFoundError) as error:
         print(f"numpyro-moe {args.command}: error: {error}", file=sys.stderr)
         return 2

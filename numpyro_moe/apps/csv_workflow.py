@@ -1,96 +1,38 @@
-"""Fitting a CSV file end to end: read, standardise, estimate, fit, (NUTS), write results.
+"""Fitting a CSV file end to end: read, standardise, estimate, fit (choosing k), (NUTS), write a
+self-describing fit folder.
 
 Used by ``numpyro-moe fit``. Everything is written into one output folder, atomically: an
 interrupted run leaves only a hidden ``.<name>.partial-*`` folder, never one that looks complete.
+``model.json`` in it says how to read new data for the fit (`numpyro_moe.apps.predict`).
 """
 
 from __future__ import annotations
 
-import csv
 import json
+import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import jax
 import numpy as np
 
+import numpyro_moe
 from numpyro_moe import MoEParams, fit_moe, run_nuts
 from numpyro_moe.apps.folders import output_folder
+from numpyro_moe.apps.messages import column_names_in_warnings, progress_bars
 from numpyro_moe.apps.plots import plot_gates, plot_trace, save_plot
+from numpyro_moe.apps.tables import CsvData, read_csv
 from numpyro_moe.io import save_result
 from numpyro_moe.simulation import sample_response
 
-__all__ = ["CsvData", "fit_csv", "read_csv"]
+__all__ = ["AUTO_EXPERTS", "CRITERIA", "FORMAT", "CsvData", "fit_csv", "format_selection", "read_csv"]
 
-
-class CsvData(NamedTuple):
-    """Columns of a CSV file: ``x`` (n, d) features, ``y`` (n,) target, and their names."""
-
-    x: np.ndarray
-    y: np.ndarray
-    feature_names: list[str]
-    target: str
-
-
-def read_csv(path: str | os.PathLike, *, target: str, features: list[str] | None = None) -> CsvData:
-    """Read a numeric CSV with a header row; every column but ``target`` is a feature by default.
-
-    Raises
-    ------
-    FileNotFoundError
-        If ``path`` does not exist.
-    ValueError
-        If the target or a feature column is missing, a value is not numeric or is missing, or
-        the file has no data rows.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"DATA: no such file {str(path)!r}")
-    with open(path, newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if not header:
-            raise ValueError(f"DATA: {str(path)!r} is empty; expected a header row of column names")
-        header = [name.strip() for name in header]
-        # Blank lines are skipped; each row keeps its line number in the file for messages.
-        rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
-    duplicated = sorted({name for name in header if header.count(name) > 1})
-    if duplicated:
-        raise ValueError(f"DATA: {str(path)!r} repeats the column names {duplicated}; expected unique names")
-    if target not in header:
-        raise ValueError(f"--target: column {target!r} is not in {str(path)!r}; columns are {header}")
-    if features is not None and target in features:
-        raise ValueError(f"--features: the target {target!r} cannot also be a feature")
-    if features is None:
-        features = [name for name in header if name != target]
-    missing = [name for name in features if name not in header]
-    if missing:
-        raise ValueError(f"--features: columns {missing} are not in {str(path)!r}; columns are {header}")
-    if not features:
-        raise ValueError(f"DATA: {str(path)!r} has no feature columns besides the target {target!r}")
-    if not rows:
-        raise ValueError(f"DATA: {str(path)!r} has a header but no data rows")
-    columns = [target, *features]
-    index = {name: header.index(name) for name in columns}
-    values = np.empty((len(rows), len(columns)))
-    for row_index, (row_number, row) in enumerate(rows):
-        if len(row) != len(header):
-            raise ValueError(f"DATA: line {row_number} has {len(row)} fields, expected {len(header)}")
-        for column_number, name in enumerate(columns):
-            cell = row[index[name]].strip()
-            try:
-                value = float(cell)
-            except ValueError:
-                raise ValueError(
-                    f"column {name!r}: line {row_number} holds {cell!r}, which is not numeric"
-                ) from None
-            if not np.isfinite(value):
-                raise ValueError(
-                    f"column {name!r}: line {row_number} holds {cell!r}; expected a finite number"
-                )
-            values[row_index, column_number] = value
-    return CsvData(values[:, 1:], values[:, 0], list(features), target)
+FORMAT = 1
+"""Version of ``model.json``'s layout; `numpyro_moe.apps.predict` reads this version only."""
+AUTO_EXPERTS = (1, 2, 3, 4, 5)
+"""The numbers of experts compared by ``--experts auto``."""
+CRITERIA = ("bic", "icl")
 
 
 def _standardise(values: np.ndarray, names: list[str]):
@@ -124,14 +66,83 @@ def _positive_int(value, flag: str) -> int:
     return value
 
 
+def _candidates(num_experts) -> tuple[tuple[int, ...], bool]:
+    """The numbers of experts to fit, and whether they are the automatic choice."""
+    if isinstance(num_experts, str):
+        if num_experts != "auto":
+            raise ValueError(
+                f"--experts: expected 'auto', an integer or a list of integers >= 1, got {num_experts!r}"
+            )
+        return AUTO_EXPERTS, True
+    if isinstance(num_experts, Sequence):
+        if not num_experts:
+            raise ValueError("--experts: expected at least one number of experts, got none")
+        return tuple(sorted({_positive_int(k, "--experts") for k in num_experts})), False
+    return (_positive_int(num_experts, "--experts"),), False
+
+
+def _rows_needed(k: int, d: int) -> tuple[int, int]:
+    # A rough count (expert and gate weights and intercepts per expert): twice as many rows as
+    # parameters keeps every expert's least squares well posed with room to spare.
+    parameters = k * (2 * d + 2)
+    return parameters, max(2 * parameters, d + 2)
+
+
+def _too_few_rows(n: int, d: int, k: int) -> ValueError:
+    parameters, needed = _rows_needed(k, d)
+    return ValueError(
+        f"DATA: too few rows: {n} rows for {k} experts on {d} features ({parameters} parameters); need at "
+        f"least {needed}"
+    )
+
+
+def _finite(value):
+    """JSON has no NaN or infinity: None instead."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def format_selection(table: list[dict], chosen: int, criterion: str) -> str:
+    """Plain-text table of `numpyro_moe.select_num_experts`' rows, the chosen k marked ``*``."""
+    header = (
+        f"  {'k':>3}{'loglik/pt':>11}{'params':>8}{'BIC':>12}{'ICL':>12}{'min weight':>12}{'converged':>11}"
+    )
+    lines = [header, "  " + "-" * (len(header) - 2)]
+    for row in table:
+        k = int(row["num_experts"])
+        lines.append(
+            f"{'*' if k == chosen else ' '} {k:>3}{row['log_likelihood']:>11.4f}{int(row['num_parameters']):>8}"
+            f"{row['bic']:>12.2f}{row['icl']:>12.2f}{row['smallest_weight']:>12.3f}"
+            f"{'yes' if row['converged'] else 'no':>11}"
+        )
+    lines.append(f"k = {chosen} chosen: the lowest {criterion.upper()} (* above)")
+    return "\n".join(lines)
+
+
+def _selection_row(row: dict) -> dict:
+    return {
+        "num_experts": int(row["num_experts"]),
+        "log_likelihood": _finite(row["log_likelihood"]),
+        "num_parameters": int(row["num_parameters"]),
+        "bic": _finite(row["bic"]),
+        "icl": _finite(row["icl"]),
+        "converged": bool(row["converged"]),
+        "smallest_weight": _finite(row["smallest_weight"]),
+    }
+
+
 def fit_csv(
     path: str | os.PathLike,
     *,
     target: str,
-    num_experts: int,
     out: str | os.PathLike,
+    num_experts: int | Sequence[int] | str = "auto",
+    criterion: str = "bic",
     link: str = "linear",
     features: list[str] | None = None,
+    missing: str = "error",
+    one_hot: str | list[str] = (),
+    shared_noise: bool = False,
     nuts: bool = False,
     seed: int = 0,
     num_starts: int = 5,
@@ -141,34 +152,55 @@ def fit_csv(
     overwrite: bool = False,
     verbose: bool = True,
 ) -> Path:
-    """Fit a mixture of experts to a CSV file and write the results into the folder ``out``.
+    """Fit a mixture of experts to a CSV file and write a self-describing fit folder ``out``.
 
-    Columns are standardised (mean 0, sd 1; the transform is saved in ``standardization.json``),
-    the model has expert and gate intercepts, and the fit is `fit_moe` (the tensor estimate among
-    random starts, joint EM); with ``nuts``, `run_nuts` from that fit.
+    The file is read by `numpyro_moe.apps.tables.read_csv` (row names, ``missing``, ``one_hot``),
+    columns are standardised (mean 0, sd 1), the model has expert and gate intercepts, and the fit
+    is `fit_moe` (the tensor estimate among random starts, joint EM). With several numbers of
+    experts (a sequence, or ``"auto"`` = `AUTO_EXPERTS`, leaving out those the rows cannot support)
+    `numpyro_moe.select_num_experts` fits each and keeps the best by ``criterion`` (``"bic"`` or
+    ``"icl"``). With ``nuts``, `run_nuts` from the fit.
 
-    Outputs: ``fit.npz`` (the point fit, standardised units; ``numpyro_moe.io.load_result``),
-    ``parameters.csv``, ``standardization.json``, ``summary.txt``, ``gate_probabilities.png``,
-    ``ppc.png``; with ``nuts`` also ``posterior.nc`` (the ArviZ DataTree), ``summary.csv``
-    (``az.summary``) and ``trace.png``.
+    Outputs: ``model.json`` (format `FORMAT`: the package version, columns, one-hot levels,
+    features, target, standardisation, training ranges, link, noise, number of experts, seed, the
+    selection table), ``fit.npz`` (the point fit in standardised units;
+    ``numpyro_moe.io.load_result``), ``parameters.csv``, ``summary.txt``,
+    ``gate_probabilities.png``, ``ppc.png``; with ``nuts`` also ``posterior.nc`` (the ArviZ
+    DataTree), ``summary.csv`` (``az.summary``) and ``trace.png``. ``numpyro-moe predict`` reads
+    the folder.
     """
     import arviz as az
 
-    num_experts = _positive_int(num_experts, "--experts")
+    candidates, auto = _candidates(num_experts)
+    if criterion not in CRITERIA:
+        raise ValueError(f"--criterion: expected one of {list(CRITERIA)}, got {criterion!r}")
     num_starts = _positive_int(num_starts, "--starts")
+    if nuts:
+        for value, flag in (
+            (num_chains, "--chains"),
+            (num_warmup, "--num-warmup"),
+            (num_samples, "--num-draws"),
+        ):
+            _positive_int(value, flag)
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(
             f"--out: {str(out)!r} already exists; choose another folder or pass --overwrite"
         )
-    data = read_csv(path, target=target, features=features)
+    data = read_csv(path, target=target, features=features, missing=missing, one_hot=one_hot)
     n, d = data.x.shape
-    parameters = num_experts * (2 * d + 2)
-    if n < max(2 * parameters, d + 2):
-        raise ValueError(
-            f"DATA: too few rows: {n} rows for {num_experts} experts on {d} features ({parameters} "
-            f"parameters); need at least {max(2 * parameters, d + 2)}"
+    notes = list(data.notes)
+    supported = [k for k in candidates if n >= _rows_needed(k, d)[1]]
+    if not auto and len(supported) < len(candidates):
+        raise _too_few_rows(n, d, min(set(candidates) - set(supported)))
+    if not supported:
+        raise _too_few_rows(n, d, candidates[0])
+    if len(supported) < len(candidates):
+        left_out = [k for k in candidates if k not in supported]
+        notes.append(
+            f"--experts auto: k = {', '.join(map(str, left_out))} left out: too few rows ({n}) for them"
         )
+    candidates = tuple(supported)
     x, x_mean, x_scale = _standardise(data.x, data.feature_names)
     y, y_mean, y_scale = _standardise(data.y[:, None], [data.target])
     y = y[:, 0]
@@ -177,52 +209,124 @@ def fit_csv(
         if verbose:
             print(message, flush=True)
 
+    for note in notes:
+        say(note)
+    say(f"read {n} rows, {d} feature{'' if d == 1 else 's'} from {path}")
+    bars = progress_bars(verbose)
     key = jax.random.key(seed)
     fit_key, nuts_key, check_key = jax.random.split(key, 3)
+    selection = None
     with output_folder(out, overwrite=overwrite) as staging:
-        fit = fit_moe(
-            x,
-            y,
-            num_experts=num_experts,
-            key=fit_key,
-            link=link,
-            num_starts=num_starts,
-            intercepts=True,
-            progress_bar=verbose,
-        )
+        options = {
+            "key": fit_key,
+            "link": link,
+            "num_starts": num_starts,
+            "intercepts": True,
+            "shared_noise": shared_noise,
+            "progress_bar": bars,
+        }
+        with column_names_in_warnings(data.feature_names):
+            if len(candidates) == 1:
+                fit = fit_moe(x, y, num_experts=candidates[0], **options)
+            else:
+                say(f"comparing k = {', '.join(map(str, candidates))} experts by {criterion.upper()}")
+                selection = numpyro_moe.select_num_experts(
+                    x, y, num_experts=candidates, criterion=criterion, **options
+                )
+                fit = selection.fit
         params = fit.params
-        say(f"read {n} rows, {d} features from {path}; fitted {num_experts} {params.link.name} experts")
+        k = params.num_experts
+        if selection is not None:
+            say(format_selection(selection.table, int(selection.num_experts), criterion))
+        say(f"fitted {k} {params.link.name} experts")
         save_result(staging / "fit.npz", fit)
         (staging / "parameters.csv").write_text(_parameter_table(params, data.feature_names))
-        (staging / "standardization.json").write_text(
-            json.dumps(
-                {
-                    "features": data.feature_names,
-                    "target": data.target,
-                    "feature_mean": x_mean.tolist(),
-                    "feature_scale": x_scale.tolist(),
-                    "target_mean": float(y_mean[0]),
-                    "target_scale": float(y_scale[0]),
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+        model = {
+            "format": FORMAT,
+            "package": "numpyro-moe",
+            "version": numpyro_moe.__version__,
+            "data": str(path),
+            "rows": n,
+            "missing": missing,
+            "notes": notes,
+            "columns": data.columns,
+            "one_hot": data.levels,
+            "features": data.feature_names,
+            "target": data.target,
+            "standardization": {
+                "feature_mean": x_mean.tolist(),
+                "feature_scale": x_scale.tolist(),
+                "target_mean": float(y_mean[0]),
+                "target_scale": float(y_scale[0]),
+            },
+            "training_range": {
+                "feature_min": data.x.min(axis=0).tolist(),
+                "feature_max": data.x.max(axis=0).tolist(),
+            },
+            "num_experts": k,
+            "link": params.link.name,
+            "noise": "normal",
+            "shared_noise": bool(shared_noise),
+            "intercepts": True,
+            "seed": seed,
+            "num_starts": num_starts,
+            "fit": {
+                "method": fit.method,
+                "log_likelihood": _finite(fit.log_likelihood),
+                "iterations": int(fit.iterations),
+                "converged": bool(fit.converged),
+                "start": int(fit.start),
+                "start_labels": list(fit.start_labels),
+            },
+            "selection": None
+            if selection is None
+            else {
+                "criterion": criterion,
+                "candidates": list(candidates),
+                "chosen": int(selection.num_experts),
+                "table": [_selection_row(row) for row in selection.table],
+            },
+            "nuts": None,
+        }
+        (staging / "model.json").write_text(json.dumps(model, indent=2) + "\n")
+        noise = "one noise sd" if shared_noise else "a noise sd per expert"
         summary = [
             f"data: {path} ({n} rows, features {data.feature_names}, target {data.target!r}), standardised",
-            f"model: {num_experts} experts, link {params.link.name}, expert and gate intercepts",
-            f"fit: {num_starts} EM starts ({', '.join(fit.start_labels)}); start {fit.start} "
-            f"({fit.start_labels[fit.start]}) won; mean log-likelihood per point {fit.log_likelihood:.4f}; "
-            f"EM iterations {fit.iterations}, converged {fit.converged}",
+            *notes,
+            f"model: {k} experts, link {params.link.name}, {noise}, expert and gate intercepts",
+            (
+                f"fit: {num_starts} EM starts ({', '.join(fit.start_labels)}); start {fit.start} "
+                f"({fit.start_labels[fit.start]}) won; mean log-likelihood per point {fit.log_likelihood:.4f}; "
+                f"EM iterations {fit.iterations}, converged {fit.converged}"
+            ),
         ]
+        summary_table = None
+        if selection is not None:
+            summary_table = format_selection(selection.table, int(selection.num_experts), criterion)
+            summary.append(summary_table)
         plot_gates(params, x, data.feature_names, staging / "gate_probabilities.png")
         if nuts:
             say(f"NUTS: {num_chains} chains x ({num_warmup} warmup + {num_samples} draws)")
             result = run_nuts(
-                x, y, fit, key=nuts_key, num_chains=num_chains, num_warmup=num_warmup, num_samples=num_samples
+                x,
+                y,
+                fit,
+                key=nuts_key,
+                shared_noise=shared_noise,
+                num_chains=num_chains,
+                num_warmup=num_warmup,
+                num_samples=num_samples,
+                progress_bar=bars,
             )
             datatree = result.datatree
             datatree.to_netcdf(staging / "posterior.nc", engine="h5netcdf")
+            model["nuts"] = {
+                "chains": num_chains,
+                "warmup": num_warmup,
+                "draws": num_samples,
+                **{name: _finite(value) for name, value in result.diagnostics.items()},
+            }
+            (staging / "model.json").write_text(json.dumps(model, indent=2) + "\n")
             table = az.summary(datatree)
             table.to_csv(staging / "summary.csv")
             summary.append("posterior summary (az.summary):\n" + table.to_string())
@@ -242,6 +346,7 @@ def fit_csv(
             save_plot(az.plot_ppc_dist(check, backend="matplotlib"), staging / "ppc.png")
             summary.append("parameters (standardised units): see parameters.csv")
         (staging / "summary.txt").write_text("\n".join(summary) + "\n")
-    say("\n".join(summary))
+    # The data line, the notes and the selection table were said on the way.
+    say("\n".join(line for line in summary[1 + len(notes) :] if line != summary_table))
     say(f"outputs written to {out}/")
     return out
