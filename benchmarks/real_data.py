@@ -1,0 +1,665 @@
+"""Real-data benchmark (issue 13): held-out prediction of numpyro-moe against least squares and R's flexmix.
+
+For each data set in ``benchmarks/data/`` and one fixed 75/25 split of its rows (the test rows are
+listed in ``benchmarks/data/splits.json``; every tool reads the same ``train.csv`` and
+``test.csv``), it measures in one run, side by side:
+
+1. least squares with an intercept and the ML residual variance (NumPy);
+2. R's flexmix: ``stepFlexmix(y ~ <features>, k = 1:5, nrep = 3,
+   concomitant = FLXPmultinom(~ <features>))`` (Gaussian experts, a variance each), k chosen by
+   ``getModel(m, "BIC")``; its held-out log density is computed in R from the fitted parameters
+   (multinomial gate on the test features, component means and sigmas, logsumexp), and the k in
+   1..5 with the best held-out log-likelihood is reported too ("best k in hindsight", a
+   comparison that favours flexmix). The time is the whole ``stepFlexmix`` call;
+3. numpyro-moe as a user runs it, each command a fresh process: ``numpyro-moe fit train.csv
+   --target Y --experts auto --out DIR --quiet`` then ``numpyro-moe predict DIR test.csv --out
+   pred.csv --point --quiet`` (the point fit; k chosen by the package), and the posterior:
+   ``numpyro-moe fit ... --experts K --nuts`` at the package's K, then ``predict`` without
+   ``--point``, with the max r_hat from the fit's ``summary.csv``.
+
+Figures: held-out log-likelihood per point (predictive log density of the test y in the
+ORIGINAL units of y, averaged over the test rows), held-out MSE (of the predictive mean), and the
+wall time of each fit (fresh processes, so it includes start-up and compilation). The table is
+written to ``benchmarks/results/real_data.csv``; flexmix's figures also to
+``benchmarks/results/real_data_flexmix.csv`` whenever flexmix runs, and are printed from there,
+labelled as saved figures, when R or flexmix is missing here.
+
+Targets (issue 13), per data set: the package's held-out log-likelihood >= flexmix's (k by BIC)
+and >= least squares', its MSE <= least squares'; also reported: >= flexmix's best k in hindsight.
+
+Usage: python benchmarks/real_data.py [--quick] [--skip-flexmix] [--skip-nuts]
+                                      [--datasets motorcycle,faithful] [--keep DIR]
+``--quick``: only the two smallest data sets and no NUTS (a few minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / "data"
+RESULTS = HERE / "results"
+SPLITS = DATA / "splits.json"
+SPLIT_SEED = 13  # the issue's number; the split is made once and shipped in splits.json
+TEST_FRACTION = 0.25
+FLEXMIX_KS = "1:5"
+FLEXMIX_REPLICATES = 3
+FLEXMIX_SEED = 1
+PROCESS_TIMEOUT_S = 3600
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    file: str
+    target: str
+    about: str
+
+
+# Smallest first: --quick takes the first two.
+DATASETS = [
+    Dataset("motorcycle", "motorcycle.csv", "accel", "mcycle: head acceleration on a cubic basis of time"),
+    Dataset("faithful", "faithful.csv", "eruptions", "Old Faithful: eruption length on the waiting time"),
+    Dataset("diabetes", "diabetes.csv", "progression", "diabetes progression on 10 baseline variables"),
+    Dataset("boston", "boston.csv", "medv", "Boston housing: median value on 13 tract features"),
+    Dataset("mathachieve", "mathachieve.csv", "mathach", "High School and Beyond: maths score, 4 features"),
+]
+BY_NAME = {dataset.name: dataset for dataset in DATASETS}
+
+COLUMNS = [
+    "dataset",
+    "n_train",
+    "n_test",
+    "d",
+    "method",
+    "k",
+    "heldout_loglik_per_point",
+    "heldout_mse",
+    "fit_seconds",
+    "predict_seconds",
+    "max_r_hat",
+    "figures",
+]
+
+LEAST_SQUARES = "least squares"
+FLEXMIX_BIC = "flexmix (k by BIC)"
+FLEXMIX_HINDSIGHT = "flexmix (best k in hindsight)"
+PACKAGE_POINT = "numpyro-moe (auto k, point fit)"
+PACKAGE_NUTS = "numpyro-moe (NUTS posterior)"
+
+
+# ----------------------------------------------------------------------------------------- data
+
+
+def read_table(path: Path) -> tuple[list[str], np.ndarray]:
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    return [name.strip() for name in rows[0]], np.array(rows[1:], dtype=float)
+
+
+def write_table(path: Path, header: list[str], values: np.ndarray) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows([[repr(float(v)) for v in row] for row in values])
+
+
+def make_splits() -> dict[str, list[int]]:
+    """The test rows of every data set (0-based data rows), drawn once with SPLIT_SEED."""
+    splits = {}
+    for dataset in DATASETS:
+        _, values = read_table(DATA / dataset.file)
+        n = values.shape[0]
+        order = np.random.default_rng(SPLIT_SEED).permutation(n)
+        splits[dataset.name] = sorted(int(i) for i in order[n - round(TEST_FRACTION * n) :])
+    return splits
+
+
+def load_splits() -> dict[str, list[int]]:
+    if not SPLITS.exists():
+        SPLITS.write_text(json.dumps(make_splits()) + "\n")
+        print(f"wrote the fixed split to {SPLITS}")
+    return json.loads(SPLITS.read_text())
+
+
+@dataclass
+class Split:
+    dataset: Dataset
+    features: list[str]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    train_csv: Path
+    test_csv: Path
+
+
+def prepare(dataset: Dataset, test_rows: list[int], folder: Path) -> Split:
+    header, values = read_table(DATA / dataset.file)
+    test = np.zeros(values.shape[0], bool)
+    test[test_rows] = True
+    folder.mkdir(parents=True, exist_ok=True)
+    train_csv, test_csv = folder / "train.csv", folder / "test.csv"
+    write_table(train_csv, header, values[~test])
+    write_table(test_csv, header, values[test])
+    target = header.index(dataset.target)
+    features = [name for name in header if name != dataset.target]
+    columns = [header.index(name) for name in features]
+    return Split(
+        dataset,
+        features,
+        values[~test][:, columns],
+        values[~test][:, target],
+        values[test][:, columns],
+        values[test][:, target],
+        train_csv,
+        test_csv,
+    )
+
+
+def row(split: Split, method: str, **figures) -> dict:
+    base = {
+        "dataset": split.dataset.name,
+        "n_train": len(split.y_train),
+        "n_test": len(split.y_test),
+        "d": len(split.features),
+        "method": method,
+        "k": "",
+        "heldout_loglik_per_point": math.nan,
+        "heldout_mse": math.nan,
+        "fit_seconds": math.nan,
+        "predict_seconds": math.nan,
+        "max_r_hat": math.nan,
+        "figures": "measured",
+    }
+    base.update(figures)
+    return base
+
+
+# -------------------------------------------------------------------------------- least squares
+
+
+def least_squares(split: Split) -> dict:
+    start = time.perf_counter()
+    design = np.column_stack([np.ones(len(split.y_train)), split.x_train])
+    coefficients, *_ = np.linalg.lstsq(design, split.y_train, rcond=None)
+    variance = np.mean((split.y_train - design @ coefficients) ** 2)  # ML, divides by n
+    seconds = time.perf_counter() - start
+    mean = np.column_stack([np.ones(len(split.y_test)), split.x_test]) @ coefficients
+    log_density = -0.5 * (np.log(2 * np.pi * variance) + (split.y_test - mean) ** 2 / variance)
+    return row(
+        split,
+        LEAST_SQUARES,
+        k=1,
+        heldout_loglik_per_point=float(np.mean(log_density)),
+        heldout_mse=float(np.mean((split.y_test - mean) ** 2)),
+        fit_seconds=seconds,
+    )
+
+
+# -------------------------------------------------------------------------------------- flexmix
+
+_FLEXMIX = r"""
+suppressMessages(library(flexmix))
+args <- commandArgs(trailingOnly = TRUE)
+train <- read.csv(args[1])
+test <- read.csv(args[2])
+target <- args[3]
+features <- setdiff(names(train), target)
+rhs <- paste(features, collapse = " + ")
+experts <- as.formula(paste(target, "~", rhs))
+gate <- as.formula(paste("~", rhs))
+ks <- eval(parse(text = args[5]))
+set.seed(as.integer(args[7]))
+elapsed <- system.time(
+  steps <- stepFlexmix(experts, data = train, k = ks, nrep = as.integer(args[6]),
+                       concomitant = FLXPmultinom(gate), verbose = FALSE)
+)[["elapsed"]]
+
+# Log predictive density of each row of `data` under a fitted model, from its parameters.
+log_density <- function(model, data) {
+  X <- model.matrix(gate, data)
+  y <- data[[target]]
+  k <- model@k
+  coefficients <- parameters(model)
+  beta <- coefficients[paste0("coef.", colnames(X)), , drop = FALSE]
+  sigma <- coefficients["sigma", ]
+  means <- X %*% beta                                         # n x k
+  if (k > 1) {
+    eta <- X %*% parameters(model, which = "concomitant")[colnames(X), , drop = FALSE]
+    log_gate <- eta - apply(eta, 1, max)
+    log_gate <- log_gate - log(rowSums(exp(log_gate)))        # log softmax
+  } else {
+    log_gate <- matrix(0, nrow(X), 1)
+  }
+  terms <- log_gate + dnorm(y, means, matrix(sigma, nrow(X), k, byrow = TRUE), log = TRUE)
+  top <- apply(terms, 1, max)
+  list(log_density = top + log(rowSums(exp(terms - top))),
+       mean = rowSums(exp(log_gate) * means), gate = exp(log_gate), means = means)
+}
+
+# Check of the hand-written density against flexmix's own prior() and predict() on the test rows.
+check <- function(model, held) {
+  gate_error <- max(abs(prior(model, newdata = test) - held$gate))
+  mean_error <- max(abs(do.call(cbind, predict(model, newdata = test)) - held$means))
+  max(gate_error, mean_error / max(1, max(abs(held$means))))
+}
+
+chosen <- getModel(steps, "BIC")
+rows <- list()
+for (label in c("BIC", names(steps@models))) {
+  model <- if (label == "BIC") chosen else steps@models[[label]]
+  held <- log_density(model, test)
+  rows[[length(rows) + 1]] <- data.frame(
+    model = if (label == "BIC") "BIC" else paste0("k=", label),
+    k_requested = if (label == "BIC") NA else as.integer(label),
+    k = model@k,
+    heldout_loglik_per_point = mean(held$log_density),
+    heldout_mse = mean((test[[target]] - held$mean)^2),
+    bic = BIC(model),
+    train_loglik_per_point = as.numeric(logLik(model)) / nrow(train),
+    check_against_flexmix = check(model, held),
+    converged = model@converged
+  )
+}
+write.csv(do.call(rbind, rows), args[4], row.names = FALSE)
+cat(elapsed, "\n")
+"""
+
+
+def flexmix_status() -> str | None:
+    """None when Rscript and flexmix are usable here, else what is missing."""
+    if shutil.which("Rscript") is None:
+        return "R is not installed here (Debian: r-base-core, r-cran-flexmix)"
+    check = subprocess.run(["Rscript", "-e", "library(flexmix)"], capture_output=True, text=True)
+    if check.returncode != 0:
+        return "the R package flexmix is missing (Debian: r-cran-flexmix)"
+    return None
+
+
+def flexmix(split: Split, folder: Path) -> tuple[list[dict], list[dict]]:
+    """Rows for the table (k by BIC, best k in hindsight) and every model's figures."""
+    script, out = folder / "flexmix.R", folder / "flexmix_models.csv"
+    script.write_text(_FLEXMIX)
+    command = [
+        "Rscript",
+        str(script),
+        str(split.train_csv),
+        str(split.test_csv),
+        split.dataset.target,
+        str(out),
+        FLEXMIX_KS,
+        str(FLEXMIX_REPLICATES),
+        str(FLEXMIX_SEED),
+    ]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"flexmix failed: {result.stderr.strip()[-800:]}")
+    seconds = float(result.stdout.split()[-1])
+    with open(out, newline="") as handle:
+        models = list(csv.DictReader(handle))
+    for model in models:
+        if not float(model["check_against_flexmix"]) < 1e-8:
+            raise RuntimeError(
+                f"flexmix: the held-out gate or means disagree with flexmix's prior()/predict() "
+                f"({model['model']}: off by {model['check_against_flexmix']})"
+            )
+    chosen = next(model for model in models if model["model"] == "BIC")
+    per_k = [model for model in models if model["model"] != "BIC"]
+    best = max(per_k, key=lambda model: float(model["heldout_loglik_per_point"]))
+    table = [
+        row(
+            split,
+            FLEXMIX_BIC,
+            k=int(chosen["k"]),
+            heldout_loglik_per_point=float(chosen["heldout_loglik_per_point"]),
+            heldout_mse=float(chosen["heldout_mse"]),
+            fit_seconds=seconds,
+        ),
+        row(
+            split,
+            FLEXMIX_HINDSIGHT,
+            k=int(best["k"]),
+            heldout_loglik_per_point=float(best["heldout_loglik_per_point"]),
+            heldout_mse=float(best["heldout_mse"]),
+            fit_seconds=seconds,
+        ),
+    ]
+    detail = [
+        {"dataset": split.dataset.name, "n_train": len(split.y_train), "d": len(split.features), **model,
+         "stepflexmix_seconds": seconds, "rscript_wall_seconds": wall}
+        for model in models
+    ]
+    return table, detail
+
+
+def saved_flexmix(names: list[str]) -> tuple[list[dict], str]:
+    """The last run's flexmix rows for these data sets, labelled as saved figures."""
+    path = RESULTS / "real_data_flexmix.csv"
+    if not path.exists():
+        return [], f"no saved flexmix figures either ({path} is absent)"
+    with open(path, newline="") as handle:
+        saved = [line for line in csv.DictReader(handle) if line["dataset"] in names]
+    if not saved:
+        return [], f"{path} holds no flexmix figures for these data sets"
+    rows = []
+    for name in names:
+        models = [line for line in saved if line["dataset"] == name]
+        if not models:
+            continue
+        when = models[0].get("run_date", "an earlier run")
+        chosen = next(model for model in models if model["model"] == "BIC")
+        per_k = [model for model in models if model["model"] != "BIC"]
+        best = max(per_k, key=lambda model: float(model["heldout_loglik_per_point"]))
+        for method, model in ((FLEXMIX_BIC, chosen), (FLEXMIX_HINDSIGHT, best)):
+            rows.append(
+                {
+                    "dataset": name,
+                    "n_train": int(model["n_train"]),
+                    "n_test": "",
+                    "d": int(model["d"]),
+                    "method": method,
+                    "k": int(model["k"]),
+                    "heldout_loglik_per_point": float(model["heldout_loglik_per_point"]),
+                    "heldout_mse": float(model["heldout_mse"]),
+                    "fit_seconds": float(model["stepflexmix_seconds"]),
+                    "predict_seconds": math.nan,
+                    "max_r_hat": math.nan,
+                    "figures": f"SAVED ({when})",
+                }
+            )
+    return rows, f"printing flexmix's figures saved by the run of {rows[0]['figures'][7:-1]} from {path}"
+
+
+# ---------------------------------------------------------------------------------- numpyro-moe
+
+
+def cli_path() -> Path:
+    local = Path(sys.executable).parent / "numpyro-moe"
+    if local.exists():
+        return local
+    found = shutil.which("numpyro-moe")
+    return Path(found) if found else local
+
+
+def cli_status(cli: Path) -> str | None:
+    """None when the CLI has what the benchmark runs, else what is missing."""
+    if not cli.exists():
+        return f"the numpyro-moe command is not installed ({cli})"
+    missing = []
+    fit_help = subprocess.run([str(cli), "fit", "--help"], capture_output=True, text=True)
+    predict_help = subprocess.run([str(cli), "predict", "--help"], capture_output=True, text=True)
+    if fit_help.returncode != 0:
+        return "`numpyro-moe fit --help` fails"
+    if "auto" not in fit_help.stdout:
+        missing.append("`fit --experts auto`")
+    if "--quiet" not in fit_help.stdout:
+        missing.append("`fit --quiet`")
+    if predict_help.returncode != 0:
+        missing.append("the `predict` command")
+    else:
+        for flag in ("--out", "--point", "--quiet"):
+            if flag not in predict_help.stdout:
+                missing.append(f"`predict {flag}`")
+    if missing:
+        return "the numpyro-moe command line here lacks " + ", ".join(missing)
+    return None
+
+
+def timed(command: list[str]) -> float:
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        shown = " ".join(command[1:3])
+        raise RuntimeError(f"`numpyro-moe {shown} ...` failed (exit {result.returncode}): "
+                           f"{(result.stderr or result.stdout).strip()[-800:]}")
+    return seconds
+
+
+def fitted_num_experts(folder: Path) -> int:
+    """The k of a fit folder: model.json's ``num_experts``, else the experts in parameters.csv."""
+    model = folder / "model.json"
+    if model.exists():
+        return int(json.loads(model.read_text())["num_experts"])
+    lines = (folder / "parameters.csv").read_text().splitlines()
+    return sum(1 for line in lines if line.startswith("expert "))
+
+
+def read_prediction(path: Path, y_test: np.ndarray) -> tuple[float, float]:
+    with open(path, newline="") as handle:
+        lines = list(csv.DictReader(handle))
+    if len(lines) != len(y_test):
+        raise RuntimeError(f"{path.name} has {len(lines)} rows for {len(y_test)} test rows")
+    mean = np.array([float(line["mean"]) for line in lines])
+    log_density = np.array([float(line["log_density"]) for line in lines])
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(log_density))):
+        raise RuntimeError(f"{path.name} holds non-finite predictions")
+    return float(np.mean(log_density)), float(np.mean((y_test - mean) ** 2))
+
+
+def max_r_hat(folder: Path) -> float:
+    with open(folder / "summary.csv", newline="") as handle:
+        values = [float(line["r_hat"]) for line in csv.DictReader(handle) if line.get("r_hat")]
+    return max(values) if values else math.nan
+
+
+def numpyro_moe(split: Split, folder: Path, cli: Path, *, nuts: bool) -> tuple[list[dict], list[str]]:
+    cli = str(cli)
+    target = split.dataset.target
+    rows, notes = [], []
+    point_dir, point_csv = folder / "moe_point", folder / "pred_point.csv"
+    try:
+        fit_s = timed([cli, "fit", str(split.train_csv), "--target", target, "--experts", "auto",
+                       "--out", str(point_dir), "--quiet"])
+        predict_s = timed([cli, "predict", str(point_dir), str(split.test_csv), "--out", str(point_csv),
+                           "--point", "--quiet"])
+        k = fitted_num_experts(point_dir)
+        loglik, mse = read_prediction(point_csv, split.y_test)
+        rows.append(row(split, PACKAGE_POINT, k=k, heldout_loglik_per_point=loglik, heldout_mse=mse,
+                        fit_seconds=fit_s, predict_seconds=predict_s))
+    except (RuntimeError, subprocess.TimeoutExpired, OSError, KeyError, ValueError) as error:
+        notes.append(f"{split.dataset.name}: numpyro-moe point fit: {error}")
+        return rows, notes
+    if not nuts:
+        return rows, notes
+    nuts_dir, nuts_csv = folder / "moe_nuts", folder / "pred_nuts.csv"
+    try:
+        fit_s = timed([cli, "fit", str(split.train_csv), "--target", target, "--experts", str(k), "--nuts",
+                       "--out", str(nuts_dir), "--quiet"])
+        predict_s = timed([cli, "predict", str(nuts_dir), str(split.test_csv), "--out", str(nuts_csv),
+                           "--quiet"])
+        loglik, mse = read_prediction(nuts_csv, split.y_test)
+        rows.append(row(split, PACKAGE_NUTS, k=k, heldout_loglik_per_point=loglik, heldout_mse=mse,
+                        fit_seconds=fit_s, predict_seconds=predict_s, max_r_hat=max_r_hat(nuts_dir)))
+    except (RuntimeError, subprocess.TimeoutExpired, OSError, KeyError, ValueError) as error:
+        notes.append(f"{split.dataset.name}: numpyro-moe NUTS: {error}")
+    return rows, notes
+
+
+# ------------------------------------------------------------------------------------ reporting
+
+
+def _number(value, spec: str) -> str:
+    if value == "" or value is None:
+        return "-"
+    value = float(value)
+    return "-" if math.isnan(value) else format(value, spec)
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'data set':12s} {'n_train':>7s} {'d':>3s}  {'method':34s} {'k':>2s} {'loglik/pt':>10s} " \
+             f"{'MSE':>11s} {'time s':>8s}  notes"
+    print(header)
+    print("-" * len(header))
+    for line in rows:
+        notes = []
+        if not math.isnan(float(line["predict_seconds"])):
+            notes.append(f"predict {float(line['predict_seconds']):.1f} s")
+        if not math.isnan(float(line["max_r_hat"])):
+            notes.append(f"max r_hat {float(line['max_r_hat']):.3f}")
+        if line["figures"] != "measured":
+            notes.append(line["figures"])
+        print(
+            f"{line['dataset']:12s} {line['n_train']:>7} {line['d']:>3}  {line['method']:34s} {line['k']!s:>2s} "
+            f"{_number(line['heldout_loglik_per_point'], '.4f'):>10s} {_number(line['heldout_mse'], '.5g'):>11s} "
+            f"{_number(line['fit_seconds'], '.2f'):>8s}  {', '.join(notes)}"
+        )
+
+
+def verdicts(rows: list[dict], names: list[str]) -> None:
+    print("\nVerdict against issue 13's targets (package >= flexmix(BIC) and >= least squares in "
+          "held-out loglik, MSE <= least squares):")
+    for name in names:
+        mine = {line["method"]: line for line in rows if line["dataset"] == name}
+        ls = mine.get(LEAST_SQUARES)
+        for method in (PACKAGE_POINT, PACKAGE_NUTS):
+            package = mine.get(method)
+            if package is None:
+                continue
+            loglik, mse = float(package["heldout_loglik_per_point"]), float(package["heldout_mse"])
+            checks = []
+
+            def compare(label, other, key, better):
+                if other is None:
+                    checks.append(f"{label}: not measured")
+                    return
+                theirs = float(other[key])
+                ok = better(theirs)
+                saved = "" if other["figures"] == "measured" else " [saved figure]"
+                checks.append(f"{label} {'PASS' if ok else 'FAIL'} ({theirs:.4g}{saved})")
+
+            compare("loglik >= flexmix(BIC)", mine.get(FLEXMIX_BIC), "heldout_loglik_per_point",
+                    lambda theirs: loglik >= theirs)
+            compare("loglik >= least squares", ls, "heldout_loglik_per_point", lambda theirs: loglik >= theirs)
+            compare("MSE <= least squares", ls, "heldout_mse", lambda theirs: mse <= theirs)
+            compare("loglik >= flexmix hindsight-best k", mine.get(FLEXMIX_HINDSIGHT), "heldout_loglik_per_point",
+                    lambda theirs: loglik >= theirs)
+            print(f"  {name:12s} {method} (loglik {loglik:.4f}, MSE {mse:.5g}): " + "; ".join(checks))
+        if not any(method in mine for method in (PACKAGE_POINT, PACKAGE_NUTS)):
+            print(f"  {name:12s} no numpyro-moe figures, no verdict")
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for line in rows:
+            writer.writerow({key: ("" if isinstance(value, float) and math.isnan(value) else value)
+                             for key, value in line.items()})
+
+
+# ----------------------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the two smallest data sets, no NUTS")
+    parser.add_argument("--skip-flexmix", action="store_true")
+    parser.add_argument("--skip-nuts", action="store_true")
+    parser.add_argument("--datasets", help=f"comma-separated, from {', '.join(BY_NAME)}")
+    parser.add_argument("--keep", metavar="DIR", help="keep the splits, fits and predictions in DIR (new)")
+    args = parser.parse_args()
+
+    if args.datasets:
+        names = [name.strip() for name in args.datasets.split(",") if name.strip()]
+        unknown = [name for name in names if name not in BY_NAME]
+        if unknown:
+            parser.error(f"--datasets: unknown {unknown}; choose from {list(BY_NAME)}")
+    else:
+        names = [dataset.name for dataset in DATASETS[: 2 if args.quick else None]]
+    nuts = not (args.quick or args.skip_nuts)
+    splits = load_splits()
+    if args.keep:
+        work = Path(args.keep)
+        work.mkdir(parents=True, exist_ok=False)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="real_data-"))
+
+    missing = []
+    flexmix_missing = "skipped (--skip-flexmix)" if args.skip_flexmix else flexmix_status()
+    cli = cli_path()
+    cli_missing = cli_status(cli)
+    if flexmix_missing:
+        missing.append(f"flexmix: {flexmix_missing}")
+    if cli_missing:
+        missing.append(f"numpyro-moe: {cli_missing}; its rows are left out")
+    if not nuts:
+        missing.append("numpyro-moe NUTS: skipped (" + ("--quick" if args.quick else "--skip-nuts") + ")")
+
+    started = time.perf_counter()
+    rows, flexmix_detail, notes = [], [], []
+    for name in names:
+        dataset = BY_NAME[name]
+        split = prepare(dataset, splits[name], work / name)
+        print(f"{name}: {dataset.about}; {len(split.y_train)} train / {len(split.y_test)} test rows, "
+              f"d={len(split.features)}", flush=True)
+        rows.append(least_squares(split))
+        if not flexmix_missing:
+            try:
+                table, detail = flexmix(split, work / name)
+                rows.extend(table)
+                flexmix_detail.extend(detail)
+                print(f"  flexmix: {table[0]['fit_seconds']:.1f} s", flush=True)
+            except (RuntimeError, subprocess.TimeoutExpired) as error:
+                notes.append(f"{name}: {error}")
+        if not cli_missing:
+            package_rows, package_notes = numpyro_moe(split, work / name, cli, nuts=nuts)
+            rows.extend(package_rows)
+            notes.extend(package_notes)
+            for line in package_rows:
+                print(f"  {line['method']}: k={line['k']}, fit {line['fit_seconds']:.1f} s", flush=True)
+    if flexmix_missing and not args.skip_flexmix:
+        saved, message = saved_flexmix(names)
+        missing.append(f"flexmix: {message}")
+        rows.extend(saved)
+    order = [LEAST_SQUARES, FLEXMIX_BIC, FLEXMIX_HINDSIGHT, PACKAGE_POINT, PACKAGE_NUTS]
+    rows.sort(key=lambda line: (names.index(line["dataset"]), order.index(line["method"])))
+
+    print()
+    print_table(rows)
+    verdicts(rows, names)
+    if missing or notes:
+        print("\nMissing or failed:")
+        for line in missing + notes:
+            print(f"  {line}")
+    write_csv(RESULTS / "real_data.csv", rows, COLUMNS)
+    if flexmix_detail:
+        stamp = time.strftime("%Y-%m-%d %H:%M")
+        for line in flexmix_detail:
+            line["run_date"] = stamp
+        kept = []
+        previous = RESULTS / "real_data_flexmix.csv"
+        if previous.exists():  # keep the saved figures of data sets not run this time
+            with open(previous, newline="") as handle:
+                ran = {line["dataset"] for line in flexmix_detail}
+                kept = [line for line in csv.DictReader(handle) if line["dataset"] not in ran]
+        write_csv(previous, kept + flexmix_detail, list(flexmix_detail[0]))
+    print(f"\ntable written to {RESULTS / 'real_data.csv'}"
+          + (f"; flexmix's figures to {RESULTS / 'real_data_flexmix.csv'}" if flexmix_detail else ""))
+    if args.keep:
+        print(f"splits, fits and predictions kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"total benchmark time {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
