@@ -208,7 +208,7 @@ def test_demo_posterior_file(demo):
     assert posterior["experts"].shape == (2, 30, 2, 4)
     assert posterior["gates"].dims == ("chain", "draw", "gate", "feature")
     assert posterior["gates"].shape == (2, 30, 1, 4)
-    assert posterior["noise"].dims == ("chain", "draw")  # the default shared noise
+    assert posterior["noise"].dims == ("chain", "draw", "expert")  # the default: a noise per expert
     assert tree["posterior_predictive"]["y"].shape == (2, 30, 200)
     # NUTS ran on the first 200 training rows.
     np.testing.assert_array_equal(tree["observed_data"]["y"], y[:200])
@@ -221,7 +221,7 @@ def test_demo_posterior_file(demo):
     np.testing.assert_allclose(mean.gates[:-1], posterior["gates"].mean(("chain", "draw")), rtol=1e-12)
     np.testing.assert_array_equal(mean.gates[-1], 0)
     assert np.shape(mean.noise) == (2,)
-    np.testing.assert_allclose(mean.noise, float(posterior["noise"].mean()), rtol=1e-12)
+    np.testing.assert_allclose(mean.noise, posterior["noise"].mean(("chain", "draw")), rtol=1e-12)
     # Draws are relabelled to the joint-EM start: the posterior mean experts are near it (posterior
     # sd ~0.01 at 200 rows); swapped labels would differ by O(1).
     np.testing.assert_allclose(mean.experts, joint_em.experts, atol=0.05)
@@ -239,12 +239,12 @@ def test_demo_summary_csv(demo):
     _, out, _ = demo
     table = pd.read_csv(out / "summary.csv", index_col=0)
     expected = [f"experts[{i}, {j}]" for i in range(2) for j in range(4)]
-    expected += [f"gates[0, {j}]" for j in range(4)] + ["noise"]
+    expected += [f"gates[0, {j}]" for j in range(4)] + ["noise[0]", "noise[1]"]
     assert list(table.index) == expected
     assert {"mean", "sd", "ess_bulk", "r_hat"} <= set(table.columns)
     with xr.open_datatree(out / "posterior.nc", engine="h5netcdf") as tree:
         posterior = tree["posterior"].load()
-    assert table.loc["noise", "mean"] == pytest.approx(float(posterior["noise"].mean()), rel=1e-9)
+    assert table.loc["noise[1]", "mean"] == pytest.approx(float(posterior["noise"].sel(expert=1).mean()), rel=1e-9)
     assert table.loc["experts[1, 2]", "mean"] == pytest.approx(
         float(posterior["experts"].sel(expert=1, feature=2).mean()), rel=1e-9
     )
@@ -325,16 +325,17 @@ def test_cli_demo_flags_reach_run_demo(tmp_path, monkeypatch):
                        ("experts", "num_experts"), ("noise", "noise"), ("link", "link"),
                        ("overwrite", "overwrite")]:
         assert getattr(args, flag) == defaults[name].default, flag
+    assert args.quiet is (not defaults["verbose"].default) is False
     calls = []
     monkeypatch.setattr(demo_module, "run_demo", lambda out, **kwargs: calls.append((out, kwargs)))
     out = str(tmp_path / "run")
     assert main(["demo", "--out", out, "--no-nuts", "--chains", "3", "--num-warmup", "7", "--num-draws", "9",
-                 "--nuts-samples", "11", "--starts", "4", "--link", "relu", "--overwrite"]) == 0
+                 "--nuts-samples", "11", "--starts", "4", "--link", "relu", "--overwrite", "--quiet"]) == 0
     assert len(calls) == 1 and calls[0][0] == out
     assert {key: calls[0][1][key] for key in ("nuts", "num_chains", "num_warmup", "num_draws", "nuts_samples",
-                                              "num_starts", "link", "overwrite")} == {
+                                              "num_starts", "link", "overwrite", "verbose")} == {
         "nuts": False, "num_chains": 3, "num_warmup": 7, "num_draws": 9, "nuts_samples": 11,
-        "num_starts": 4, "link": "relu", "overwrite": True,
+        "num_starts": 4, "link": "relu", "overwrite": True, "verbose": False,
     }
     # One host device per chain is requested before JAX starts (it has no effect once it runs).
     assert "--xla_force_host_platform_device_count=3" in os.environ["XLA_FLAGS"].split()

@@ -271,9 +271,11 @@ def test_warnings_name_columns_by_their_names():
         with column_names_in_warnings(["age", "dose", "weight"]):
             warnings.warn("x: 2 of 3 columns look non-Gaussian (column 2: skewness 3.1)", ReliabilityWarning)
             warnings.warn("column 7 is not there", UserWarning)
+            warnings.warn("k=2: num_experts: BIC chose k=2, the largest tried", ReliabilityWarning)
     assert [str(w.message) for w in caught] == [
         "x: 2 of 3 columns look non-Gaussian (column 'weight': skewness 3.1)",
         "column 7 is not there",
+        "k=2: --experts: BIC chose k=2, the largest tried",
     ]
     assert caught[0].category is ReliabilityWarning and caught[1].category is UserWarning
 

@@ -257,14 +257,79 @@ def test_fit_csv_is_reproducible_for_a_seed(csv_file, fitted, tmp_path):
 
 
 def test_fit_csv_defaults():
-    # The command's defaults are the function's: 5 EM starts.
+    # The command's defaults are the function's: 5 EM starts, k chosen among 1-5 by BIC, a noise
+    # per expert, missing values refused.
     defaults = inspect.signature(fit_csv).parameters
     assert defaults["num_starts"].default == 5
-    args = build_parser().parse_args(["fit", "d.csv", "--target", "y", "--experts", "2"])
+    assert defaults["num_experts"].default == "auto" and csv_workflow.AUTO_EXPERTS == (1, 2, 3, 4, 5)
+    args = build_parser().parse_args(["fit", "d.csv", "--target", "y"])
     for flag, name in [("starts", "num_starts"), ("link", "link"), ("seed", "seed"), ("nuts", "nuts"),
                        ("chains", "num_chains"), ("num_warmup", "num_warmup"), ("num_draws", "num_samples"),
-                       ("overwrite", "overwrite")]:
+                       ("overwrite", "overwrite"), ("experts", "num_experts"), ("criterion", "criterion"),
+                       ("missing", "missing"), ("shared_noise", "shared_noise")]:
         assert getattr(args, flag) == defaults[name].default, flag
+    assert args.quiet is (not defaults["verbose"].default) is False
+    assert args.one_hot is None and defaults["one_hot"].default == ()
+
+
+def test_cli_fit_flags_reach_fit_csv(monkeypatch, tmp_path, keep_xla_flags):
+    calls = []
+    monkeypatch.setattr(csv_workflow, "fit_csv", lambda path, **kwargs: calls.append((path, kwargs)))
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "dir/d.csv", "--target", "y", "--experts", "1-3", "--criterion", "icl", "--one-hot",
+                 "a, b", "--missing", "drop", "--shared-noise", "--quiet", "--features", "a, b,c"]) == 0
+    assert main(["fit", "d.csv", "--target", "y", "--experts", "3", "--one-hot", "all"]) == 0
+    assert main(["fit", "d.csv", "--target", "y", "--experts", "2,4"]) == 0
+    (path, first), (_, second), (_, third) = calls
+    assert path == "dir/d.csv"
+    assert {key: first[key] for key in ("num_experts", "criterion", "one_hot", "missing", "shared_noise",
+                                        "verbose", "features", "out")} == {
+        "num_experts": (1, 2, 3), "criterion": "icl", "one_hot": ["a", "b"], "missing": "drop",
+        "shared_noise": True, "verbose": False, "features": ["a", "b", "c"], "out": "d-moe",
+    }
+    # One k keeps it in the default folder's name.
+    assert second["num_experts"] == 3 and second["out"] == "d-moe-k3" and second["one_hot"] == "all"
+    assert second["verbose"] is True and second["shared_noise"] is False
+    assert third["num_experts"] == (2, 4) and third["out"] == "d-moe"
+
+
+def test_fit_csv_with_several_k_needs_rows_for_each(tmp_path):
+    # k = 1 and 2 fit in 40 rows of one feature (4 parameters per expert, 16 for k = 2 needs 16
+    # rows); explicit k the rows cannot support are refused, auto leaves them out.
+    path = _write(tmp_path / "d.csv", "a,y\n" + "".join(f"{i},{i % 3}\n" for i in range(20)))
+    with pytest.raises(ValueError, match=r"^DATA: too few rows: 20 rows for 3 experts on 1 features"):
+        fit_csv(path, out=tmp_path / "o", **{**SMOKE, "num_experts": (1, 3)})
+    with pytest.raises(ValueError, match=r"^--experts: expected 'auto', an integer or a list of integers >= 1, "
+                                         r"got 'many'"):
+        fit_csv(path, out=tmp_path / "o", **{**SMOKE, "num_experts": "many"})
+    with pytest.raises(ValueError, match=r"^--experts: expected an integer >= 1, got 0"):
+        fit_csv(path, out=tmp_path / "o", **{**SMOKE, "num_experts": (2, 0)})
+    with pytest.raises(ValueError, match=r"^--criterion: expected one of \['bic', 'icl'\], got 'aic'"):
+        fit_csv(path, out=tmp_path / "o", **{**SMOKE, "criterion": "aic"})
+    assert _written(tmp_path) == ["d.csv"]
+
+
+def test_fit_csv_auto_leaves_out_the_k_the_rows_cannot_support(tmp_path, monkeypatch, capsys):
+    # 20 rows of one feature support k = 1 and 2 (need 8 and 16 rows), not 3-5.
+    path = _write(tmp_path / "d.csv", "a,y\n" + "".join(f"{i},{i % 3}\n" for i in range(20)))
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def select(x, y, **kwargs):
+        seen.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(moe, "select_num_experts", select)
+    with pytest.raises(Stop):
+        fit_csv(path, out=tmp_path / "o", **{**SMOKE, "num_experts": "auto", "verbose": True})
+    assert seen[0]["num_experts"] == (1, 2) and seen[0]["criterion"] == "bic"
+    assert seen[0]["shared_noise"] is False and seen[0]["intercepts"] is True and seen[0]["progress_bar"] is False
+    out = capsys.readouterr().out
+    assert "--experts auto: k = 3, 4, 5 left out: too few rows (20) for them" in out
+    assert "comparing k = 1, 2 experts by BIC" in out
+    assert _written(tmp_path) == ["d.csv"]
 
 
 ENOUGH = "a,y\n" + "".join(f"{i},{i % 3}\n" for i in range(40))

@@ -11,9 +11,18 @@ from collections.abc import Iterator
 
 from numpyro_moe import ReliabilityWarning
 
-__all__ = ["column_names_in_warnings", "progress_bars", "short_warnings"]
+__all__ = ["FLAGS", "column_names_in_warnings", "progress_bars", "short_warnings"]
 
 _COLUMN = re.compile(r"\b(column|feature) (\d+)\b")
+# The library's messages name its arguments ("num_experts: ..."); the command line's, its flags.
+FLAGS = {
+    "num_experts": "--experts",
+    "num_starts": "--starts",
+    "num_chains": "--chains",
+    "num_warmup": "--num-warmup",
+    "num_samples": "--num-draws",
+}
+_ARGUMENT = re.compile(r"(?<![\w-])(" + "|".join(FLAGS) + r"):")
 # Third-party notices about their own future: not the user's concern.
 _HIDDEN = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 
@@ -28,13 +37,14 @@ def _named(text: str, names: list[str]) -> str:
         index = int(match.group(2))
         return f"{match.group(1)} {names[index]!r}" if index < len(names) else match.group(0)
 
-    return _COLUMN.sub(name, text)
+    return _ARGUMENT.sub(lambda match: FLAGS[match.group(1)] + ":", _COLUMN.sub(name, text))
 
 
 @contextlib.contextmanager
 def column_names_in_warnings(names: list[str]) -> Iterator[None]:
     """Within the block, warnings that say ``column 2`` (a design column, counted from 0) say
-    ``column 'dose'`` instead; the caller's warning filters and handlers apply as before."""
+    ``column 'dose'`` instead, and ``num_experts:`` (an argument, `FLAGS`) says ``--experts:``; the
+    caller's warning filters and handlers apply as before."""
     previous = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
