@@ -3,7 +3,7 @@
 The building blocks for your own NumPyro models (`MixtureOfExperts`, `moe_priors`,
 `init_to_params`), the ready-made `moe_regression`, experts by the method of moments
 (`estimate_experts`, Makkuva, Kannan, Oh, Viswanath, ICML 2019), point fits (`fit_em`, `fit_map`,
-`fit_moe`) and the Bayesian layer around NumPyro's MCMC. Public submodules: `baselines`,
+`fit_moe`, `select_num_experts`) and the Bayesian layer around NumPyro's MCMC. Public submodules: `baselines`,
 `experts`, `io`, `metrics`, `simulation`.
 """
 
@@ -35,6 +35,7 @@ from numpyro_moe._model import (
     sites_to_params,
 )
 from numpyro_moe._params import MoEParams
+from numpyro_moe._select import select_num_experts
 from numpyro_moe._validation import ReliabilityWarning
 
 __version__ = "0.1.0"
@@ -63,6 +64,7 @@ __all__ = [
     "random_starts",
     "relabel",
     "run_nuts",
+    "select_num_experts",
     "sites_to_params",
     "suggest_num_experts",
     "to_datatree",

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from jax.scipy.special import logsumexp
 from numpyro import handlers
 from numpyro.infer import MCMC, NUTS, Predictive, init_to_value
 from numpyro.infer.util import potential_energy, unconstrain_fn
@@ -47,6 +48,7 @@ from numpyro_moe._validation import (
     check_params,
     check_positive,
     check_positive_int,
+    check_response,
 )
 
 __all__ = [
@@ -469,17 +471,27 @@ class Prediction(NamedTuple):
     """Predictions at new inputs (n_new points).
 
     ``mean`` (n,) E[y | x] (its posterior mean for a posterior); ``lower``/``upper`` (n,) the central
-    interval of predictive draws of y; ``gate_probabilities`` (n, k) P(z | x) (posterior mean).
+    interval of predictive draws of y; ``gate_probabilities`` (n, k) P(z | x) (posterior mean);
+    ``log_density`` (n,) the predictive log density of the observed y when given (for a posterior,
+    the log of the density averaged over draws), else None.
     """
 
     mean: np.ndarray
     lower: np.ndarray
     upper: np.ndarray
     gate_probabilities: np.ndarray
+    log_density: np.ndarray | None = None
 
 
 def predict(
-    source, x_new, *, key: jax.Array, interval: float = 0.9, num_draws: int = 1000, prefix: str = ""
+    source,
+    x_new,
+    *,
+    key: jax.Array,
+    y=None,
+    interval: float = 0.9,
+    num_draws: int = 1000,
+    prefix: str = "",
 ) -> Prediction:
     """Predictive mean and interval of y, and gate probabilities, at new inputs.
 
@@ -493,6 +505,10 @@ def predict(
         (n_new, d) inputs, in the units the model was fitted in.
     key
         PRNG key for the predictive draws of y.
+    y
+        (n_new,) observed responses at x_new, to score: their predictive log density per point
+        (held-out log-likelihood; the mean of it is what `metrics.heldout_log_likelihood` gives
+        for a point fit).
     interval
         Probability of the central predictive interval.
     num_draws
@@ -512,6 +528,8 @@ def predict(
         draws = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf)[None], single)
     if x_new.shape[1] != draws.experts.shape[-1]:
         raise ValueError(f"x_new: expected {draws.experts.shape[-1]} columns, got {x_new.shape[1]}")
+    if y is not None:
+        y = check_response(y, x_new.shape[0]).astype(jnp.result_type(draws.experts))
     count = draws.experts.shape[0]
     total = max(count, num_draws)
     x_new = x_new.astype(jnp.result_type(draws.experts))
@@ -529,11 +547,20 @@ def predict(
     )
     tail = (1 - interval) / 2
     y_draws = np.asarray(y_draws)
+    log_density = None
+    if y is not None:
+
+        def score(params):
+            return MixtureOfExperts.from_params(params, x_new, validate_args=False).log_prob(y)
+
+        per_draw = jax.lax.map(score, draws)  # (draws, n): one draw's densities at a time
+        log_density = np.asarray(logsumexp(per_draw, axis=0) - np.log(count))
     return Prediction(
         mean=np.asarray(means.mean(0)),
         lower=np.quantile(y_draws, tail, axis=0),
         upper=np.quantile(y_draws, 1 - tail, axis=0),
         gate_probabilities=np.asarray(probabilities.mean(0)),
+        log_density=log_density,
     )
 
 
@@ -582,7 +609,7 @@ def run_nuts(
     key: jax.Array,
     fix: tuple[str, ...] = (),
     priors: dict | None = None,
-    shared_noise: bool = True,
+    shared_noise: bool = False,
     num_chains: int = 4,
     num_warmup: int = 500,
     num_samples: int = 500,
@@ -791,7 +818,8 @@ def compare_num_experts(
             link=link,
             intercepts=intercepts,
             num_starts=num_starts,
-            shared_noise=nuts_kwargs.get("shared_noise", True),
+            shared_noise=nuts_kwargs.get("shared_noise", False),
+            priors=nuts_kwargs.get("priors"),
         )
         trees[f"k={k}"] = run_nuts(x, y, fit, key=nuts_key, **nuts_kwargs).datatree
     for name, tree in trees.items():

@@ -12,8 +12,18 @@ One EM iteration, compiled once per (link, which blocks are updated) and run in 
 - Noise: shared, ``s^2 = sum_n sum_i r_ni (y_n - g(a_i . x_n))^2 / n``; or one per expert,
   ``s_i^2 = sum_n r_ni (y_n - g(a_i . x_n))^2 / sum_n r_ni``.
 
-Every block only increases the expected complete-data log-likelihood, so the log-likelihood never
-decreases (generalised EM). Blocks can be held fixed (experts, gates, noise). Intercepts are handled
+Penalised (MAP) EM (Fraley and Raftery 2007, "Bayesian regularization for normal mixture estimation
+and model-based clustering"): with a `Penalty` (the model's priors, `penalty_from_priors`), every
+block maximises the expected complete-data log-likelihood plus the log prior instead, in closed
+form: Normal priors on gates and experts add their precision to the Newton and Gauss-Newton systems
+(a ridge towards the prior mean), and the noise step solves the stationarity equation of the
+expected log-likelihood plus the noise prior (InverseGamma(alpha, beta) on s: a quadratic in s;
+HalfNormal(tau): a quadratic in s^2). The prior on s keeps a component that collapses onto a few
+points from an unbounded likelihood, and the gate prior keeps separating gates finite.
+
+Every block only increases its objective (expected complete-data log-likelihood, plus the log prior
+when penalised), so the log-likelihood (penalised: the log posterior) never decreases
+(generalised EM, ECM). Blocks can be held fixed (experts, gates, noise). Intercepts are handled
 by a column of ones appended to x. The joint log-probabilities are `MixtureOfExperts`'
 ``component_log_probs``: the same likelihood as the NumPyro model.
 """
@@ -26,13 +36,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 from jax.scipy.special import logsumexp
 
 from numpyro_moe._distribution import MixtureOfExperts
 from numpyro_moe._links import Link
 from numpyro_moe._params import MoEParams
 
-__all__ = ["em_iterations", "split_augmented", "to_augmented"]
+__all__ = ["EMResult", "Penalty", "em_iterations", "flat_penalty", "penalty_from_priors", "split_augmented", "to_augmented"]
 
 _RIDGE = 1e-8
 
@@ -44,7 +55,96 @@ class _State(NamedTuple):
     log_likelihood: jax.Array  # mean per point, before the latest iteration's update
     change: jax.Array
     iteration: jax.Array
-    history: jax.Array  # (max_iterations,) log_likelihood before each iteration
+    history: jax.Array  # (max_iterations,) objective (log-likelihood + log prior / n) before each iteration
+
+
+class EMResult(NamedTuple):
+    experts: jax.Array
+    gates: jax.Array
+    noise: jax.Array
+    log_likelihood: np.ndarray  # mean per point
+    objective: np.ndarray  # mean log-likelihood + log prior / n
+    history: np.ndarray
+    iterations: np.ndarray
+    weights: np.ndarray  # (k,) sum_n r_ni
+    entropy: np.ndarray  # -sum_ni r_ni log r_ni
+
+
+class Penalty(NamedTuple):
+    """Log prior of penalised EM, in the forms its closed-form M-steps use (p = d (+ 1)).
+
+    Coefficients: ``-0.5 sum precision * (value - loc)^2`` (Normal priors; precision 0 is flat).
+    Noise s_i: ``-count_i log s_i - inverse_i / s_i - 0.5 square_i s_i^2`` (InverseGamma(alpha,
+    beta) on s: count alpha + 1, inverse beta; HalfNormal(tau): square 1 / tau^2; all 0 is flat).
+    """
+
+    expert_loc: jax.Array  # (k, p)
+    expert_precision: jax.Array  # (k, p)
+    gate_loc: jax.Array  # (k, p); the last row is fixed at zero and ignored
+    gate_precision: jax.Array  # (k, p)
+    noise_count: jax.Array  # (k,)
+    noise_inverse: jax.Array  # (k,)
+    noise_square: jax.Array  # (k,)
+
+
+def flat_penalty(num_experts: int, width: int, dtype) -> Penalty:
+    """No prior: plain maximum-likelihood EM."""
+    zeros = jnp.zeros((num_experts, width), dtype)
+    flat = jnp.zeros((num_experts,), dtype)
+    return Penalty(zeros, zeros, zeros, zeros, flat, flat, flat)
+
+
+def _normal_prior(prior, name: str, shape: tuple[int, ...]):
+    if not isinstance(prior, dist.Normal):
+        raise ValueError(
+            f"priors[{name!r}]: EM's closed-form M-steps take a Normal prior here, got "
+            f"{type(prior).__name__}; use fit_map for other priors"
+        )
+    loc = jnp.broadcast_to(jnp.asarray(prior.loc), shape)
+    return loc, jnp.broadcast_to(1.0 / jnp.asarray(prior.scale) ** 2, shape)
+
+
+def _noise_prior(prior, shape: tuple[int, ...]):
+    zeros = jnp.zeros(shape)
+    if isinstance(prior, dist.InverseGamma):
+        count = jnp.broadcast_to(jnp.asarray(prior.concentration) + 1.0, shape)
+        return count, jnp.broadcast_to(jnp.asarray(prior.rate), shape), zeros
+    if isinstance(prior, dist.HalfNormal):
+        return zeros, zeros, jnp.broadcast_to(1.0 / jnp.asarray(prior.scale) ** 2, shape)
+    raise ValueError(
+        f"priors['noise']: EM's closed-form noise step takes an InverseGamma or HalfNormal prior on "
+        f"the noise sd, got {type(prior).__name__}; use fit_map for other priors"
+    )
+
+
+def penalty_from_priors(priors: dict, num_experts: int, dim: int, *, intercepts: bool, dtype) -> Penalty:
+    """The `Penalty` of a complete priors dict (every site of `moe_priors`), for augmented
+    parameters (intercepts as a last column when ``intercepts``)."""
+    k = num_experts
+    expert_loc, expert_precision = _normal_prior(priors["experts"], "experts", (k, dim))
+    gate_loc, gate_precision = _normal_prior(priors["gates"], "gates", (k, dim))
+    if intercepts:
+        bias_loc, bias_precision = _normal_prior(priors["expert_intercepts"], "expert_intercepts", (k,))
+        expert_loc = jnp.concatenate([expert_loc, bias_loc[:, None]], axis=1)
+        expert_precision = jnp.concatenate([expert_precision, bias_precision[:, None]], axis=1)
+        bias_loc, bias_precision = _normal_prior(priors["gate_intercepts"], "gate_intercepts", (k,))
+        gate_loc = jnp.concatenate([gate_loc, bias_loc[:, None]], axis=1)
+        gate_precision = jnp.concatenate([gate_precision, bias_precision[:, None]], axis=1)
+    count, inverse, square = _noise_prior(priors["noise"], (k,))
+    return Penalty(*(jnp.asarray(leaf, dtype) for leaf in (
+        expert_loc, expert_precision, gate_loc, gate_precision, count, inverse, square
+    )))
+
+
+def log_prior(experts, gates, noise, penalty: Penalty) -> jax.Array:
+    """The penalty's log prior (up to a constant) of augmented parameters."""
+    coefficients = -0.5 * (
+        jnp.sum(penalty.expert_precision * (experts - penalty.expert_loc) ** 2)
+        + jnp.sum((penalty.gate_precision * (gates - penalty.gate_loc) ** 2)[:-1])
+    )
+    return coefficients + jnp.sum(
+        -penalty.noise_count * jnp.log(noise) - penalty.noise_inverse / noise - 0.5 * penalty.noise_square * noise**2
+    )
 
 
 def to_augmented(params: MoEParams, intercepts: bool):
@@ -76,11 +176,13 @@ def _joint(experts, gates, noise, x, y, link_function):
     return MixtureOfExperts(x @ gates.T, link_function(x @ experts.T), noise).component_log_probs(y)
 
 
-def _gate_objective(free, x, targets):
-    """Mean soft-label cross-entropy (+ ridge) of gates whose last row is zero."""
+def _gate_objective(free, x, targets, loc, precision):
+    """Mean soft-label cross-entropy of gates whose last row is zero, plus their Normal prior's
+    penalty over n (and a tiny ridge)."""
     logits = jnp.concatenate([x @ free.T, jnp.zeros((x.shape[0], 1), x.dtype)], axis=1)
     cross_entropy = -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1))
-    return cross_entropy + 0.5 * _RIDGE * jnp.sum(free**2)
+    penalty = 0.5 * jnp.sum(precision * (free - loc) ** 2) / x.shape[0]
+    return cross_entropy + penalty + 0.5 * _RIDGE * jnp.sum(free**2)
 
 
 def _backtrack(objective, point, direction, max_halvings=10, current=None):
@@ -107,31 +209,39 @@ def _backtrack(objective, point, direction, max_halvings=10, current=None):
     return jnp.where(accepted, point + step * direction, point), accepted
 
 
-def _gate_newton(gates, x, targets, tol, max_steps):
+def _gate_newton(gates, x, targets, tol, max_steps, loc, precision):
     """Minimise `_gate_objective` over the free rows by Newton's method with a step search."""
     free = gates[:-1]
     k1, p = free.shape
     if k1 == 0:  # one expert: the gate is constant
         return gates
     n = x.shape[0]
+    loc, precision = loc[:-1], precision[:-1]
 
     def step(carry):
         free, _, count = carry
         logits = jnp.concatenate([x @ free.T, jnp.zeros((n, 1), x.dtype)], axis=1)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
-        current = -jnp.mean(jnp.sum(targets * log_probs, axis=-1)) + 0.5 * _RIDGE * jnp.sum(free**2)
+        current = (
+            -jnp.mean(jnp.sum(targets * log_probs, axis=-1))
+            + 0.5 * jnp.sum(precision * (free - loc) ** 2) / n
+            + 0.5 * _RIDGE * jnp.sum(free**2)
+        )
         probs = jnp.exp(log_probs[:, :-1])
-        gradient = (probs - targets[:, :-1]).T @ x / n + _RIDGE * free
+        gradient = (probs - targets[:, :-1]).T @ x / n + precision * (free - loc) / n + _RIDGE * free
         # Hessian blocks sum_n (p_ni delta_ij - p_ni p_nj) x_n x_n^T, as two plain matrix
         # products over an (n, (k-1) p) matrix (XLA's CPU einsum of three operands is far slower).
         weighted = (probs[:, :, None] * x[:, None, :]).reshape(n, k1 * p)
         diagonal = (weighted.T @ x).reshape(k1, p, p) / n
         hessian = -(weighted.T @ weighted).reshape(k1, p, k1, p) / n
         hessian = hessian + jnp.einsum("iab,ij->iajb", diagonal, jnp.eye(k1, dtype=x.dtype))
-        hessian = hessian.reshape(k1 * p, k1 * p) + _RIDGE * jnp.eye(k1 * p, dtype=x.dtype)
+        hessian = hessian.reshape(k1 * p, k1 * p) + jnp.diag(precision.reshape(-1) / n + _RIDGE)
         direction = jnp.linalg.solve(hessian, gradient.reshape(-1)).reshape(k1, p)
         new_free, accepted = _backtrack(
-            lambda candidate: _gate_objective(candidate, x, targets), free, -direction, current=current
+            lambda candidate: _gate_objective(candidate, x, targets, loc, precision),
+            free,
+            -direction,
+            current=current,
         )
         return new_free, jnp.where(accepted, jnp.max(jnp.abs(gradient)), 0.0), count + 1
 
@@ -143,11 +253,15 @@ def _gate_newton(gates, x, targets, tol, max_steps):
     return jnp.concatenate([free, jnp.zeros((1, p), free.dtype)], axis=0)
 
 
-def _expert_gauss_newton(experts, x, y, weights, link_function, num_steps):
-    """Decrease sum_n w_ni (y_n - g(a_i . x_n))^2 for each expert i (damped Gauss-Newton)."""
+def _expert_gauss_newton(experts, x, y, weights, link_function, num_steps, noise, loc, precision):
+    """Decrease sum_n w_ni (y_n - g(a_i . x_n))^2 + s_i^2 sum_j precision_ij (a_ij - loc_ij)^2
+    for each expert i (damped Gauss-Newton; the second term is the Normal prior's penalty, scaled
+    by the expert's noise variance s_i^2 as in a ridge regression)."""
+    ridge = noise[:, None] ** 2 * precision  # (k, p)
 
     def loss(experts):
-        return jnp.sum(weights * (y[:, None] - link_function(x @ experts.T)) ** 2, axis=0)
+        fit = jnp.sum(weights * (y[:, None] - link_function(x @ experts.T)) ** 2, axis=0)
+        return fit + jnp.sum(ridge * (experts - loc) ** 2, axis=1)
 
     def step(experts, _):
         pre = x @ experts.T
@@ -156,7 +270,8 @@ def _expert_gauss_newton(experts, x, y, weights, link_function, num_steps):
         scaled = weights * slopes**2  # (n, k)
         rows, k = scaled.shape
         normal = ((scaled[:, :, None] * x[:, None, :]).reshape(rows, k * x.shape[1]).T @ x).reshape(k, x.shape[1], x.shape[1])
-        rhs = (weights * slopes * residual).T @ x
+        normal = normal + jax.vmap(jnp.diag)(ridge)
+        rhs = (weights * slopes * residual).T @ x - ridge * (experts - loc)
         damping = 1e-10 * jnp.trace(normal, axis1=1, axis2=2)[:, None, None] + 1e-30
         direction = jnp.linalg.solve(normal + damping * jnp.eye(x.shape[1], dtype=x.dtype), rhs[..., None])[..., 0]
         # The loss separates over experts, so its sum decreases iff the step is a descent step
@@ -168,32 +283,60 @@ def _expert_gauss_newton(experts, x, y, weights, link_function, num_steps):
     return experts
 
 
-def _noise_step(targets, residual, y, shared_noise):
+def _noise_mode(count, squares, penalty_count, inverse, square):
+    """argmax_s -(count + penalty_count) log s - squares / (2 s^2) - inverse / s - square s^2 / 2,
+    for a prior with ``inverse`` or ``square`` zero (InverseGamma, HalfNormal or flat)."""
+    total = count + penalty_count
+    # InverseGamma (square = 0): total s^2 - inverse s - squares = 0, its positive root.
+    by_inverse = (inverse + jnp.sqrt(inverse**2 + 4 * total * squares)) / (2 * jnp.maximum(total, 1e-300))
+    # HalfNormal (inverse = 0): square v^2 + total v - squares = 0 in v = s^2 (stable root).
+    by_square = jnp.sqrt(2 * squares / (total + jnp.sqrt(total**2 + 4 * squares * square) + 1e-300))
+    return jnp.where(square > 0, by_square, by_inverse)
+
+
+def _noise_step(targets, residual, y, shared_noise, penalty: Penalty):
     """The noise M-step: the responsibility-weighted mean squared residual, pooled or per expert
-    (an expert with no responsibility keeps the pooled value); floored far below any real noise."""
+    (an expert with no responsibility keeps the pooled value), moved by the noise prior to the
+    mode of the penalised objective; floored far below any real noise."""
     squares = targets * residual**2
-    pooled = jnp.sum(squares) / y.shape[0]
+    k = targets.shape[1]
+    first = lambda leaf: leaf[0]  # noqa: E731  (a shared noise has one prior: the first entry's)
+    pooled = _noise_mode(
+        jnp.asarray(y.shape[0], y.dtype), jnp.sum(squares),
+        first(penalty.noise_count), first(penalty.noise_inverse), first(penalty.noise_square),
+    )
     if shared_noise:
-        variance = jnp.full(targets.shape[1], pooled)
+        scale = jnp.full(k, pooled)
     else:
         weight = jnp.sum(targets, axis=0)
-        variance = jnp.where(weight > 1e-12, jnp.sum(squares, axis=0) / jnp.maximum(weight, 1e-12), pooled)
-    return jnp.sqrt(jnp.maximum(variance, 1e-24 * jnp.mean(y**2) + 1e-300))
+        own = _noise_mode(
+            weight, jnp.sum(squares, axis=0), penalty.noise_count, penalty.noise_inverse, penalty.noise_square
+        )
+        usable = (weight > 1e-12) | (penalty.noise_count > 0) | (penalty.noise_inverse > 0)
+        scale = jnp.where(usable, own, pooled)
+    return jnp.maximum(scale, jnp.sqrt(1e-24 * jnp.mean(y**2) + 1e-300))
 
 
-def _em_step(state: _State, x, y, link_function, updates, shared_noise, expert_steps, gate_tol, gate_steps):
+def _em_step(
+    state: _State, x, y, penalty, link_function, updates, shared_noise, expert_steps, gate_tol, gate_steps
+):
     update_experts, update_gates, update_noise = updates
     joint = _joint(state.experts, state.gates, state.noise, x, y, link_function)
     pointwise = logsumexp(joint, axis=-1)
-    log_likelihood = jnp.mean(pointwise)
+    log_likelihood = jnp.mean(pointwise) + log_prior(state.experts, state.gates, state.noise, penalty) / y.shape[0]
     targets = jnp.exp(joint - pointwise[:, None])
-    gates = _gate_newton(state.gates, x, targets, gate_tol, gate_steps) if update_gates else state.gates
+    gates = state.gates
+    if update_gates:
+        gates = _gate_newton(gates, x, targets, gate_tol, gate_steps, penalty.gate_loc, penalty.gate_precision)
     experts = state.experts
     if update_experts:
-        experts = _expert_gauss_newton(experts, x, y, targets, link_function, expert_steps)
+        experts = _expert_gauss_newton(
+            experts, x, y, targets, link_function, expert_steps, state.noise,
+            penalty.expert_loc, penalty.expert_precision,
+        )
     noise = state.noise
     if update_noise:
-        noise = _noise_step(targets, y[:, None] - link_function(x @ experts.T), y, shared_noise)
+        noise = _noise_step(targets, y[:, None] - link_function(x @ experts.T), y, shared_noise, penalty)
     return _State(
         experts, gates, noise, log_likelihood, jnp.abs(log_likelihood - state.log_likelihood),
         state.iteration + 1, state.history.at[state.iteration].set(log_likelihood),
@@ -204,7 +347,9 @@ def _em_step(state: _State, x, y, link_function, updates, shared_noise, expert_s
     jax.jit,
     static_argnames=("link_function", "updates", "shared_noise", "expert_steps", "gate_steps", "block"),
 )
-def _em_block(state, x, y, tol, gate_tol, *, link_function, updates, shared_noise, expert_steps, gate_steps, block):
+def _em_block(
+    state, x, y, penalty, tol, gate_tol, *, link_function, updates, shared_noise, expert_steps, gate_steps, block
+):
     """Up to ``block`` EM iterations; stops once the log-likelihood change is below ``tol`` or
     the history buffer (``max_iterations``) is full."""
     start = state.iteration
@@ -214,14 +359,24 @@ def _em_block(state, x, y, tol, gate_tol, *, link_function, updates, shared_nois
         return (state.change >= tol) & (state.iteration - start < block) & (state.iteration < limit)
 
     def body(state):
-        return _em_step(state, x, y, link_function, updates, shared_noise, expert_steps, gate_tol, gate_steps)
+        return _em_step(
+            state, x, y, penalty, link_function, updates, shared_noise, expert_steps, gate_tol, gate_steps
+        )
 
     return jax.lax.while_loop(keep_going, body, state)
 
 
 @partial(jax.jit, static_argnames=("link_function",))
-def _final_log_likelihood(experts, gates, noise, x, y, *, link_function):
-    return jnp.mean(logsumexp(_joint(experts, gates, noise, x, y, link_function), axis=-1))
+def _final(experts, gates, noise, x, y, penalty, *, link_function):
+    """Mean log-likelihood per point, (n, k) responsibilities' column sums and their entropy."""
+    joint = _joint(experts, gates, noise, x, y, link_function)
+    pointwise = logsumexp(joint, axis=-1)
+    log_responsibilities = joint - pointwise[:, None]
+    responsibilities = jnp.exp(log_responsibilities)
+    entropy = -jnp.sum(responsibilities * jnp.where(responsibilities > 0, log_responsibilities, 0.0))
+    log_likelihood = jnp.mean(pointwise)
+    objective = log_likelihood + log_prior(experts, gates, noise, penalty) / y.shape[0]
+    return log_likelihood, objective, jnp.sum(responsibilities, axis=0), entropy
 
 
 def em_iterations(
@@ -231,6 +386,7 @@ def em_iterations(
     x,
     y,
     *,
+    penalty: Penalty,
     link: Link,
     fix: tuple[str, ...],
     shared_noise: bool,
@@ -238,15 +394,16 @@ def em_iterations(
     tol: float,
     block: int = 20,
     progress: str | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array, np.ndarray, np.ndarray, np.ndarray]:
+) -> EMResult:
     """Run EM from augmented ``experts``/``gates`` (k, p) and ``noise`` (k,); a leading start
     axis is vmapped. The parameter groups in ``fix`` (``"experts"``, ``"gates"``, ``"noise"``)
-    keep their starting values.
+    keep their starting values; ``penalty`` is the log prior (`flat_penalty` for none).
 
-    Returns ``(experts, gates, noise, log_likelihood, history, iterations)`` with, per start,
-    the final mean log-likelihood, the (max_iterations,) history buffer (valid up to
-    ``iterations``) and the iteration count. Progress (a tqdm bar named ``progress``) is updated
-    between compiled blocks of ``block`` iterations.
+    Returns an `EMResult` with, per start, the final parameters, mean log-likelihood and
+    objective, the (max_iterations,) objective history (valid up to ``iterations``), the
+    iteration count, each expert's total responsibility and the responsibilities' entropy.
+    Progress (a tqdm bar named ``progress``) is updated between compiled blocks of ``block``
+    iterations.
     """
     expert_steps = 1 if link.name == "linear" else 3
     batched = experts.ndim == 3
@@ -266,10 +423,10 @@ def em_iterations(
         _em_block, link_function=link.function, updates=updates, shared_noise=shared_noise,
         expert_steps=expert_steps, gate_steps=50, block=block,
     )
-    final = partial(_final_log_likelihood, link_function=link.function)
+    final = partial(_final, link_function=link.function)
     if batched:
-        run = jax.vmap(run, in_axes=(0, None, None, None, None))
-        final = jax.vmap(final, in_axes=(0, 0, 0, None, None))
+        run = jax.vmap(run, in_axes=(0, None, None, None, None, None))
+        final = jax.vmap(final, in_axes=(0, 0, 0, None, None, None))
     tol_array = jnp.asarray(tol, dtype)
     gate_tol = jnp.asarray(1e-9 if dtype == jnp.float64 else 1e-5, dtype)
     bar = None
@@ -279,7 +436,7 @@ def em_iterations(
         bar = tqdm(total=max_iterations, desc=progress, leave=False)
     while True:
         before = int(np.max(np.asarray(state.iteration)))
-        state = run(state, x, y, tol_array, gate_tol)
+        state = run(state, x, y, penalty, tol_array, gate_tol)
         iterations = np.asarray(state.iteration)
         after = int(np.max(iterations))
         if bar is not None:
@@ -290,8 +447,8 @@ def em_iterations(
             break
     if bar is not None:
         bar.close()
-    log_likelihood = final(state.experts, state.gates, state.noise, x, y)
-    return (
-        state.experts, state.gates, state.noise, np.asarray(log_likelihood),
-        np.asarray(state.history), iterations,
+    log_likelihood, objective, weights, entropy = final(state.experts, state.gates, state.noise, x, y, penalty)
+    return EMResult(
+        state.experts, state.gates, state.noise, np.asarray(log_likelihood), np.asarray(objective),
+        np.asarray(state.history), iterations, np.asarray(weights), np.asarray(entropy),
     )

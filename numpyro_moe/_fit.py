@@ -26,7 +26,7 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoDelta
 
 from numpyro_moe._distribution import MixtureOfExperts
-from numpyro_moe._em import em_iterations, split_augmented, to_augmented
+from numpyro_moe._em import em_iterations, flat_penalty, penalty_from_priors, split_augmented, to_augmented
 from numpyro_moe._experts import estimate_experts
 from numpyro_moe._links import Link, resolve_link
 from numpyro_moe._model import (
@@ -36,6 +36,7 @@ from numpyro_moe._model import (
     init_to_params,
     moe_regression,
     params_to_sites,
+    resolve_priors,
     sites_to_params,
 )
 from numpyro_moe._params import MoEParams
@@ -78,6 +79,11 @@ class Fit(NamedTuple):
         (num_starts,) final mean log-likelihood per point of every start (``-inf`` if it failed).
     start_labels
         Where each start came from: ``"tensor"`` (the moment estimate), ``"random"``, ``"given"``.
+    expert_weights
+        (k,) share of the data each expert carries at ``params`` (its responsibilities' mean over
+        the points; they sum to 1), or None where not computed.
+    entropy
+        ``-sum_n sum_i r_ni log r_ni`` of the responsibilities at ``params`` (for ICL), or None.
     """
 
     params: MoEParams
@@ -89,6 +95,8 @@ class Fit(NamedTuple):
     start: int = 0
     start_log_likelihoods: np.ndarray | None = None
     start_labels: tuple[str, ...] = ("given",)
+    expert_weights: np.ndarray | None = None
+    entropy: float | None = None
 
 
 def check_data(x, y):
@@ -220,12 +228,20 @@ def fit_em(
     init,
     *,
     fix: tuple[str, ...] = (),
-    shared_noise: bool = True,
+    shared_noise: bool = False,
+    penalized: bool = True,
+    priors: dict | None = None,
     max_iterations: int = 500,
     tol: float = 1e-8,
     progress_bar: bool = False,
 ) -> Fit:
-    """EM for the mixture of experts from one start or several; the best likelihood wins.
+    """EM for the mixture of experts from one start or several; the best fit wins.
+
+    By default penalised (MAP) EM: each M-step maximises the expected log-likelihood plus the
+    log prior of `moe_regression`'s priors (`default_priors`, made for standardised x and y), so
+    EM, `fit_map` and NUTS share one model, and a component that collapses onto a few points or a
+    gate that separates the data cannot win on likelihood (Fraley and Raftery 2007).
+    ``penalized=False`` is the papers' maximum-likelihood EM.
 
     Parameters
     ----------
@@ -242,18 +258,26 @@ def fit_em(
         Parameter groups held at their starting values: ``"experts"`` (with their intercepts; EM
         over the gate alone, as in the ICML 2019 paper), ``"gates"`` (with theirs), ``"noise"``.
     shared_noise
-        One noise sd for all experts (the M-step pools the residuals), or one per expert.
+        One noise sd for all experts (the M-step pools the residuals), or one per expert (the
+        default, as in flexmix).
+    penalized, priors
+        Maximise the log posterior (log-likelihood plus log prior) rather than the
+        log-likelihood; ``priors`` replaces entries of `default_priors` (closed-form M-steps take
+        Normal priors on coefficients and an InverseGamma or HalfNormal prior on the noise sd).
     max_iterations, tol
-        Stop after ``max_iterations`` or when the mean log-likelihood per point changes by less
-        than ``tol`` (floored at 8 float epsilons of the data's dtype, below which the change is
-        rounding); a winning start that hits the cap warns (`ReliabilityWarning`).
+        Stop after ``max_iterations`` or when the objective per point (mean log-likelihood, plus
+        the log prior over n when penalised) changes by less than ``tol`` (floored at 8 float
+        epsilons of the data's dtype, below which the change is rounding); a winning start that
+        hits the cap warns (`ReliabilityWarning`).
     progress_bar
         Show a progress bar (updated every 20 iterations).
 
     Returns
     -------
     Fit
-        Its ``history`` never decreases (up to rounding).
+        ``log_likelihood`` is the mean log-likelihood per point; ``history`` is the objective per
+        point and never decreases (up to rounding); the best objective wins among starts.
+        An expert carrying fewer points than it has parameters warns (`ReliabilityWarning`).
     """
     x, y = check_data(x, y)
     starts = as_starts(init, x.shape[1])
@@ -262,17 +286,28 @@ def fit_em(
     max_iterations = check_positive_int(max_iterations, "max_iterations")
     tol = resolvable_tol(check_positive(tol, "tol"), x.dtype)
     intercepts = starts.has_intercepts
+    num_experts, dim = starts.experts.shape[1:]
+    if penalized:
+        chosen = resolve_priors(priors)
+        penalty = penalty_from_priors(chosen, num_experts, dim, intercepts=intercepts, dtype=x.dtype)
+        if not priors:
+            _check_default_scale(y)
+    else:
+        if priors:
+            raise ValueError("priors: given with penalized=False, which fits no priors; drop one of them")
+        penalty = flat_penalty(num_experts, dim + int(intercepts), x.dtype)
     noise = _starting_noise(starts, x, y)
     if shared_noise:  # a shared model starts from one noise, so its first step is an EM step
         noise = jnp.broadcast_to(jnp.sqrt(jnp.mean(noise**2, axis=-1, keepdims=True)), noise.shape)
     experts, gates = to_augmented(starts, intercepts)
     design = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1) if intercepts else x
-    experts, gates, noise, log_likelihoods, history, iterations = em_iterations(
+    result = em_iterations(
         experts,
         gates,
         noise,
         design,
         y,
+        penalty=penalty,
         link=starts.link,
         fix=fix,
         shared_noise=shared_noise,
@@ -280,9 +315,13 @@ def fit_em(
         tol=tol,
         progress="EM" if progress_bar else None,
     )
-    log_likelihoods = np.where(np.isfinite(log_likelihoods), log_likelihoods, -np.inf)
+    experts, gates, noise, history, iterations = (
+        result.experts, result.gates, result.noise, result.history, result.iterations
+    )
+    objectives = np.where(np.isfinite(result.objective), result.objective, -np.inf)
+    log_likelihoods = np.where(np.isfinite(objectives), result.log_likelihood, -np.inf)
     # Starts that reach the same optimum (within the convergence tolerance) tie: the first wins.
-    best = int(np.argmax(log_likelihoods >= np.max(log_likelihoods) - tol))
+    best = int(np.argmax(objectives >= np.max(objectives) - tol))
     count = int(iterations[best])
     best_history = np.asarray(history[best, :count])
     converged = count < max_iterations or bool(count > 1 and abs(best_history[-1] - best_history[-2]) < tol)
@@ -294,6 +333,8 @@ def fit_em(
             stacklevel=2,
         )
     params = split_augmented(experts[best], gates[best], noise[best], intercepts, starts.link)
+    weights = np.asarray(result.weights[best]) / x.shape[0]
+    _check_weights(weights, x.shape[0], dim + int(intercepts) + 1)
     return Fit(
         params=params,
         log_likelihood=float(log_likelihoods[best]),
@@ -304,7 +345,36 @@ def fit_em(
         start=best,
         start_log_likelihoods=log_likelihoods,
         start_labels=("given",) * len(log_likelihoods),
+        expert_weights=weights,
+        entropy=float(result.entropy[best]),
     )
+
+
+def _check_default_scale(y) -> None:
+    """Warn when the default priors (made for a standardised y) meet a y far from that scale."""
+    spread, centre = float(jnp.std(y)), float(jnp.mean(y))
+    if not 0.1 <= spread <= 10 or abs(centre) > 10 * max(spread, 1e-12):
+        warnings.warn(
+            f"y: mean {centre:.3g} and sd {spread:.3g}, while the default priors of penalised EM are "
+            "made for a standardised y (mean 0, sd 1); standardise x and y, pass priors= on your "
+            "scale, or pass penalized=False",
+            ReliabilityWarning,
+            stacklevel=3,
+        )
+
+
+def _check_weights(weights: np.ndarray, num_points: int, parameters: int) -> None:
+    """Warn about experts that carry fewer points than they have parameters."""
+    counts = weights * num_points
+    thin = [i for i, count in enumerate(counts) if count < parameters]
+    if len(weights) > 1 and thin:
+        described = ", ".join(f"expert {i} carries {counts[i]:.1f} points ({100 * weights[i]:.2g}%)" for i in thin)
+        warnings.warn(
+            f"{described} of {num_points}, fewer than its {parameters} parameters: the data do not "
+            "support it; fit fewer experts (select_num_experts compares k by BIC)",
+            ReliabilityWarning,
+            stacklevel=3,
+        )
 
 
 def fit_map(
@@ -315,7 +385,7 @@ def fit_map(
     key: jax.Array,
     fix: tuple[str, ...] = (),
     priors: dict | None = None,
-    shared_noise: bool = True,
+    shared_noise: bool = False,
     num_steps: int = 2000,
     learning_rate: float = 0.01,
     tol: float = 1e-4,
@@ -401,7 +471,9 @@ def fit_moe(
     key: jax.Array,
     link: str | Link = "linear",
     intercepts: bool = False,
-    shared_noise: bool = True,
+    shared_noise: bool = False,
+    penalized: bool = True,
+    priors: dict | None = None,
     num_starts: int = 5,
     estimate_options: dict | None = None,
     max_iterations: int = 500,
@@ -419,7 +491,11 @@ def fit_moe(
     key
         PRNG key (the tensor decomposition's restarts and the random starts).
     link, intercepts, shared_noise
-        The model: the experts' link, expert and gate intercepts, one noise or one per expert.
+        The model: the experts' link, expert and gate intercepts, one noise or one per expert
+        (the default).
+    penalized, priors
+        Penalised (MAP) EM under the model's priors (the default) or maximum likelihood; see
+        `fit_em`.
     num_starts
         EM starts in all: the tensor estimate (when k <= d; its gate first fitted by EM with the
         experts fixed) and ``num_starts - 1`` `random_starts`.
@@ -452,12 +528,21 @@ def fit_moe(
         raise ValueError(f"estimate_options: {taken} are set by fit_moe's own arguments; pass them there")
     tensor_key, random_key = jax.random.split(key)
     em_options = dict(
-        shared_noise=shared_noise, max_iterations=max_iterations, tol=tol, progress_bar=progress_bar
+        shared_noise=shared_noise,
+        penalized=penalized,
+        priors=priors,
+        max_iterations=max_iterations,
+        tol=tol,
+        progress_bar=progress_bar,
     )
     starts, labels = [], []
     if num_experts <= x.shape[1]:
-        estimate = estimate_experts(x, y, num_experts=num_experts, link=link, key=tensor_key, **options)
-        gated = fit_em(x, y, estimate.to_params(intercepts=intercepts), fix=("experts",), **em_options)
+        # The estimate is a start that EM refines: its own reliability notes (design, eigen-gap)
+        # matter when it is used alone (estimate_experts warns then), not here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ReliabilityWarning)
+            estimate = estimate_experts(x, y, num_experts=num_experts, link=link, key=tensor_key, **options)
+            gated = fit_em(x, y, estimate.to_params(intercepts=intercepts), fix=("experts",), **em_options)
         starts.append(gated.params)
         labels.append("tensor")
     if num_starts > len(starts):

@@ -1,0 +1,189 @@
+"""Choosing the number of experts for point fits: BIC and ICL over a range of k.
+
+For posteriors, `compare_num_experts` ranks k by PSIS-LOO instead; the T2 spectrum of the moment
+method (`suggest_num_experts`) is reported as a hint, not used to choose: it counts directions
+above the sampling-noise floor and only under a Gaussian design.
+
+- BIC (Schwarz 1978): ``-2 log L + p log n``, with p the free parameters (experts and their
+  intercepts, the free gate rows and theirs, one noise per expert or one shared).
+- ICL (Biernacki, Celeux and Govaert 2000, "Assessing a mixture model for clustering with the
+  integrated completed likelihood"): BIC plus twice the entropy of the responsibilities, which
+  favours well-separated experts. Lower is better for both.
+
+With penalised EM (the default) the log-likelihood is taken at the posterior mode, as mclust does
+with its conjugate priors (Fraley and Raftery 2007).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from numpyro_moe._experts import suggest_num_experts
+from numpyro_moe._fit import Fit, check_data, fit_moe
+from numpyro_moe._links import Link, resolve_link
+from numpyro_moe._params import MoEParams
+from numpyro_moe._validation import ReliabilityWarning, check_key, check_positive_int
+
+__all__ = ["Selection", "num_parameters", "select_num_experts"]
+
+_CRITERIA = ("bic", "icl")
+
+
+class Selection(NamedTuple):
+    """Result of `select_num_experts`.
+
+    Attributes
+    ----------
+    fit
+        The `Fit` at the chosen k.
+    num_experts
+        The chosen k (lowest ``criterion``).
+    table
+        One dict per k tried, in the order given: ``num_experts``, ``log_likelihood`` (mean per
+        point), ``num_parameters``, ``bic``, ``icl``, ``converged``, ``smallest_weight`` (the
+        smallest expert's share of the data).
+    fits
+        Every k's `Fit`, by k.
+    criterion
+        ``"bic"`` or ``"icl"``.
+    spectrum_hint
+        The number of T2 eigenvalues above the sampling-noise floor (`suggest_num_experts`), a
+        hint from the moment method; None when it could not be computed.
+    """
+
+    fit: Fit
+    num_experts: int
+    table: list[dict]
+    fits: dict[int, Fit]
+    criterion: str = "bic"
+    spectrum_hint: int | None = None
+
+
+def num_parameters(params: MoEParams, *, shared_noise: bool = False) -> int:
+    """Free parameters of a mixture of experts: experts (and their intercepts), the k - 1 free
+    gate rows (and theirs), and k noises (one when ``shared_noise``)."""
+    k = params.num_experts
+    expert_width = params.experts.shape[-1] + (params.expert_intercepts is not None)
+    gate_width = params.gates.shape[-1] + (params.gate_intercepts is not None)
+    return k * expert_width + (k - 1) * gate_width + (1 if shared_noise else k)
+
+
+def _candidates(num_experts) -> list[int]:
+    values = [num_experts] if isinstance(num_experts, int) else list(num_experts)
+    if not values:
+        raise ValueError("num_experts: expected at least one number of experts, got none")
+    checked = [check_positive_int(value, "num_experts") for value in values]
+    if len(set(checked)) != len(checked):
+        raise ValueError(f"num_experts: expected distinct numbers of experts, got {checked}")
+    return checked
+
+
+def select_num_experts(
+    x,
+    y,
+    *,
+    key: jax.Array,
+    num_experts: Iterable[int] = (1, 2, 3, 4, 5),
+    criterion: str = "bic",
+    link: str | Link = "linear",
+    intercepts: bool = False,
+    shared_noise: bool = False,
+    penalized: bool = True,
+    priors: dict | None = None,
+    num_starts: int = 5,
+    estimate_options: dict | None = None,
+    max_iterations: int = 500,
+    tol: float = 1e-8,
+    progress_bar: bool = False,
+) -> Selection:
+    """Fit each number of experts with `fit_moe` and choose k by BIC (or ICL).
+
+    Parameters
+    ----------
+    x, y
+        (n, d) inputs and (n,) responses (standardise real data: the default priors assume it).
+    key
+        PRNG key; each k gets its own split.
+    num_experts
+        The k to try (distinct positive integers).
+    criterion
+        ``"bic"`` (default) or ``"icl"``; the lowest wins.
+    link, intercepts, shared_noise, penalized, priors, num_starts, estimate_options,
+    max_iterations, tol, progress_bar
+        As in `fit_moe`, for every k.
+
+    Returns
+    -------
+    Selection
+        The chosen fit, k, the table of every k, and the moment method's spectrum hint. The
+        chosen fit's warnings are passed on, prefixed by its k (the other fits' are not: they are
+        not kept); a `ReliabilityWarning` says when the chosen k is the largest tried.
+    """
+    x, y = check_data(x, y)
+    key = check_key(key)
+    link = resolve_link(link)
+    candidates = _candidates(num_experts)
+    if criterion not in _CRITERIA:
+        raise ValueError(f"criterion: expected one of {list(_CRITERIA)}, got {criterion!r}")
+    n = x.shape[0]
+    fits, table, notes = {}, [], []
+    for k, fit_key in zip(candidates, jax.random.split(key, len(candidates)), strict=True):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ReliabilityWarning)
+            fit = fit_moe(
+                x,
+                y,
+                num_experts=k,
+                key=fit_key,
+                link=link,
+                intercepts=intercepts,
+                shared_noise=shared_noise,
+                penalized=penalized,
+                priors=priors,
+                num_starts=num_starts,
+                estimate_options=estimate_options,
+                max_iterations=max_iterations,
+                tol=tol,
+                progress_bar=progress_bar,
+            )
+        notes += [(k, warning) for warning in caught]
+        fits[k] = fit
+        parameters = num_parameters(fit.params, shared_noise=shared_noise)
+        bic = -2 * n * fit.log_likelihood + parameters * math.log(n)
+        entropy = float(fit.entropy) if fit.entropy is not None else 0.0
+        weights = fit.expert_weights if fit.expert_weights is not None else np.ones(k) / k
+        table.append(
+            {
+                "num_experts": k,
+                "log_likelihood": float(fit.log_likelihood),
+                "num_parameters": parameters,
+                "bic": float(bic),
+                "icl": float(bic + 2 * entropy),
+                "converged": bool(fit.converged),
+                "smallest_weight": float(np.min(weights)),
+            }
+        )
+    scores = [row[criterion] for row in table]
+    best = int(np.nanargmin(scores)) if np.isfinite(scores).any() else 0
+    chosen = candidates[best]
+    for k, warning in notes:
+        if k == chosen or not issubclass(warning.category, ReliabilityWarning):
+            category = warning.category if issubclass(warning.category, Warning) else ReliabilityWarning
+            warnings.warn(f"k={k}: {warning.message}", category, stacklevel=2)
+    if len(candidates) > 1 and chosen == max(candidates):
+        warnings.warn(
+            f"num_experts: {criterion.upper()} chose k={chosen}, the largest tried; try larger k too",
+            ReliabilityWarning,
+            stacklevel=2,
+        )
+    try:
+        hint = suggest_num_experts(x, y, link=link).num_experts
+    except ValueError:
+        hint = None
+    return Selection(fits[chosen], chosen, table, fits, criterion, hint)

@@ -1,0 +1,139 @@
+"""Penalised (MAP) EM under the model's priors, choosing k, thin experts, and scoring held-out y."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import pytest
+from numpyro.infer.util import log_density
+
+import numpyro_moe as moe
+from numpyro_moe import metrics, simulation
+
+numpyro.enable_x64()
+
+
+def _log_joint_gradient(fit, x, y, *, intercepts=False, priors=None):
+    """Max |gradient| of the log joint density of `moe_regression` (its own priors, by NumPyro)
+    over the constrained sites, at the fit: zero at a posterior mode."""
+    sites = moe.params_to_sites(fit)
+    kwargs = dict(num_experts=fit.params.num_experts, intercepts=intercepts, priors=priors)
+
+    def log_joint(sites):
+        return log_density(moe.moe_regression, (x, y), kwargs, sites)[0]
+
+    gradient = jax.grad(log_joint)(sites)
+    return max(float(jnp.max(jnp.abs(value))) for value in gradient.values())
+
+
+@pytest.mark.parametrize("intercepts", [False, True])
+def test_penalized_em_reaches_the_mode_of_the_models_posterior(intercepts):
+    # A small sample, so the priors move the fit visibly: EM's closed-form M-steps must maximise
+    # exactly the log joint density NumPyro computes from moe_regression's priors.
+    x, y, truth = simulation.simulate(key=jax.random.key(0), num_samples=150, dim=3, num_experts=2)
+    start = moe.random_starts(x, y, num_experts=2, num_starts=1, key=jax.random.key(1), intercepts=intercepts)
+    em = moe.fit_em(x, y, start, tol=1e-14, max_iterations=5000)
+    plain = moe.fit_em(x, y, start, tol=1e-14, max_iterations=5000, penalized=False)
+    assert em.converged and plain.converged
+    assert np.all(np.diff(em.history) >= -1e-12)  # the log posterior per point never decreases
+    # At EM's fixed point the log joint's gradient is what the stopping rule leaves (measured
+    # 2.1e-5 and 2.4e-5 after 23 iterations); at the maximum-likelihood fit, which the priors move,
+    # it is 2.9 and 3.0.
+    assert _log_joint_gradient(em, x, y, intercepts=intercepts) < 1e-3
+    assert _log_joint_gradient(plain, x, y, intercepts=intercepts) > 0.5
+    # ... and it has the higher likelihood, the penalised one the higher posterior.
+    assert plain.log_likelihood > em.log_likelihood
+
+
+def test_penalized_em_takes_other_normal_and_noise_priors():
+    x, y, _ = simulation.simulate(key=jax.random.key(2), num_samples=120, dim=3, num_experts=2)
+    priors = {"experts": dist.Normal(0.5, 0.3), "gates": dist.Normal(0.0, 1.0), "noise": dist.HalfNormal(0.5)}
+    start = moe.random_starts(x, y, num_experts=2, num_starts=1, key=jax.random.key(3))
+    em = moe.fit_em(x, y, start, priors=priors, tol=1e-14, max_iterations=5000)
+    assert _log_joint_gradient(em, x, y, priors=priors) < 1e-3
+    with pytest.raises(ValueError, match=r"priors\['noise'\].*fit_map"):
+        moe.fit_em(x, y, start, priors={"noise": dist.LogNormal(0.0, 1.0)})
+    with pytest.raises(ValueError, match=r"priors\['gates'\].*Normal"):
+        moe.fit_em(x, y, start, priors={"gates": dist.Laplace(0.0, 1.0)})
+    with pytest.raises(ValueError, match="penalized=False"):
+        moe.fit_em(x, y, start, priors=priors, penalized=False)
+    with pytest.raises(ValueError, match="unknown sites"):
+        moe.fit_em(x, y, start, priors={"slopes": dist.Normal(0.0, 1.0)})
+
+
+def test_map_by_svi_agrees_with_penalized_em():
+    # The same model's priors: NumPyro's SVI + AutoDelta started at EM's mode stays there.
+    x, y, _ = simulation.simulate(key=jax.random.key(4), num_samples=200, dim=3, num_experts=2)
+    start = moe.random_starts(x, y, num_experts=2, num_starts=1, key=jax.random.key(5))
+    em = moe.fit_em(x, y, start, tol=1e-14, max_iterations=5000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", moe.ReliabilityWarning)  # Adam's last steps jitter at 1e-4
+        svi = moe.fit_map(x, y, em, key=jax.random.key(6), num_steps=300, learning_rate=1e-3)
+    np.testing.assert_allclose(svi.params.experts, em.params.experts, atol=5e-3)
+    np.testing.assert_allclose(svi.params.noise, em.params.noise, rtol=2e-2)
+
+
+def test_a_collapsing_expert_wins_by_likelihood_but_not_under_the_priors():
+    # Expert 1 starts exactly through two points with a tiny noise: maximum-likelihood EM sends
+    # its noise to zero (an unbounded likelihood); the noise prior keeps it away from zero, and the
+    # near-empty expert is reported.
+    x, y, truth = simulation.simulate(key=jax.random.key(7), num_samples=200, dim=2, num_experts=1, noise=0.3)
+    through = np.linalg.solve(np.asarray(x[:2]), np.asarray(y[:2]))
+    start = moe.MoEParams(
+        jnp.stack([truth.experts[0], jnp.asarray(through)]),
+        jnp.asarray([[0.0, 0.0], [0.0, 0.0]]),
+        jnp.asarray([0.3, 1e-3]),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", moe.ReliabilityWarning)
+        plain = moe.fit_em(x, y, start, penalized=False, max_iterations=300)
+    # Collapsing (measured 3e-4 after 300 iterations, still shrinking): its likelihood grows without bound.
+    assert float(jnp.min(plain.params.noise)) < 1e-3
+    with pytest.warns(moe.ReliabilityWarning, match=r"expert 1 carries .* fewer than its 3 parameters"):
+        penalized = moe.fit_em(x, y, start, max_iterations=300)
+    assert float(jnp.min(penalized.params.noise)) > 0.02
+    assert penalized.expert_weights.shape == (2,)
+    assert penalized.expert_weights.sum() == pytest.approx(1.0)
+
+
+def test_default_priors_warn_on_an_unstandardised_response():
+    x, y, _ = simulation.simulate(key=jax.random.key(8), num_samples=200, dim=3, num_experts=2)
+    start = moe.random_starts(x, 100 * y, num_experts=2, num_starts=1, key=jax.random.key(9))
+    with pytest.warns(moe.ReliabilityWarning, match="standardise x and y"):
+        moe.fit_em(x, 100 * y, start, max_iterations=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", moe.ReliabilityWarning)
+        moe.fit_em(x, 100 * y, start, max_iterations=400, penalized=False)
+
+
+def test_select_num_experts_ranks_k_by_bic_and_icl():
+    x, y, truth = simulation.simulate(key=jax.random.key(10), num_samples=1500, dim=4, num_experts=2)
+    selection = moe.select_num_experts(x, y, key=jax.random.key(11), num_experts=(1, 2, 3), num_starts=2)
+    assert selection.num_experts == 2 and selection.criterion == "bic"
+    assert [row["num_experts"] for row in selection.table] == [1, 2, 3]
+    n = x.shape[0]
+    for row in selection.table:
+        k, d = row["num_experts"], 4
+        assert row["num_parameters"] == k * d + (k - 1) * d + k
+        fit = selection.fits[k]
+        assert row["bic"] == pytest.approx(-2 * n * fit.log_likelihood + row["num_parameters"] * np.log(n))
+        assert row["icl"] >= row["bic"]
+    assert selection.fit is selection.fits[2]
+    assert metrics.expert_error(selection.fit, truth) < 0.1
+    with pytest.raises(ValueError, match="criterion"):
+        moe.select_num_experts(x, y, key=jax.random.key(0), criterion="aic")
+    with pytest.raises(ValueError, match="distinct"):
+        moe.select_num_experts(x, y, key=jax.random.key(0), num_experts=(2, 2))
+
+
+def test_predict_scores_held_out_responses():
+    x, y, truth = simulation.simulate(key=jax.random.key(12), num_samples=400, dim=3, num_experts=2)
+    prediction = moe.predict(truth, x[:50], key=jax.random.key(13), y=y[:50])
+    expected = moe.MixtureOfExperts.from_params(truth, x[:50]).log_prob(y[:50])
+    np.testing.assert_allclose(prediction.log_density, expected, rtol=1e-12)
+    assert moe.predict(truth, x[:5], key=jax.random.key(13)).log_density is None
+    with pytest.raises(ValueError, match="y"):
+        moe.predict(truth, x[:5], key=jax.random.key(13), y=y[:4])
