@@ -192,11 +192,11 @@ def test_init_to_params_starts_every_site_at_the_params(data):
     np.testing.assert_array_equal(values["experts"], truth.experts)
     # The shifted gates come back normalised to the model's form (last row zero, dropped).
     np.testing.assert_allclose(values["gates"], truth.gates[:-1], rtol=0, atol=1e-15)
-    # A shared noise site starts at the mean of the k noises; a per-expert one at each.
-    assert float(values["noise"]) == pytest.approx(0.25, abs=1e-15)
-    values = _trace_at_start(moe.moe_regression, moe.init_to_params(params=start), x, y, **MODEL_KWARGS,
-                             shared_noise=False)
+    # A per-expert noise site (the default) starts at each noise; a shared one at their mean.
     np.testing.assert_array_equal(values["noise"], [0.2, 0.3])
+    values = _trace_at_start(moe.moe_regression, moe.init_to_params(params=start), x, y, **MODEL_KWARGS,
+                             shared_noise=True)
+    assert float(values["noise"]) == pytest.approx(0.25, abs=1e-15)
 
 
 def test_init_to_params_is_where_nuts_initialises(data):
@@ -204,8 +204,8 @@ def test_init_to_params_is_where_nuts_initialises(data):
     info = initialize_model(jax.random.key(5), moe.moe_regression,
                             init_strategy=moe.init_to_params(params=truth), model_args=(x, y),
                             model_kwargs=MODEL_KWARGS)
-    # NUTS works in unconstrained space: log(noise) for the HalfNormal site.
-    assert float(info.param_info.z["noise"]) == pytest.approx(np.log(0.1), rel=1e-12)
+    # NUTS works in unconstrained space: log(noise) for the positive noise site.
+    np.testing.assert_allclose(info.param_info.z["noise"], np.log(truth.noise), rtol=1e-12)
     constrained = constrain_fn(moe.moe_regression, (x, y), MODEL_KWARGS, info.param_info.z)
     for name, value in moe.params_to_sites(truth).items():
         np.testing.assert_allclose(constrained[name], value, rtol=1e-12, atol=1e-15)
@@ -226,14 +226,14 @@ def test_init_to_params_accepts_an_estimate_and_fit_results(data, estimate):
     values = _trace_at_start(moe.moe_regression, moe.init_to_params(params=estimate), x, y, **MODEL_KWARGS)
     np.testing.assert_array_equal(values["experts"], estimate.experts)
     np.testing.assert_array_equal(values["gates"], np.zeros((K - 1, D)))  # an estimate has a uniform gate
-    assert float(values["noise"]) == pytest.approx(float(estimate.noise), rel=1e-15)
+    np.testing.assert_allclose(values["noise"], np.broadcast_to(estimate.noise, (K,)), rtol=1e-15)
 
     other = truth.replace(experts=truth.experts[::-1], noise=jnp.array([0.3, 0.3]))
     fit = moe.Fit(params=other, log_likelihood=0.0, history=np.zeros(1), iterations=1, converged=True,
                   method="em")
     values = _trace_at_start(moe.moe_regression, moe.init_to_params(params=fit), x, y, **MODEL_KWARGS)
     np.testing.assert_array_equal(values["experts"], other.experts)
-    assert float(values["noise"]) == pytest.approx(0.3, rel=1e-15)
+    np.testing.assert_allclose(values["noise"], [0.3, 0.3], rtol=1e-15)
 
 
 def test_init_to_params_leaves_conditioned_sites_to_the_model_and_other_sites_to_uniform(data, user_fit):
@@ -273,8 +273,8 @@ def test_chain_init_params_are_unconstrained_with_a_chain_axis(data):
     init = moe.chain_init_params(moe.moe_regression, truth, num_chains=3, key=jax.random.key(3), jitter=1e-8,
                                  model_args=(x, y), model_kwargs=MODEL_KWARGS)
     assert {name: value.shape for name, value in init.items()} == {
-        "experts": (3, K, D), "gates": (3, K - 1, D), "noise": (3,)}
-    # HalfNormal noise lives on the log scale in NUTS' space.
+        "experts": (3, K, D), "gates": (3, K - 1, D), "noise": (3, K)}
+    # The positive noise lives on the log scale in NUTS' space.
     np.testing.assert_allclose(init["noise"], np.log(0.1), atol=1e-7)
     sites = moe.params_to_sites(truth)
     expected = unconstrain_fn(moe.moe_regression, (x, y), MODEL_KWARGS, sites)
@@ -297,7 +297,7 @@ def test_chain_init_params_spread_matches_the_jitter(data):
     centre = unconstrain_fn(moe.moe_regression, (x, y), MODEL_KWARGS, moe.params_to_sites(truth))
     flat = np.concatenate([np.asarray(init[name]).reshape(chains, -1) for name in sorted(init)], axis=1)
     mean = np.concatenate([np.asarray(centre[name]).reshape(-1) for name in sorted(init)])
-    assert flat.shape == (chains, K * D + (K - 1) * D + 1)
+    assert flat.shape == (chains, K * D + (K - 1) * D + K)
     # The sample sd of 4000 normals has relative SE 1/sqrt(2*4000) = 1.1%; 5% is > 4 SE.
     np.testing.assert_allclose(flat.std(axis=0), jitter, rtol=0.05)
     # The chain mean has SE jitter/sqrt(4000) = 8e-4; 4e-3 is 5 SE.
@@ -406,7 +406,7 @@ def test_laplace_inverse_mass_matrix_is_none_away_from_a_mode(data, user_fit):
     # At an EM fit (near the mode) it is the positive definite inverse Hessian.
     inverse = np.asarray(moe.laplace_inverse_mass_matrix(moe.moe_regression, user_fit, model_args=(x, y),
                                                          model_kwargs=MODEL_KWARGS))
-    size = K * D + (K - 1) * D + 1
+    size = K * D + (K - 1) * D + K
     assert inverse.shape == (size, size) and np.all(np.linalg.eigvalsh(inverse) > 0)
 
 

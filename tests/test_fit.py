@@ -33,7 +33,7 @@ def _mean_log_likelihood(params, x, y):
     return float(jnp.mean(moe.MixtureOfExperts.from_params(params, x).log_prob(y)))
 
 
-def _gradient_size(params, x, y, *, experts=True, shared_noise=True):
+def _gradient_size(params, x, y, *, experts=True, shared_noise=False):
     """Max |gradient| of the mean log-likelihood in the free parameters (autodiff, not EM).
 
     With a shared noise the free noise parameter is one scalar (the k per-expert gradients of a
@@ -68,7 +68,8 @@ def _assert_fit_record(fit, *, method="em", num_starts=1):
 def test_joint_em_reaches_a_stationary_point_and_never_decreases(link):
     x, y, truth = simulation.simulate(key=jax.random.key(5), num_samples=3000, dim=5, num_experts=2, link=link)
     start = moe.random_starts(x, y, num_experts=2, num_starts=1, key=jax.random.key(6), link=link)
-    result = moe.fit_em(x, y, start, tol=1e-12, max_iterations=2000)
+    # Maximum likelihood (the papers' EM): its fixed point is a stationary point of the likelihood.
+    result = moe.fit_em(x, y, start, tol=1e-12, max_iterations=2000, penalized=False)
     _assert_fit_record(result)
     assert result.converged
     # The fit carries the link of the data's model (the start's).
@@ -84,12 +85,15 @@ def test_joint_em_reaches_a_stationary_point_and_never_decreases(link):
 
 def test_gating_em_with_true_experts_is_stationary_in_the_gate(papers_data):
     x, y, truth, *_ = papers_data
-    fitted = moe.fit_em(x, y, _gate_start(truth), fix=("experts",), tol=1e-12)
+    fitted = moe.fit_em(x, y, _gate_start(truth), fix=("experts",), tol=1e-12, penalized=False)
     assert fitted.converged
     np.testing.assert_array_equal(fitted.params.experts, truth.experts)
     assert np.all(np.asarray(fitted.params.gates[-1]) == 0)
     assert np.all(np.diff(fitted.history) >= -1e-10)
     assert _gradient_size(fitted.params, x, y, experts=False) < 1e-5
+    # Penalised EM (the default) moves the gate by a 1/n effect: measured gate TV 3e-4.
+    penalized = moe.fit_em(x, y, _gate_start(truth), fix=("experts",), tol=1e-12)
+    assert metrics.gating_error(penalized, fitted, x) < 5e-3
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +101,7 @@ def gating_fits(papers_data):
     """The gating problem (the true experts held fixed) solved by EM, likelihood GD and MAP."""
     x, y, truth, *_ = papers_data
     start = _gate_start(truth)
-    em = moe.fit_em(x, y, start, fix=("experts",))
+    em = moe.fit_em(x, y, start, fix=("experts",), penalized=False, shared_noise=True)
     gd = baselines.fit_likelihood_gd(x, y, start, fix=("experts",), num_steps=3000, learning_rate=0.02)
     map_fit = moe.fit_map(x, y, start, key=jax.random.key(0), fix=("experts",), num_steps=3000, learning_rate=0.02)
     return em, gd, map_fit
@@ -149,8 +153,9 @@ def test_pipeline_from_tensor_estimate_matches_oracle(papers_data):
     np.testing.assert_array_equal(gated.params.experts, estimate.experts)
     refined = moe.fit_em(x, y, gated)  # a Fit is a start too
     oracle = moe.fit_em(x, y, truth)
-    # Measured: log-likelihoods 9e-12 apart, experts 2.2e-7 apart.
-    assert refined.log_likelihood == pytest.approx(oracle.log_likelihood, abs=1e-7)
+    # Measured: log-likelihoods 1.5e-7 apart (both stop once the objective changes by < 1e-8 per
+    # iteration), experts 2.2e-7 apart.
+    assert refined.log_likelihood == pytest.approx(oracle.log_likelihood, abs=1e-6)
     assert metrics.expert_error(refined, oracle) < 1e-3
 
 
@@ -225,7 +230,7 @@ def per_expert_noise():
 def test_per_expert_noise_recovers_the_simulated_noises(per_expert_noise):
     x, y, truth, start = per_expert_noise
     np.testing.assert_array_equal(truth.noise, [0.05, 0.1, 0.2])
-    fit = moe.fit_em(x, y, start, shared_noise=False)
+    fit = moe.fit_em(x, y, start, shared_noise=False, penalized=False)
     assert fit.converged
     assert np.all(np.diff(fit.history) >= -1e-10)
     aligned = fit.params.permute(metrics.match_experts(fit, truth).permutation)
@@ -235,7 +240,7 @@ def test_per_expert_noise_recovers_the_simulated_noises(per_expert_noise):
     # the three sds (a factor 2 apart), which a shared noise (0.109 here) cannot.
     np.testing.assert_allclose(aligned.noise, truth.noise, rtol=0.1)
     assert metrics.expert_error(aligned, truth) < 0.05
-    shared = moe.fit_em(x, y, start, shared_noise=True)
+    shared = moe.fit_em(x, y, start, shared_noise=True, penalized=False)
     assert shared.converged
     assert np.all(np.diff(shared.history) >= -1e-10)
     np.testing.assert_array_equal(shared.params.noise, np.full(3, shared.params.noise[0]))
