@@ -24,7 +24,7 @@ from numpyro.contrib.funsor import log_density as enum_log_density
 from numpyro.infer import MCMC, NUTS, Predictive
 from numpyro.infer.util import initialize_model, log_density
 from scipy.special import expit, logsumexp, softmax
-from scipy.stats import halfnorm, laplace, multivariate_normal, norm
+from scipy.stats import gamma, halfnorm, invgamma, laplace, multivariate_normal, norm
 
 import numpyro_moe as moe
 from numpyro_moe import (
@@ -64,9 +64,10 @@ def model_link(name):
 DEFAULT_PRIORS = {
     "experts": norm(0.0, 1.0).logpdf,
     "gates": norm(0.0, 2.5).logpdf,
-    "noise": halfnorm(scale=1.0).logpdf,
+    "noise": invgamma(2.0, scale=0.3).logpdf,
     "expert_intercepts": norm(0.0, 1.0).logpdf,
     "gate_intercepts": norm(0.0, 2.5).logpdf,
+    "df": gamma(2.0, scale=10.0).logpdf,  # Student-t experts' degrees of freedom, when estimated
 }
 
 
@@ -206,9 +207,9 @@ def test_log_density_with_one_noise_per_expert(intercepts):
     assert sites["noise"].shape == (K,)
     kwargs = {"num_experts": K, "intercepts": intercepts, "shared_noise": False}
     value = joint_log_density(moe_regression, x, y, kwargs, sites)
-    # HalfNormal(1) on each of the k noises, and each expert's own sd in the likelihood.
+    # InverseGamma(2, 0.3) on each of the k noises, and each expert's own sd in the likelihood.
     np.testing.assert_allclose(value, np_log_joint(sites, x, y, "linear"), rtol=1e-10)
-    shared = params_to_sites(truth)  # the mean noise in a shared-noise model: another value
+    shared = params_to_sites(truth, shared_noise=True)  # the mean noise in a shared-noise model: another value
     assert abs(joint_log_density(moe_regression, x, y, {**kwargs, "shared_noise": True}, shared) - value) > 1.0
 
 
@@ -221,7 +222,7 @@ def test_log_density_single_expert_is_a_plain_regression():
     noise = float(truth.noise[0])
     expected = (
         norm.logpdf(np.asarray(truth.experts)).sum()
-        + halfnorm.logpdf(noise)
+        + invgamma.logpdf(noise, 2.0, scale=0.3)
         + norm.logpdf(np.asarray(y), np.asarray(x) @ np.asarray(truth.experts)[0], noise).sum()
     )
     np.testing.assert_allclose(value, expected, rtol=1e-10)
@@ -310,7 +311,7 @@ def test_prior_with_an_event_shape_ending_the_site_shape():
          r"^priors\['experts'\]"),
         ({"experts": dist.Normal(jnp.zeros((K + 1, D)), 1.0)}, {}, ValueError,
          r"^priors\['experts'\]: its batch shape \(4, 4\) does not broadcast"),
-        ({"noise": dist.HalfNormal(jnp.ones(K)).to_event(1)}, {}, ValueError,
+        ({"noise": dist.HalfNormal(jnp.ones(K)).to_event(1)}, {"shared_noise": True}, ValueError,
          r"^priors\['noise'\]: expected a distribution with event shape"),
         ({"noise": dist.HalfNormal(jnp.ones(K + 1)).to_event(1)}, {"shared_noise": False}, ValueError,
          r"^priors\['noise'\]"),
@@ -335,7 +336,9 @@ def test_priors_replace_only_the_sites_they_name():
     assert float(trace["gates"]["fn"].log_prob(at)) == pytest.approx(norm.logpdf(at, 0, 0.1).sum(), rel=1e-12)
     at = np.full((K, D), 0.2)  # the defaults are kept for the other sites
     assert float(trace["experts"]["fn"].log_prob(at)) == pytest.approx(norm.logpdf(at).sum(), rel=1e-12)
-    assert float(trace["noise"]["fn"].log_prob(0.2)) == pytest.approx(halfnorm.logpdf(0.2), rel=1e-12)
+    at = np.full(K, 0.2)  # one noise per expert by default
+    expected = invgamma.logpdf(at, 2.0, scale=0.3).sum()
+    assert float(trace["noise"]["fn"].log_prob(at)) == pytest.approx(expected, rel=1e-12)
 
 
 # --------------------------------------------------------------------------- moe_priors
