@@ -13,6 +13,7 @@ the model's ``handlers.scope`` prefix, so they work inside any model that uses `
 from __future__ import annotations
 
 import warnings
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -27,11 +28,12 @@ from numpyro.primitives import CondIndepStackFrame, Messenger
 from scipy.optimize import linear_sum_assignment
 
 from numpyro_moe._distribution import MixtureOfExperts
-from numpyro_moe._fit import check_data, fit_moe
+from numpyro_moe._fit import check_data, fit_moe, starting_df
 from numpyro_moe._links import Link, resolve_link
 from numpyro_moe._model import (
     PARAMETER_SITES,
     as_params,
+    check_family,
     check_fix,
     fixed_sites,
     init_to_params,
@@ -331,6 +333,11 @@ def _link_attribute(prefix: str) -> str:
     return _tree_name(site_name(prefix, "moe_link"))
 
 
+def _df_attribute(prefix: str) -> str:
+    """The attribute holding fixed Student-t degrees of freedom (a model without a ``df`` site)."""
+    return _tree_name(site_name(prefix, "moe_df"))
+
+
 def _block_prefix(block: str) -> str:
     """The model's scope prefix of an expert block's tree variable (``a.g1.experts`` -> ``a/g1``)."""
     return block.rpartition(TREE_DIVIDER)[0].replace(TREE_DIVIDER, "/")
@@ -382,8 +389,9 @@ def to_datatree(
     data and log-likelihood groups, where ``from_numpyro`` puts every observed site, to
     ``constant_data``. With a ``reference`` (`MoEParams`, an expert estimate or a fit result;
     or a dict of them by block, as in `relabel`), the link of every block of experts under
-    ``prefix`` is recorded in the tree's attributes (for `posterior_params` and `predict`) and,
-    with ``relabel_draws``, the draws are aligned with its labels (`relabel`).
+    ``prefix`` is recorded in the tree's attributes (for `posterior_params` and `predict`), as
+    are the reference's Student-t degrees of freedom where the model fixes them (no ``df``
+    site), and, with ``relabel_draws``, the draws are aligned with its labels (`relabel`).
 
     Parameters
     ----------
@@ -414,10 +422,16 @@ def to_datatree(
         if constant is not None:
             blocks += _expert_blocks(constant, prefix)
         references = reference if isinstance(reference, dict) else dict.fromkeys(blocks, reference)
+        posterior = tree["posterior"].to_dataset()
         for block in blocks:
             if block in references:
-                link = as_params(references[block], "reference").link
-                tree.attrs[_link_attribute(_block_prefix(block))] = link.name
+                record = as_params(references[block], "reference")
+                tree.attrs[_link_attribute(_block_prefix(block))] = record.link.name
+                df_name = _tree_name(site_name(_block_prefix(block), "df"))
+                fixed_df = df_name not in posterior and (constant is None or df_name not in constant)
+                if record.df is not None and fixed_df:
+                    degrees = np.broadcast_to(np.asarray(record.df, dtype=float), (record.num_experts,))
+                    tree.attrs[_df_attribute(_block_prefix(block))] = [float(value) for value in degrees]
         if relabel_draws:
             tree, _ = relabel(tree, reference, prefix=prefix)
     return tree
@@ -431,7 +445,9 @@ def posterior_params(datatree, *, prefix: str = "", link: str | Link | None = No
     """`MoEParams` stacked over all (chain, draw) pairs of a DataTree's mixture-of-experts sites.
 
     Fixed sites are read from ``constant_data``. ``link`` defaults to the one `to_datatree`
-    recorded; ``prefix`` is the sites' ``handlers.scope`` prefix (as in the model).
+    recorded; ``prefix`` is the sites' ``handlers.scope`` prefix (as in the model). Student-t
+    degrees of freedom come from the ``df`` site, or where the model fixed them from the value
+    `to_datatree` recorded; with neither the experts are Gaussian.
     """
     if not hasattr(datatree, "children") or "posterior" not in datatree.children:
         raise TypeError(
@@ -462,8 +478,11 @@ def posterior_params(datatree, *, prefix: str = "", link: str | Link | None = No
                 "made by to_datatree with a reference); pass link="
             )
         link = datatree.attrs[_link_attribute(prefix)]
+    fixed_df = datatree.attrs.get(_df_attribute(prefix)) if "df" not in sites else None
     return sites_to_params(
-        {name: jnp.asarray(value) for name, value in sites.items()}, link=resolve_link(link)
+        {name: jnp.asarray(value) for name, value in sites.items()},
+        link=resolve_link(link),
+        df=None if fixed_df is None else np.asarray(fixed_df, dtype=float),
     )
 
 
@@ -534,6 +553,23 @@ def predict(
     total = max(count, num_draws)
     x_new = x_new.astype(jnp.result_type(draws.experts))
 
+    probabilities, means, lower, upper = _predictive(draws, x_new, key, total, jnp.asarray(interval))
+    log_density = None if y is None else np.asarray(_log_predictive_density(draws, x_new, y))
+    return Prediction(
+        mean=np.asarray(means),
+        lower=np.asarray(lower),
+        upper=np.asarray(upper),
+        gate_probabilities=np.asarray(probabilities),
+        log_density=log_density,
+    )
+
+
+@partial(jax.jit, static_argnames=("total",))
+def _predictive(draws: MoEParams, x_new, key, total: int, interval):
+    """Posterior-mean gate probabilities and E[y | x], and the central ``interval`` of ``total``
+    predictive draws of y (draw j uses posterior draw j mod count); one compiled program."""
+    count = draws.experts.shape[0]
+
     def moments(params):
         return params.gate_probabilities(x_new), params.predictive_mean(x_new)
 
@@ -542,26 +578,21 @@ def predict(
 
     probabilities, means = jax.vmap(moments)(draws)
     picks = jnp.arange(total) % count
-    y_draws = jax.vmap(sample)(
-        jax.tree_util.tree_map(lambda leaf: leaf[picks], draws), jax.random.split(key, total)
-    )
+    y_draws = jax.vmap(sample)(jax.tree_util.tree_map(lambda leaf: leaf[picks], draws), jax.random.split(key, total))
     tail = (1 - interval) / 2
-    y_draws = np.asarray(y_draws)
-    log_density = None
-    if y is not None:
+    bounds = jnp.quantile(y_draws, jnp.stack([tail, 1 - tail]), axis=0)
+    return probabilities.mean(0), means.mean(0), bounds[0], bounds[1]
 
-        def score(params):
-            return MixtureOfExperts.from_params(params, x_new, validate_args=False).log_prob(y)
 
-        per_draw = jax.lax.map(score, draws)  # (draws, n): one draw's densities at a time
-        log_density = np.asarray(logsumexp(per_draw, axis=0) - np.log(count))
-    return Prediction(
-        mean=np.asarray(means.mean(0)),
-        lower=np.quantile(y_draws, tail, axis=0),
-        upper=np.quantile(y_draws, 1 - tail, axis=0),
-        gate_probabilities=np.asarray(probabilities.mean(0)),
-        log_density=log_density,
-    )
+@jax.jit
+def _log_predictive_density(draws: MoEParams, x_new, y):
+    """log of the predictive density of y averaged over the draws, per point."""
+
+    def score(params):
+        return MixtureOfExperts.from_params(params, x_new, validate_args=False).log_prob(y)
+
+    per_draw = jax.lax.map(score, draws)  # (draws, n): one draw's densities at a time
+    return logsumexp(per_draw, axis=0) - jnp.log(per_draw.shape[0])
 
 
 class NutsResult(NamedTuple):
@@ -610,6 +641,8 @@ def run_nuts(
     fix: tuple[str, ...] = (),
     priors: dict | None = None,
     shared_noise: bool = False,
+    family: str = "normal",
+    df=None,
     num_chains: int = 4,
     num_warmup: int = 500,
     num_samples: int = 500,
@@ -636,9 +669,14 @@ def run_nuts(
         PRNG key (chain jitter, NUTS, posterior predictive).
     fix
         Parameter groups conditioned on ``init``'s values (``handlers.condition``):
-        ``"experts"``, ``"gates"``, ``"noise"`` (each with its intercepts).
+        ``"experts"``, ``"gates"``, ``"noise"`` (each with its intercepts; the noise with the
+        Student-t degrees of freedom).
     priors, shared_noise
         The model's priors and noise structure (`moe_priors`).
+    family, df
+        The experts' noise (`moe_priors`): ``"student_t"`` with ``df=None`` samples the degrees
+        of freedom (site ``df``, started at ``init``'s or 4); a number fixes them (recorded in
+        the DataTree, so `predict` and `posterior_params` use them).
     num_chains, num_warmup, num_samples
         Chains and draws per chain. Chains run in parallel when there is a device per chain,
         else vectorised (``chain_method`` overrides).
@@ -679,14 +717,20 @@ def run_nuts(
             f"chain_method: expected None, 'parallel', 'sequential' or 'vectorized', got {chain_method!r}"
         )
     start = check_params(as_params(init, "init"), "init", dim=x.shape[1])
+    family, df = check_family(family, df, start.num_experts)
     noise = jnp.asarray(start.noise, x.dtype)
-    start = start.replace(noise=jnp.where(jnp.isfinite(noise) & (noise > 0), noise, jnp.std(y) / 2))
+    start = start.replace(
+        noise=jnp.where(jnp.isfinite(noise) & (noise > 0), noise, jnp.std(y) / 2),
+        df=starting_df(start.df, family, df, (start.num_experts,), x.dtype),
+    )
     model_kwargs = dict(
         num_experts=start.num_experts,
         link=start.link,
         intercepts=start.has_intercepts,
         shared_noise=shared_noise,
         priors=priors,
+        family=family,
+        df=df,
     )
     fixed = fixed_sites(fix, start, shared_noise=shared_noise)
     model = handlers.condition(moe_regression, fixed) if fixed else moe_regression
@@ -820,6 +864,8 @@ def compare_num_experts(
             num_starts=num_starts,
             shared_noise=nuts_kwargs.get("shared_noise", False),
             priors=nuts_kwargs.get("priors"),
+            family=nuts_kwargs.get("family", "normal"),
+            df=nuts_kwargs.get("df"),
         )
         trees[f"k={k}"] = run_nuts(x, y, fit, key=nuts_key, **nuts_kwargs).datatree
     for name, tree in trees.items():
