@@ -354,8 +354,9 @@ EVENT_DIMS = {
 
 @pytest.mark.parametrize("intercepts", [False, True])
 def test_moe_priors_returns_the_record_of_its_sites(intercepts):
-    trace = run_trace(moe_priors, K, D, link="tanh", intercepts=intercepts)
-    params = handlers.seed(moe_priors, jax.random.key(0))(K, D, link="tanh", intercepts=intercepts)
+    kwargs = {"link": "tanh", "intercepts": intercepts, "shared_noise": True}
+    trace = run_trace(moe_priors, K, D, **kwargs)
+    params = handlers.seed(moe_priors, jax.random.key(0))(K, D, **kwargs)
     assert isinstance(params, MoEParams)
     assert params.link.name == "tanh" and params.link.function is jnp.tanh
     assert params.experts.shape == (K, D) and params.gates.shape == (K, D)
@@ -520,15 +521,15 @@ def test_prior_predictive_shapes():
     assert draws["y"].shape == (7, N)
     assert draws["experts"].shape == (7, K, D)
     assert draws["gates"].shape == (7, K - 1, D)
-    assert draws["noise"].shape == (7,)
+    assert draws["noise"].shape == (7, K)  # one noise sd per expert (the default)
     assert (draws["noise"] > 0).all()
     assert np.isfinite(draws["y"]).all()
     # Draws differ from one another (each has its own parameters).
     assert np.std(draws["experts"][:, 0, 0]) > 0
     for j in range(7):
         means = x @ draws["experts"][j].T
-        gap = np.abs(draws["y"][j][:, None] - means).min(axis=1)
-        assert gap.max() < 6 * draws["noise"][j], j  # 6 noise sds
+        gap = (np.abs(draws["y"][j][:, None] - means) / draws["noise"][j][None, :]).min(axis=1)
+        assert gap.max() < 6, j  # within 6 noise sds of some expert's mean (in that expert's sd)
         # ... and not by accident: another draw's experts do not explain it.
         other = x @ draws["experts"][(j + 1) % 7].T
         assert np.median(np.abs(draws["y"][j][:, None] - other).min(axis=1)) > 1e-2
@@ -609,10 +610,13 @@ def test_sites_round_trip():
     sites = params_to_sites(truth)
     assert set(sites) == {"experts", "gates", "noise"}
     assert sites["gates"].shape == (K - 1, D)
-    assert sites["noise"].shape == ()
+    assert sites["noise"].shape == (K,)  # one noise per expert by default
     back = sites_to_params(sites)
-    _assert_same_params(back, truth)  # exact: k equal noises become their common value
+    _assert_same_params(back, truth)  # exact
     assert back.expert_intercepts is None and back.gate_intercepts is None
+    shared = params_to_sites(truth, shared_noise=True)
+    assert shared["noise"].shape == ()
+    _assert_same_params(sites_to_params(shared), truth)  # exact: k equal noises become their common value
 
 
 @pytest.mark.parametrize("intercepts", [False, True])
@@ -629,7 +633,7 @@ def test_sites_round_trip_noise_shared_or_per_expert(intercepts):
     _assert_same_params(sites_to_params(shared), truth.replace(noise=jnp.full(K, 0.5)), atol=1e-15)
     # A scalar noise in the record is accepted either way.
     scalar = truth.replace(noise=jnp.asarray(0.4))
-    assert float(params_to_sites(scalar)["noise"]) == 0.4
+    assert float(params_to_sites(scalar, shared_noise=True)["noise"]) == 0.4
     np.testing.assert_array_equal(params_to_sites(scalar, shared_noise=False)["noise"], np.full(K, 0.4))
 
 
@@ -797,8 +801,11 @@ def test_init_to_params_called_with_a_site():
     trace = run_trace(moe_regression, x, y, num_experts=K)
     value = init_to_params(trace["experts"], params=truth)
     np.testing.assert_array_equal(value, truth.experts)
-    value = init_to_params(trace["noise"], params=truth)
-    assert float(value) == pytest.approx(0.3, rel=1e-15)
+    value = init_to_params(trace["noise"], params=truth)  # one noise per expert by default
+    np.testing.assert_array_equal(value, truth.noise)
+    shared = run_trace(moe_regression, x, y, num_experts=K, shared_noise=True)
+    value = init_to_params(shared["noise"], params=truth)
+    assert float(value) == pytest.approx(0.3, rel=1e-15)  # shared: the mean
 
 
 def test_init_to_params_is_what_numpyro_initialises_from():
@@ -824,7 +831,7 @@ def test_init_to_params_with_several_blocks_and_other_values():
         with handlers.scope(prefix="g1"):
             one = moe_priors(K, D, shared_noise=False)
         with handlers.scope(prefix="g2"):
-            two = moe_priors(2, D, intercepts=True)
+            two = moe_priors(2, D, intercepts=True, shared_noise=True)
         with numpyro.plate("obs", x.shape[0]):
             mean = one.predictive_mean(x) + two.predictive_mean(x)
             numpyro.sample("y", dist.Normal(mean, spread), obs=y)
