@@ -20,9 +20,9 @@ listed in ``benchmarks/data/splits.json``; every tool reads the same ``train.csv
 Figures: held-out log-likelihood per point (predictive log density of the test y in the
 ORIGINAL units of y, averaged over the test rows), held-out MSE (of the predictive mean), and the
 wall time of each fit (fresh processes, so it includes start-up and compilation). The table is
-written to ``benchmarks/results/real_data.csv``; flexmix's figures also to
-``benchmarks/results/real_data_flexmix.csv`` whenever flexmix runs, and are printed from there,
-labelled as saved figures, when R or flexmix is missing here.
+written to ``benchmarks/results/real_data.csv`` (``real_data_quick.csv`` with ``--quick``);
+flexmix's figures also to ``benchmarks/results/real_data_flexmix.csv`` whenever flexmix runs, and
+are printed from there, labelled as saved figures, when R or flexmix is missing here.
 
 Targets (issue 13), per data set: the package's held-out log-likelihood >= flexmix's (k by BIC)
 and >= least squares', its MSE <= least squares'; also reported: >= flexmix's best k in hindsight.
@@ -38,7 +38,6 @@ import argparse
 import csv
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -284,7 +283,7 @@ def flexmix_status() -> str | None:
     """None when Rscript and flexmix are usable here, else what is missing."""
     if shutil.which("Rscript") is None:
         return "R is not installed here (Debian: r-base-core, r-cran-flexmix)"
-    check = subprocess.run(["Rscript", "-e", "library(flexmix)"], capture_output=True, text=True)
+    check = subprocess.run(["Rscript", "-e", "library(flexmix)"], check=False, capture_output=True, text=True)
     if check.returncode != 0:
         return "the R package flexmix is missing (Debian: r-cran-flexmix)"
     return None
@@ -306,7 +305,7 @@ def flexmix(split: Split, folder: Path) -> tuple[list[dict], list[dict]]:
         str(FLEXMIX_SEED),
     ]
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"flexmix failed: {result.stderr.strip()[-800:]}")
@@ -341,8 +340,15 @@ def flexmix(split: Split, folder: Path) -> tuple[list[dict], list[dict]]:
         ),
     ]
     detail = [
-        {"dataset": split.dataset.name, "n_train": len(split.y_train), "d": len(split.features), **model,
-         "stepflexmix_seconds": seconds, "rscript_wall_seconds": wall}
+        {
+            "dataset": split.dataset.name,
+            "n_train": len(split.y_train),
+            "n_test": len(split.y_test),
+            "d": len(split.features),
+            **model,
+            "stepflexmix_seconds": seconds,
+            "rscript_wall_seconds": wall,
+        }
         for model in models
     ]
     return table, detail
@@ -371,7 +377,7 @@ def saved_flexmix(names: list[str]) -> tuple[list[dict], str]:
                 {
                     "dataset": name,
                     "n_train": int(model["n_train"]),
-                    "n_test": "",
+                    "n_test": model.get("n_test", ""),
                     "d": int(model["d"]),
                     "method": method,
                     "k": int(model["k"]),
@@ -383,7 +389,7 @@ def saved_flexmix(names: list[str]) -> tuple[list[dict], str]:
                     "figures": f"SAVED ({when})",
                 }
             )
-    return rows, f"printing flexmix's figures saved by the run of {rows[0]['figures'][7:-1]} from {path}"
+    return rows, f"printing flexmix's figures saved by an earlier run (its date in the notes) from {path}"
 
 
 # ---------------------------------------------------------------------------------- numpyro-moe
@@ -402,8 +408,10 @@ def cli_status(cli: Path) -> str | None:
     if not cli.exists():
         return f"the numpyro-moe command is not installed ({cli})"
     missing = []
-    fit_help = subprocess.run([str(cli), "fit", "--help"], capture_output=True, text=True)
-    predict_help = subprocess.run([str(cli), "predict", "--help"], capture_output=True, text=True)
+    fit_help = subprocess.run([str(cli), "fit", "--help"], check=False, capture_output=True, text=True)
+    predict_help = subprocess.run(
+        [str(cli), "predict", "--help"], check=False, capture_output=True, text=True
+    )
     if fit_help.returncode != 0:
         return "`numpyro-moe fit --help` fails"
     if "auto" not in fit_help.stdout:
@@ -423,12 +431,14 @@ def cli_status(cli: Path) -> str | None:
 
 def timed(command: list[str]) -> float:
     start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         shown = " ".join(command[1:3])
-        raise RuntimeError(f"`numpyro-moe {shown} ...` failed (exit {result.returncode}): "
-                           f"{(result.stderr or result.stdout).strip()[-800:]}")
+        raise RuntimeError(
+            f"`numpyro-moe {shown} ...` failed (exit {result.returncode}): "
+            f"{(result.stderr or result.stdout).strip()[-800:]}"
+        )
     return seconds
 
 
@@ -465,14 +475,45 @@ def numpyro_moe(split: Split, folder: Path, cli: Path, *, nuts: bool) -> tuple[l
     rows, notes = [], []
     point_dir, point_csv = folder / "moe_point", folder / "pred_point.csv"
     try:
-        fit_s = timed([cli, "fit", str(split.train_csv), "--target", target, "--experts", "auto",
-                       "--out", str(point_dir), "--quiet"])
-        predict_s = timed([cli, "predict", str(point_dir), str(split.test_csv), "--out", str(point_csv),
-                           "--point", "--quiet"])
+        fit_s = timed(
+            [
+                cli,
+                "fit",
+                str(split.train_csv),
+                "--target",
+                target,
+                "--experts",
+                "auto",
+                "--out",
+                str(point_dir),
+                "--quiet",
+            ]
+        )
+        predict_s = timed(
+            [
+                cli,
+                "predict",
+                str(point_dir),
+                str(split.test_csv),
+                "--out",
+                str(point_csv),
+                "--point",
+                "--quiet",
+            ]
+        )
         k = fitted_num_experts(point_dir)
         loglik, mse = read_prediction(point_csv, split.y_test)
-        rows.append(row(split, PACKAGE_POINT, k=k, heldout_loglik_per_point=loglik, heldout_mse=mse,
-                        fit_seconds=fit_s, predict_seconds=predict_s))
+        rows.append(
+            row(
+                split,
+                PACKAGE_POINT,
+                k=k,
+                heldout_loglik_per_point=loglik,
+                heldout_mse=mse,
+                fit_seconds=fit_s,
+                predict_seconds=predict_s,
+            )
+        )
     except (RuntimeError, subprocess.TimeoutExpired, OSError, KeyError, ValueError) as error:
         notes.append(f"{split.dataset.name}: numpyro-moe point fit: {error}")
         return rows, notes
@@ -480,13 +521,37 @@ def numpyro_moe(split: Split, folder: Path, cli: Path, *, nuts: bool) -> tuple[l
         return rows, notes
     nuts_dir, nuts_csv = folder / "moe_nuts", folder / "pred_nuts.csv"
     try:
-        fit_s = timed([cli, "fit", str(split.train_csv), "--target", target, "--experts", str(k), "--nuts",
-                       "--out", str(nuts_dir), "--quiet"])
-        predict_s = timed([cli, "predict", str(nuts_dir), str(split.test_csv), "--out", str(nuts_csv),
-                           "--quiet"])
+        fit_s = timed(
+            [
+                cli,
+                "fit",
+                str(split.train_csv),
+                "--target",
+                target,
+                "--experts",
+                str(k),
+                "--nuts",
+                "--out",
+                str(nuts_dir),
+                "--quiet",
+            ]
+        )
+        predict_s = timed(
+            [cli, "predict", str(nuts_dir), str(split.test_csv), "--out", str(nuts_csv), "--quiet"]
+        )
         loglik, mse = read_prediction(nuts_csv, split.y_test)
-        rows.append(row(split, PACKAGE_NUTS, k=k, heldout_loglik_per_point=loglik, heldout_mse=mse,
-                        fit_seconds=fit_s, predict_seconds=predict_s, max_r_hat=max_r_hat(nuts_dir)))
+        rows.append(
+            row(
+                split,
+                PACKAGE_NUTS,
+                k=k,
+                heldout_loglik_per_point=loglik,
+                heldout_mse=mse,
+                fit_seconds=fit_s,
+                predict_seconds=predict_s,
+                max_r_hat=max_r_hat(nuts_dir),
+            )
+        )
     except (RuntimeError, subprocess.TimeoutExpired, OSError, KeyError, ValueError) as error:
         notes.append(f"{split.dataset.name}: numpyro-moe NUTS: {error}")
     return rows, notes
@@ -503,8 +568,10 @@ def _number(value, spec: str) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'data set':12s} {'n_train':>7s} {'d':>3s}  {'method':34s} {'k':>2s} {'loglik/pt':>10s} " \
-             f"{'MSE':>11s} {'time s':>8s}  notes"
+    header = (
+        f"{'data set':12s} {'n_train':>7s} {'d':>3s}  {'method':34s} {'k':>2s} {'loglik/pt':>10s} "
+        f"{'MSE':>11s} {'time s':>8s}  notes"
+    )
     print(header)
     print("-" * len(header))
     for line in rows:
@@ -522,35 +589,42 @@ def print_table(rows: list[dict]) -> None:
         )
 
 
+def _compare(label: str, other: dict | None, value: float, key: str, higher_is_better: bool) -> str:
+    if other is None:
+        return f"{label}: not measured"
+    theirs = float(other[key])
+    ok = value >= theirs if higher_is_better else value <= theirs
+    saved = "" if other["figures"] == "measured" else " [saved figure]"
+    return f"{label} {'PASS' if ok else 'FAIL'} ({theirs:.4g}{saved})"
+
+
 def verdicts(rows: list[dict], names: list[str]) -> None:
-    print("\nVerdict against issue 13's targets (package >= flexmix(BIC) and >= least squares in "
-          "held-out loglik, MSE <= least squares):")
+    print(
+        "\nVerdict against issue 13's targets (package >= flexmix(BIC) and >= least squares in "
+        "held-out loglik, MSE <= least squares):"
+    )
     for name in names:
         mine = {line["method"]: line for line in rows if line["dataset"] == name}
-        ls = mine.get(LEAST_SQUARES)
+        least = mine.get(LEAST_SQUARES)
         for method in (PACKAGE_POINT, PACKAGE_NUTS):
             package = mine.get(method)
             if package is None:
                 continue
             loglik, mse = float(package["heldout_loglik_per_point"]), float(package["heldout_mse"])
-            checks = []
-
-            def compare(label, other, key, better):
-                if other is None:
-                    checks.append(f"{label}: not measured")
-                    return
-                theirs = float(other[key])
-                ok = better(theirs)
-                saved = "" if other["figures"] == "measured" else " [saved figure]"
-                checks.append(f"{label} {'PASS' if ok else 'FAIL'} ({theirs:.4g}{saved})")
-
-            compare("loglik >= flexmix(BIC)", mine.get(FLEXMIX_BIC), "heldout_loglik_per_point",
-                    lambda theirs: loglik >= theirs)
-            compare("loglik >= least squares", ls, "heldout_loglik_per_point", lambda theirs: loglik >= theirs)
-            compare("MSE <= least squares", ls, "heldout_mse", lambda theirs: mse <= theirs)
-            compare("loglik >= flexmix hindsight-best k", mine.get(FLEXMIX_HINDSIGHT), "heldout_loglik_per_point",
-                    lambda theirs: loglik >= theirs)
-            print(f"  {name:12s} {method} (loglik {loglik:.4f}, MSE {mse:.5g}): " + "; ".join(checks))
+            loglik_key = "heldout_loglik_per_point"
+            checks = [
+                _compare("loglik >= flexmix(BIC)", mine.get(FLEXMIX_BIC), loglik, loglik_key, True),
+                _compare("loglik >= least squares", least, loglik, loglik_key, True),
+                _compare("MSE <= least squares", least, mse, "heldout_mse", False),
+                _compare(
+                    "loglik >= flexmix best k in hindsight",
+                    mine.get(FLEXMIX_HINDSIGHT),
+                    loglik,
+                    loglik_key,
+                    True,
+                ),
+            ]
+            print(f"  {name:12s} {method} (loglik {loglik:.4f}, MSE {mse:.5g}):\n      " + "; ".join(checks))
         if not any(method in mine for method in (PACKAGE_POINT, PACKAGE_NUTS)):
             print(f"  {name:12s} no numpyro-moe figures, no verdict")
 
@@ -561,15 +635,21 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
         writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         for line in rows:
-            writer.writerow({key: ("" if isinstance(value, float) and math.isnan(value) else value)
-                             for key, value in line.items()})
+            writer.writerow(
+                {
+                    key: ("" if isinstance(value, float) and math.isnan(value) else value)
+                    for key, value in line.items()
+                }
+            )
 
 
 # ----------------------------------------------------------------------------------------- main
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="the two smallest data sets, no NUTS")
     parser.add_argument("--skip-flexmix", action="store_true")
     parser.add_argument("--skip-nuts", action="store_true")
@@ -608,8 +688,11 @@ def main() -> int:
     for name in names:
         dataset = BY_NAME[name]
         split = prepare(dataset, splits[name], work / name)
-        print(f"{name}: {dataset.about}; {len(split.y_train)} train / {len(split.y_test)} test rows, "
-              f"d={len(split.features)}", flush=True)
+        print(
+            f"{name}: {dataset.about}; {len(split.y_train)} train / {len(split.y_test)} test rows, "
+            f"d={len(split.features)}",
+            flush=True,
+        )
         rows.append(least_squares(split))
         if not flexmix_missing:
             try:
@@ -639,7 +722,8 @@ def main() -> int:
         print("\nMissing or failed:")
         for line in missing + notes:
             print(f"  {line}")
-    write_csv(RESULTS / "real_data.csv", rows, COLUMNS)
+    table_path = RESULTS / ("real_data_quick.csv" if args.quick else "real_data.csv")
+    write_csv(table_path, rows, COLUMNS)
     if flexmix_detail:
         stamp = time.strftime("%Y-%m-%d %H:%M")
         for line in flexmix_detail:
@@ -651,8 +735,10 @@ def main() -> int:
                 ran = {line["dataset"] for line in flexmix_detail}
                 kept = [line for line in csv.DictReader(handle) if line["dataset"] not in ran]
         write_csv(previous, kept + flexmix_detail, list(flexmix_detail[0]))
-    print(f"\ntable written to {RESULTS / 'real_data.csv'}"
-          + (f"; flexmix's figures to {RESULTS / 'real_data_flexmix.csv'}" if flexmix_detail else ""))
+    print(
+        f"\ntable written to {table_path}"
+        + (f"; flexmix's figures to {RESULTS / 'real_data_flexmix.csv'}" if flexmix_detail else "")
+    )
     if args.keep:
         print(f"splits, fits and predictions kept in {work}")
     else:
