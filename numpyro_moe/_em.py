@@ -21,11 +21,27 @@ expected log-likelihood plus the noise prior (InverseGamma(alpha, beta) on s: a 
 HalfNormal(tau): a quadratic in s^2). The prior on s keeps a component that collapses onto a few
 points from an unbounded likelihood, and the gate prior keeps separating gates finite.
 
+Student-t experts, ``y | z = i ~ StudentT(nu_i, g(a_i . x + c_i), s_i)``, by ECM with latent
+precision weights (Liu and Rubin 1995, "ML estimation of the t distribution using EM and its
+extensions, ECM and ECME"; McLachlan and Peel 2000, "Finite Mixture Models", ch. 7): given z = i a
+point's precision u ~ Gamma(nu_i / 2, nu_i / 2) and y | u ~ Normal(mu_i, s_i^2 / u). The E-step adds
+``u_ni = E[u | y_n, z = i] = (nu_i + 1) / (nu_i + ((y_n - mu_ni) / s_i)^2)`` (small for outliers);
+the experts' least squares take the weights ``r_ni u_ni``, the noise step the squares
+``sum_n r_ni u_ni res_ni^2`` over the count ``sum_n r_ni``; the gates are unchanged; and each nu_i
+(when estimated) maximises its part of the expected complete-data log-likelihood (plus, when
+penalised, a Gamma(alpha, beta) prior's log density) by solving the ECM equation
+
+    (1/2) {n_i [log(nu/2) - psi(nu/2) + 1 + psi((nu_old + 1)/2) - log((nu_old + 1)/2)]
+           + sum_n r_ni (log u_ni - u_ni)} + (alpha - 1) / nu - beta = 0,   n_i = sum_n r_ni,
+
+by bisection in log nu over [0.5, 200] (the left side decreases in nu, so its root, or the bound
+it passes, is the maximiser).
+
 Every block only increases its objective (expected complete-data log-likelihood, plus the log prior
 when penalised), so the log-likelihood (penalised: the log posterior) never decreases
-(generalised EM, ECM). Blocks can be held fixed (experts, gates, noise). Intercepts are handled
-by a column of ones appended to x. The joint log-probabilities are `MixtureOfExperts`'
-``component_log_probs``: the same likelihood as the NumPyro model.
+(generalised EM, ECM). Blocks can be held fixed (experts, gates, noise; the degrees of freedom).
+Intercepts are handled by a column of ones appended to x. The joint log-probabilities are
+`MixtureOfExperts`' ``component_log_probs``: the same likelihood as the NumPyro model.
 """
 
 from __future__ import annotations
@@ -37,7 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
-from jax.scipy.special import logsumexp
+from jax.scipy.special import digamma, logsumexp
 
 from numpyro_moe._distribution import MixtureOfExperts
 from numpyro_moe._links import Link
@@ -46,6 +62,12 @@ from numpyro_moe._params import MoEParams
 __all__ = ["EMResult", "Penalty", "em_iterations", "flat_penalty", "penalty_from_priors", "split_augmented", "to_augmented"]
 
 _RIDGE = 1e-8
+# Degrees of freedom of Student-t experts: the interval the ECM step searches (below 0.5 the t has
+# hardly a centre; above 200 it is Gaussian to 1e-4 in log density within 3 scales), the bisection
+# steps in log nu (60 halvings of log 400: far below float64 resolution), and the default start.
+DF_BOUNDS = (0.5, 200.0)
+_DF_STEPS = 60
+DF_START = 4.0
 
 
 class _State(NamedTuple):
@@ -56,6 +78,7 @@ class _State(NamedTuple):
     change: jax.Array
     iteration: jax.Array
     history: jax.Array  # (max_iterations,) objective (log-likelihood + log prior / n) before each iteration
+    df: jax.Array | None = None  # (k,) Student-t degrees of freedom; None: Gaussian experts
 
 
 class EMResult(NamedTuple):
@@ -68,6 +91,7 @@ class EMResult(NamedTuple):
     iterations: np.ndarray
     weights: np.ndarray  # (k,) sum_n r_ni
     entropy: np.ndarray  # -sum_ni r_ni log r_ni
+    df: jax.Array | None = None  # Student-t degrees of freedom, or None
 
 
 class Penalty(NamedTuple):
@@ -76,6 +100,8 @@ class Penalty(NamedTuple):
     Coefficients: ``-0.5 sum precision * (value - loc)^2`` (Normal priors; precision 0 is flat).
     Noise s_i: ``-count_i log s_i - inverse_i / s_i - 0.5 square_i s_i^2`` (InverseGamma(alpha,
     beta) on s: count alpha + 1, inverse beta; HalfNormal(tau): square 1 / tau^2; all 0 is flat).
+    Student-t degrees of freedom nu_i (when estimated): ``df_power_i log nu_i - df_rate_i nu_i``
+    (Gamma(alpha, beta): power alpha - 1, rate beta; both 0 is flat or fixed degrees of freedom).
     """
 
     expert_loc: jax.Array  # (k, p)
@@ -85,13 +111,15 @@ class Penalty(NamedTuple):
     noise_count: jax.Array  # (k,)
     noise_inverse: jax.Array  # (k,)
     noise_square: jax.Array  # (k,)
+    df_power: jax.Array  # (k,)
+    df_rate: jax.Array  # (k,)
 
 
 def flat_penalty(num_experts: int, width: int, dtype) -> Penalty:
     """No prior: plain maximum-likelihood EM."""
     zeros = jnp.zeros((num_experts, width), dtype)
     flat = jnp.zeros((num_experts,), dtype)
-    return Penalty(zeros, zeros, zeros, zeros, flat, flat, flat)
+    return Penalty(zeros, zeros, zeros, zeros, flat, flat, flat, flat, flat)
 
 
 def _normal_prior(prior, name: str, shape: tuple[int, ...]):
@@ -117,9 +145,31 @@ def _noise_prior(prior, shape: tuple[int, ...]):
     )
 
 
-def penalty_from_priors(priors: dict, num_experts: int, dim: int, *, intercepts: bool, dtype) -> Penalty:
+def _df_prior(prior, shape: tuple[int, ...]):
+    if isinstance(prior, dist.Exponential):  # Gamma(1, rate)
+        return jnp.zeros(shape), jnp.broadcast_to(jnp.asarray(prior.rate), shape)
+    if isinstance(prior, dist.Gamma):
+        concentration = jnp.broadcast_to(jnp.asarray(prior.concentration), shape)
+        if not isinstance(concentration, jax.core.Tracer) and not bool(jnp.all(concentration >= 1)):
+            raise ValueError(
+                "priors['df']: EM's degrees-of-freedom step takes a Gamma prior with concentration >= 1 "
+                f"(a log-concave one), got concentration {np.asarray(prior.concentration).tolist()}; use "
+                "fit_map for other priors"
+            )
+        return concentration - 1.0, jnp.broadcast_to(jnp.asarray(prior.rate), shape)
+    raise ValueError(
+        f"priors['df']: EM's degrees-of-freedom step takes a Gamma or Exponential prior, got "
+        f"{type(prior).__name__}; "
+        "use fit_map for other priors"
+    )
+
+
+def penalty_from_priors(
+    priors: dict, num_experts: int, dim: int, *, intercepts: bool, dtype, estimate_df: bool = False
+) -> Penalty:
     """The `Penalty` of a complete priors dict (every site of `moe_priors`), for augmented
-    parameters (intercepts as a last column when ``intercepts``)."""
+    parameters (intercepts as a last column when ``intercepts``); with ``estimate_df``, the prior
+    of the Student-t degrees of freedom (``priors["df"]``, a Gamma) too."""
     k = num_experts
     expert_loc, expert_precision = _normal_prior(priors["experts"], "experts", (k, dim))
     gate_loc, gate_precision = _normal_prior(priors["gates"], "gates", (k, dim))
@@ -131,20 +181,27 @@ def penalty_from_priors(priors: dict, num_experts: int, dim: int, *, intercepts:
         gate_loc = jnp.concatenate([gate_loc, bias_loc[:, None]], axis=1)
         gate_precision = jnp.concatenate([gate_precision, bias_precision[:, None]], axis=1)
     count, inverse, square = _noise_prior(priors["noise"], (k,))
+    power = rate = jnp.zeros((k,))
+    if estimate_df:
+        power, rate = _df_prior(priors["df"], (k,))
     return Penalty(*(jnp.asarray(leaf, dtype) for leaf in (
-        expert_loc, expert_precision, gate_loc, gate_precision, count, inverse, square
+        expert_loc, expert_precision, gate_loc, gate_precision, count, inverse, square, power, rate
     )))
 
 
-def log_prior(experts, gates, noise, penalty: Penalty) -> jax.Array:
-    """The penalty's log prior (up to a constant) of augmented parameters."""
+def log_prior(experts, gates, noise, penalty: Penalty, df=None) -> jax.Array:
+    """The penalty's log prior (up to a constant) of augmented parameters (and of the Student-t
+    degrees of freedom ``df``, when given)."""
     coefficients = -0.5 * (
         jnp.sum(penalty.expert_precision * (experts - penalty.expert_loc) ** 2)
         + jnp.sum((penalty.gate_precision * (gates - penalty.gate_loc) ** 2)[:-1])
     )
-    return coefficients + jnp.sum(
+    total = coefficients + jnp.sum(
         -penalty.noise_count * jnp.log(noise) - penalty.noise_inverse / noise - 0.5 * penalty.noise_square * noise**2
     )
+    if df is not None:
+        total = total + jnp.sum(penalty.df_power * jnp.log(df) - penalty.df_rate * df)
+    return total
 
 
 def to_augmented(params: MoEParams, intercepts: bool):
@@ -164,16 +221,19 @@ def to_augmented(params: MoEParams, intercepts: bool):
     )
 
 
-def split_augmented(experts, gates, noise, intercepts: bool, link: Link) -> MoEParams:
-    """Inverse of `to_augmented`."""
+def split_augmented(experts, gates, noise, intercepts: bool, link: Link, df=None) -> MoEParams:
+    """Inverse of `to_augmented` (``df``: the Student-t degrees of freedom, or None)."""
     if not intercepts:
-        return MoEParams(experts, gates, noise, link=link)
-    return MoEParams(experts[..., :-1], gates[..., :-1], noise, experts[..., -1], gates[..., -1], link)
+        return MoEParams(experts, gates, noise, link=link, df=df)
+    return MoEParams(experts[..., :-1], gates[..., :-1], noise, experts[..., -1], gates[..., -1], link, df)
 
 
-def _joint(experts, gates, noise, x, y, link_function):
-    """(n, k) log [P(z = i | x_n) Normal(y_n; g(a_i . x_n), s_i^2)]."""
-    return MixtureOfExperts(x @ gates.T, link_function(x @ experts.T), noise).component_log_probs(y)
+def _joint(experts, gates, noise, x, y, link_function, df=None):
+    """(n, k) log [P(z = i | x_n) p_i(y_n)], p_i the expert's Normal(g(a_i . x_n), s_i^2) or,
+    with ``df``, StudentT(nu_i, g(a_i . x_n), s_i)."""
+    return MixtureOfExperts(
+        x @ gates.T, link_function(x @ experts.T), noise, expert_df=df
+    ).component_log_probs(y)
 
 
 def _gate_objective(free, x, targets, loc, precision):
@@ -294,11 +354,12 @@ def _noise_mode(count, squares, penalty_count, inverse, square):
     return jnp.where(square > 0, by_square, by_inverse)
 
 
-def _noise_step(targets, residual, y, shared_noise, penalty: Penalty):
+def _noise_step(targets, residual, y, shared_noise, penalty: Penalty, precisions=None):
     """The noise M-step: the responsibility-weighted mean squared residual, pooled or per expert
     (an expert with no responsibility keeps the pooled value), moved by the noise prior to the
-    mode of the penalised objective; floored far below any real noise."""
-    squares = targets * residual**2
+    mode of the penalised objective; floored far below any real noise. Student-t experts weight
+    each square by the point's expected precision (``precisions``, (n, k) u_ni) too."""
+    squares = targets * residual**2 if precisions is None else targets * precisions * residual**2
     k = targets.shape[1]
     first = lambda leaf: leaf[0]  # noqa: E731  (a shared noise has one prior: the first entry's)
     pooled = _noise_mode(
@@ -317,29 +378,73 @@ def _noise_step(targets, residual, y, shared_noise, penalty: Penalty):
     return jnp.maximum(scale, jnp.sqrt(1e-24 * jnp.mean(y**2) + 1e-300))
 
 
+def _df_step(targets, precisions, df, penalty: Penalty):
+    """The ECM step for the Student-t degrees of freedom nu_i: the maximiser over [0.5, 200] of
+    the expected complete-data log-likelihood's nu-part plus the Gamma prior's log density, by
+    bisection in log nu on its derivative (decreasing in nu, so one sign change at most).
+
+    ``targets`` and ``precisions`` are (n, k) r_ni and u_ni at the current nu (``df``, (k,)).
+    An expert with no responsibility and no prior keeps its nu.
+    """
+    weight = jnp.sum(targets, axis=0)  # n_i
+    pooled = jnp.sum(targets * (jnp.log(precisions) - precisions), axis=0)  # sum_n r_ni (log u - u)
+    half = (df + 1.0) / 2.0
+    constant = weight * (1.0 + digamma(half) - jnp.log(half)) + pooled
+
+    def derivative(nu):
+        return 0.5 * (weight * (jnp.log(nu / 2.0) - digamma(nu / 2.0)) + constant) + (
+            penalty.df_power / nu - penalty.df_rate
+        )
+
+    def halve(_, bounds):
+        low, high = bounds
+        middle = (low + high) / 2.0
+        rising = derivative(jnp.exp(middle)) > 0  # the maximiser lies above the middle
+        return jnp.where(rising, middle, low), jnp.where(rising, high, middle)
+
+    dtype = df.dtype
+    low = jnp.full_like(df, np.log(DF_BOUNDS[0]), dtype=dtype)
+    high = jnp.full_like(df, np.log(DF_BOUNDS[1]), dtype=dtype)
+    low, high = jax.lax.fori_loop(0, _DF_STEPS, halve, (low, high))
+    solved = jnp.exp((low + high) / 2.0)
+    usable = (weight > 1e-12) | (penalty.df_power > 0) | (penalty.df_rate > 0)
+    return jnp.where(usable, solved, df)
+
+
 def _em_step(
-    state: _State, x, y, penalty, link_function, updates, shared_noise, expert_steps, gate_tol, gate_steps
+    state: _State, x, y, penalty, estimate_df, link_function, updates, shared_noise, expert_steps, gate_tol,
+    gate_steps,
 ):
     update_experts, update_gates, update_noise = updates
-    joint = _joint(state.experts, state.gates, state.noise, x, y, link_function)
+    df = state.df
+    joint = _joint(state.experts, state.gates, state.noise, x, y, link_function, df)
     pointwise = logsumexp(joint, axis=-1)
-    log_likelihood = jnp.mean(pointwise) + log_prior(state.experts, state.gates, state.noise, penalty) / y.shape[0]
+    # Fixed degrees of freedom have no prior in the penalty (zero power and rate): no term here.
+    log_likelihood = jnp.mean(pointwise) + log_prior(state.experts, state.gates, state.noise, penalty, df) / y.shape[0]
     targets = jnp.exp(joint - pointwise[:, None])
+    precisions = None
+    if df is not None:  # Student-t experts: the E-step's expected precisions u_ni (old parameters)
+        standardized = (y[:, None] - link_function(x @ state.experts.T)) / state.noise
+        precisions = (df + 1.0) / (df + standardized**2)
     gates = state.gates
     if update_gates:
         gates = _gate_newton(gates, x, targets, gate_tol, gate_steps, penalty.gate_loc, penalty.gate_precision)
     experts = state.experts
     if update_experts:
         experts = _expert_gauss_newton(
-            experts, x, y, targets, link_function, expert_steps, state.noise,
-            penalty.expert_loc, penalty.expert_precision,
+            experts, x, y, targets if precisions is None else targets * precisions, link_function,
+            expert_steps, state.noise, penalty.expert_loc, penalty.expert_precision,
         )
     noise = state.noise
     if update_noise:
-        noise = _noise_step(targets, y[:, None] - link_function(x @ experts.T), y, shared_noise, penalty)
+        noise = _noise_step(
+            targets, y[:, None] - link_function(x @ experts.T), y, shared_noise, penalty, precisions
+        )
+    if df is not None:  # a traced switch: fixed and estimated degrees of freedom share one program
+        df = jnp.where(estimate_df, _df_step(targets, precisions, df, penalty), df)
     return _State(
         experts, gates, noise, log_likelihood, jnp.abs(log_likelihood - state.log_likelihood),
-        state.iteration + 1, state.history.at[state.iteration].set(log_likelihood),
+        state.iteration + 1, state.history.at[state.iteration].set(log_likelihood), df,
     )
 
 
@@ -348,7 +453,8 @@ def _em_step(
     static_argnames=("link_function", "updates", "shared_noise", "expert_steps", "gate_steps", "block"),
 )
 def _em_block(
-    state, x, y, penalty, tol, gate_tol, *, link_function, updates, shared_noise, expert_steps, gate_steps, block
+    state, x, y, penalty, estimate_df, tol, gate_tol, *, link_function, updates, shared_noise, expert_steps,
+    gate_steps, block,
 ):
     """Up to ``block`` EM iterations; stops once the log-likelihood change is below ``tol`` or
     the history buffer (``max_iterations``) is full."""
@@ -360,22 +466,23 @@ def _em_block(
 
     def body(state):
         return _em_step(
-            state, x, y, penalty, link_function, updates, shared_noise, expert_steps, gate_tol, gate_steps
+            state, x, y, penalty, estimate_df, link_function, updates, shared_noise, expert_steps, gate_tol,
+            gate_steps,
         )
 
     return jax.lax.while_loop(keep_going, body, state)
 
 
 @partial(jax.jit, static_argnames=("link_function",))
-def _final(experts, gates, noise, x, y, penalty, *, link_function):
+def _final(experts, gates, noise, df, x, y, penalty, *, link_function):
     """Mean log-likelihood per point, (n, k) responsibilities' column sums and their entropy."""
-    joint = _joint(experts, gates, noise, x, y, link_function)
+    joint = _joint(experts, gates, noise, x, y, link_function, df)
     pointwise = logsumexp(joint, axis=-1)
     log_responsibilities = joint - pointwise[:, None]
     responsibilities = jnp.exp(log_responsibilities)
     entropy = -jnp.sum(responsibilities * jnp.where(responsibilities > 0, log_responsibilities, 0.0))
     log_likelihood = jnp.mean(pointwise)
-    objective = log_likelihood + log_prior(experts, gates, noise, penalty) / y.shape[0]
+    objective = log_likelihood + log_prior(experts, gates, noise, penalty, df) / y.shape[0]
     return log_likelihood, objective, jnp.sum(responsibilities, axis=0), entropy
 
 
@@ -394,10 +501,13 @@ def em_iterations(
     tol: float,
     block: int = 20,
     progress: str | None = None,
+    df=None,
 ) -> EMResult:
     """Run EM from augmented ``experts``/``gates`` (k, p) and ``noise`` (k,); a leading start
-    axis is vmapped. The parameter groups in ``fix`` (``"experts"``, ``"gates"``, ``"noise"``)
-    keep their starting values; ``penalty`` is the log prior (`flat_penalty` for none).
+    axis is vmapped. The parameter groups in ``fix`` (``"experts"``, ``"gates"``, ``"noise"``,
+    ``"df"``) keep their starting values; ``penalty`` is the log prior (`flat_penalty` for none).
+    ``df`` (k,) are the starting degrees of freedom of Student-t experts (ECM), None for Gaussian
+    experts; they are estimated unless ``"df"`` or ``"noise"`` is in ``fix``.
 
     Returns an `EMResult` with, per start, the final parameters, mean log-likelihood and
     objective, the (max_iterations,) objective history (valid up to ``iterations``), the
@@ -409,6 +519,9 @@ def em_iterations(
     batched = experts.ndim == 3
     dtype = x.dtype
     shape = experts.shape[:1] if batched else ()
+    estimate_df = df is not None and "df" not in fix and "noise" not in fix
+    if not estimate_df:  # held degrees of freedom: their prior is a constant, left out
+        penalty = penalty._replace(df_power=jnp.zeros_like(penalty.df_power), df_rate=jnp.zeros_like(penalty.df_rate))
     updates = ("experts" not in fix, "gates" not in fix, "noise" not in fix)
     state = _State(
         experts.astype(dtype),
@@ -418,6 +531,7 @@ def em_iterations(
         jnp.full(shape, jnp.inf, dtype),
         jnp.zeros(shape, jnp.int32),
         jnp.full(shape + (max_iterations,), jnp.nan, dtype),
+        None if df is None else jnp.broadcast_to(jnp.asarray(df, dtype), experts.shape[:-1]),
     )
     run = partial(
         _em_block, link_function=link.function, updates=updates, shared_noise=shared_noise,
@@ -425,8 +539,8 @@ def em_iterations(
     )
     final = partial(_final, link_function=link.function)
     if batched:
-        run = jax.vmap(run, in_axes=(0, None, None, None, None, None))
-        final = jax.vmap(final, in_axes=(0, 0, 0, None, None, None))
+        run = jax.vmap(run, in_axes=(0, None, None, None, None, None, None))
+        final = jax.vmap(final, in_axes=(0, 0, 0, 0, None, None, None))
     tol_array = jnp.asarray(tol, dtype)
     gate_tol = jnp.asarray(1e-9 if dtype == jnp.float64 else 1e-5, dtype)
     bar = None
@@ -436,7 +550,7 @@ def em_iterations(
         bar = tqdm(total=max_iterations, desc=progress, leave=False)
     while True:
         before = int(np.max(np.asarray(state.iteration)))
-        state = run(state, x, y, penalty, tol_array, gate_tol)
+        state = run(state, x, y, penalty, jnp.asarray(estimate_df), tol_array, gate_tol)
         iterations = np.asarray(state.iteration)
         after = int(np.max(iterations))
         if bar is not None:
@@ -447,8 +561,10 @@ def em_iterations(
             break
     if bar is not None:
         bar.close()
-    log_likelihood, objective, weights, entropy = final(state.experts, state.gates, state.noise, x, y, penalty)
+    log_likelihood, objective, weights, entropy = final(
+        state.experts, state.gates, state.noise, state.df, x, y, penalty
+    )
     return EMResult(
         state.experts, state.gates, state.noise, np.asarray(log_likelihood), np.asarray(objective),
-        np.asarray(state.history), iterations, np.asarray(weights), np.asarray(entropy),
+        np.asarray(state.history), iterations, np.asarray(weights), np.asarray(entropy), state.df,
     )

@@ -26,11 +26,20 @@ from numpyro.infer import SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoDelta
 
 from numpyro_moe._distribution import MixtureOfExperts
-from numpyro_moe._em import em_iterations, flat_penalty, penalty_from_priors, split_augmented, to_augmented
+from numpyro_moe._em import (
+    DF_BOUNDS,
+    DF_START,
+    em_iterations,
+    flat_penalty,
+    penalty_from_priors,
+    split_augmented,
+    to_augmented,
+)
 from numpyro_moe._experts import estimate_experts
 from numpyro_moe._links import Link, resolve_link
 from numpyro_moe._model import (
     as_params,
+    check_family,
     check_fix,
     fixed_sites,
     init_to_params,
@@ -51,7 +60,7 @@ from numpyro_moe._validation import (
     check_response,
 )
 
-__all__ = ["Fit", "as_starts", "check_data", "fit_em", "fit_map", "fit_moe", "random_starts"]
+__all__ = ["Fit", "as_starts", "check_data", "fit_em", "fit_map", "fit_moe", "random_starts", "starting_df"]
 
 
 class Fit(NamedTuple):
@@ -111,8 +120,22 @@ def check_data(x, y):
     return x.astype(dtype), y.astype(dtype)
 
 
+def _check_start_df(params: MoEParams, name: str) -> None:
+    """A start's Student-t degrees of freedom: None, or one number or one per expert."""
+    if params.df is None:
+        return
+    k = np.shape(params.experts)[-2]
+    batch = np.shape(params.experts)[:-2]
+    if np.shape(params.df) not in ((*batch,), (*batch, k)) or (batch and np.shape(params.df) == ()):
+        raise ValueError(
+            f"{name}: expected df (Student-t degrees of freedom) of shape ({k},) (one per expert) or (), "
+            f"got shape {np.shape(params.df)}"
+        )
+
+
 def _one_start(value, name: str, dim: int) -> MoEParams:
     params = as_params(value, name)
+    _check_start_df(params, name)
     if np.ndim(params.experts) != 3:
         return jax.tree_util.tree_map(
             lambda leaf: jnp.asarray(leaf)[None], check_params(params, name, dim=dim)
@@ -129,7 +152,9 @@ def as_starts(init, dim: int, name: str = "init") -> MoEParams:
 
     ``init``: `MoEParams` (one record, or records stacked on a leading axis as `random_starts`
     gives), an expert estimate, a `Fit`, or a list of these. All starts share the link, the
-    number of experts, and whether they have intercepts (missing intercepts start at zero).
+    number of experts, and whether they have intercepts (missing intercepts start at zero). When
+    any start has Student-t degrees of freedom all get a (starts, k) ``df``, NaN where a start has
+    none (the fits then start those at their default).
     """
     values = list(init) if isinstance(init, list | tuple) and not hasattr(init, "_fields") else [init]
     if not values:
@@ -142,6 +167,7 @@ def as_starts(init, dim: int, name: str = "init") -> MoEParams:
     if len(shapes) > 1:
         raise ValueError(f"{name}: the starts have experts of different shapes {sorted(shapes)}")
     intercepts = any(start.has_intercepts for start in starts)
+    degrees = any(start.df is not None for start in starts)
     dtype = jnp.result_type(float)
 
     def normal_form(start: MoEParams) -> MoEParams:
@@ -159,6 +185,13 @@ def as_starts(init, dim: int, name: str = "init") -> MoEParams:
             if intercepts
             else None,
             start.link,
+            (
+                jnp.full((count, k), jnp.nan, dtype)
+                if start.df is None
+                else jnp.broadcast_to(jnp.asarray(start.df, dtype).reshape(count, -1), (count, k))
+            )
+            if degrees
+            else None,
         )
 
     starts = [normal_form(start) for start in starts]
@@ -174,13 +207,17 @@ def random_starts(
     key: jax.Array,
     link: str | Link = "linear",
     intercepts: bool = False,
+    family: str = "normal",
+    df=None,
 ) -> MoEParams:
     """``num_starts`` random starts stacked on a leading axis: unit-norm Gaussian expert
-    directions, a uniform gate, every noise sd(y), intercepts zero (with ``intercepts``)."""
+    directions, a uniform gate, every noise sd(y), intercepts zero (with ``intercepts``), and for
+    ``family="student_t"`` degrees of freedom ``df`` (fixed ones) or 4 (estimated, ``df=None``)."""
     key = check_key(key)
     x, y = check_data(x, y)
     num_experts = check_positive_int(num_experts, "num_experts")
     num_starts = check_positive_int(num_starts, "num_starts")
+    family, df = check_family(family, df, num_experts)
     dim = x.shape[1]
     experts = jax.random.normal(key, (num_starts, num_experts, dim), x.dtype)
     experts = experts / jnp.linalg.norm(experts, axis=-1, keepdims=True)
@@ -192,7 +229,24 @@ def random_starts(
         zeros if intercepts else None,
         zeros if intercepts else None,
         link,
+        starting_df(None, family, df, (num_starts, num_experts), x.dtype),
     )
+
+
+def starting_df(given, family: str, df, shape: tuple[int, ...], dtype, *, clip: bool = True):
+    """Starting degrees of freedom of shape ``shape``: None for Gaussian experts; ``df`` when it
+    is fixed; else the starts' own (``given``; clipped to the interval EM searches) where finite
+    and positive, and 4 elsewhere."""
+    if family == "normal":
+        return None
+    if df is not None:
+        return jnp.broadcast_to(jnp.asarray(df, dtype), shape)
+    if given is None:
+        return jnp.full(shape, DF_START, dtype)
+    given = jnp.broadcast_to(jnp.asarray(given, dtype), shape)
+    valid = jnp.isfinite(given) & (given > 0)
+    start = jnp.clip(given, *DF_BOUNDS) if clip else given
+    return jnp.where(valid, start, DF_START)
 
 
 def _first(starts: MoEParams) -> MoEParams:
@@ -231,6 +285,8 @@ def fit_em(
     shared_noise: bool = False,
     penalized: bool = True,
     priors: dict | None = None,
+    family: str = "normal",
+    df=None,
     max_iterations: int = 500,
     tol: float = 1e-8,
     progress_bar: bool = False,
@@ -256,7 +312,8 @@ def fit_em(
         positive noise starts at the residual spread of its closest expert per point.
     fix
         Parameter groups held at their starting values: ``"experts"`` (with their intercepts; EM
-        over the gate alone, as in the ICML 2019 paper), ``"gates"`` (with theirs), ``"noise"``.
+        over the gate alone, as in the ICML 2019 paper), ``"gates"`` (with theirs), ``"noise"``
+        (with the Student-t degrees of freedom).
     shared_noise
         One noise sd for all experts (the M-step pools the residuals), or one per expert (the
         default, as in flexmix).
@@ -264,6 +321,15 @@ def fit_em(
         Maximise the log posterior (log-likelihood plus log prior) rather than the
         log-likelihood; ``priors`` replaces entries of `default_priors` (closed-form M-steps take
         Normal priors on coefficients and an InverseGamma or HalfNormal prior on the noise sd).
+    family, df
+        The experts' noise, as in `moe_priors`: ``"normal"`` (the default; the starts' degrees of
+        freedom, if any, are dropped) or ``"student_t"``, experts
+        ``StudentT(nu_i, g(a_i . x + c_i), s_i)`` fitted by ECM with latent precision weights
+        (Liu and Rubin 1995; McLachlan and Peel 2000, ch. 7): each point's weight in its expert's
+        least squares and noise step is r_ni u_ni, u_ni = (nu_i + 1) / (nu_i + (res_ni / s_i)^2),
+        small for outliers. ``df=None`` estimates nu_i per expert (starting at the starts' ``df``
+        where they have it, else 4; searched in [0.5, 200]; penalised by ``priors["df"]``,
+        default Gamma(2, 0.1)); a positive number or (k,) array fixes them.
     max_iterations, tol
         Stop after ``max_iterations`` or when the objective per point (mean log-likelihood, plus
         the log prior over n when penalised) changes by less than ``tol`` (floored at 8 float
@@ -287,9 +353,14 @@ def fit_em(
     tol = resolvable_tol(check_positive(tol, "tol"), x.dtype)
     intercepts = starts.has_intercepts
     num_experts, dim = starts.experts.shape[1:]
+    family, df = check_family(family, df, num_experts)
+    estimate_df = family == "student_t" and df is None and "noise" not in fix
+    degrees = starting_df(starts.df, family, df, starts.experts.shape[:2], x.dtype, clip=estimate_df)
     if penalized:
         chosen = resolve_priors(priors)
-        penalty = penalty_from_priors(chosen, num_experts, dim, intercepts=intercepts, dtype=x.dtype)
+        penalty = penalty_from_priors(
+            chosen, num_experts, dim, intercepts=intercepts, dtype=x.dtype, estimate_df=estimate_df
+        )
         if not priors:
             _check_default_scale(y)
     else:
@@ -309,11 +380,12 @@ def fit_em(
         y,
         penalty=penalty,
         link=starts.link,
-        fix=fix,
+        fix=fix if estimate_df or degrees is None else (*fix, "df"),
         shared_noise=shared_noise,
         max_iterations=max_iterations,
         tol=tol,
         progress="EM" if progress_bar else None,
+        df=degrees,
     )
     experts, gates, noise, history, iterations = (
         result.experts, result.gates, result.noise, result.history, result.iterations
@@ -332,9 +404,12 @@ def fit_em(
             ReliabilityWarning,
             stacklevel=2,
         )
-    params = split_augmented(experts[best], gates[best], noise[best], intercepts, starts.link)
+    params = split_augmented(
+        experts[best], gates[best], noise[best], intercepts, starts.link,
+        None if result.df is None else result.df[best],
+    )
     weights = np.asarray(result.weights[best]) / x.shape[0]
-    _check_weights(weights, x.shape[0], dim + int(intercepts) + 1)
+    _check_weights(weights, x.shape[0], dim + int(intercepts) + 1 + int(estimate_df))
     return Fit(
         params=params,
         log_likelihood=float(log_likelihoods[best]),
@@ -386,6 +461,8 @@ def fit_map(
     fix: tuple[str, ...] = (),
     priors: dict | None = None,
     shared_noise: bool = False,
+    family: str = "normal",
+    df=None,
     num_steps: int = 2000,
     learning_rate: float = 0.01,
     tol: float = 1e-4,
@@ -404,9 +481,13 @@ def fit_map(
         PRNG key of the SVI run.
     fix
         Parameter groups held at ``init``'s values by ``handlers.condition``: ``"experts"``,
-        ``"gates"``, ``"noise"`` (each with its intercepts).
+        ``"gates"``, ``"noise"`` (each with its intercepts; the noise with the Student-t degrees
+        of freedom).
     priors, shared_noise
         The model's priors and noise structure (see `moe_priors`).
+    family, df
+        The experts' noise (see `moe_priors`): ``"student_t"`` with ``df=None`` estimates the
+        degrees of freedom (site ``df``, starting at ``init``'s or 4); a number fixes them.
     num_steps, learning_rate
         Adam steps and step size.
     tol
@@ -426,13 +507,20 @@ def fit_map(
         raise ValueError(
             f"init: fit_map takes one start, got {starts.experts.shape[0]}; run fit_em for several"
         )
-    start = _first(starts).replace(noise=_starting_noise(starts, x, y)[0])
+    family, df = check_family(family, df, starts.experts.shape[1])
+    start = _first(starts).replace(
+        noise=_starting_noise(starts, x, y)[0],
+        df=starting_df(starts.df, family, df, starts.experts.shape[:2], x.dtype, clip=False),
+    )
+    start = start.replace(df=None if start.df is None else start.df[0])
     model_kwargs = dict(
         num_experts=start.num_experts,
         link=start.link,
         intercepts=start.has_intercepts,
         shared_noise=shared_noise,
         priors=priors,
+        family=family,
+        df=df,
     )
     fixed = fixed_sites(fix, start, shared_noise=shared_noise)
     model = handlers.condition(moe_regression, fixed) if fixed else moe_regression
@@ -440,7 +528,7 @@ def fit_map(
     svi = SVI(model, guide, optax.adam(learning_rate), Trace_ELBO())
     result = svi.run(key, num_steps, x, y, progress_bar=progress_bar, **model_kwargs)
     sites = {**params_to_sites(start, shared_noise=shared_noise), **guide.median(result.params), **fixed}
-    params = sites_to_params(sites, link=start.link)
+    params = sites_to_params(sites, link=start.link, df=start.df)
     history = -np.asarray(result.losses) / x.shape[0]
     window = max(num_steps // 10, 1)
     converged = bool(num_steps > window and abs(history[-1] - history[-1 - window]) < tol)
@@ -474,6 +562,8 @@ def fit_moe(
     shared_noise: bool = False,
     penalized: bool = True,
     priors: dict | None = None,
+    family: str = "normal",
+    df=None,
     num_starts: int = 5,
     estimate_options: dict | None = None,
     max_iterations: int = 500,
@@ -496,6 +586,10 @@ def fit_moe(
     penalized, priors
         Penalised (MAP) EM under the model's priors (the default) or maximum likelihood; see
         `fit_em`.
+    family, df
+        Gaussian experts (``"normal"``, the default) or robust Student-t experts
+        (``"student_t"``, by ECM; ``df=None`` estimates the degrees of freedom, starting at 4, a
+        number fixes them); see `fit_em`. The moment estimate's start is the same either way.
     num_starts
         EM starts in all: the tensor estimate (when k <= d; its gate first fitted by EM with the
         experts fixed) and ``num_starts - 1`` `random_starts`.
@@ -515,6 +609,7 @@ def fit_moe(
     link = resolve_link(link)
     key = check_key(key)
     num_experts = check_num_experts(num_experts, x.shape[1], require_k_le_d=False)
+    family, df = check_family(family, df, num_experts)
     num_starts = check_positive_int(num_starts, "num_starts")
     max_iterations = check_positive_int(max_iterations, "max_iterations")
     tol = check_positive(tol, "tol")
@@ -531,6 +626,8 @@ def fit_moe(
         shared_noise=shared_noise,
         penalized=penalized,
         priors=priors,
+        family=family,
+        df=df,
         max_iterations=max_iterations,
         tol=tol,
         progress_bar=progress_bar,
@@ -556,6 +653,8 @@ def fit_moe(
                 key=random_key,
                 link=link,
                 intercepts=intercepts,
+                family=family,
+                df=df,
             )
         )
         labels += ["random"] * count

@@ -13,6 +13,8 @@ site                   shape        dims                   meaning
 ``noise``              () or (k,)   () or (expert,)        noise sd, shared or one per expert
 ``expert_intercepts``  (k,)         (expert,)              only with ``intercepts=True``
 ``gate_intercepts``    (k - 1,)     (gate,)                only with ``intercepts=True``
+``df``                 (k,)         (expert,)              Student-t degrees of freedom, only with
+                                                           ``family="student_t"`` and ``df=None``
 =====================  ===========  =====================  =====================================
 
 Under ``numpyro.handlers.scope(prefix="a")`` the names become ``a/experts`` and so on; every
@@ -36,8 +38,10 @@ from numpyro_moe._links import Link
 from numpyro_moe._params import MoEParams
 
 __all__ = [
+    "FAMILIES",
     "PARAMETER_SITES",
     "as_params",
+    "check_family",
     "check_fix",
     "default_priors",
     "fixed_sites",
@@ -52,12 +56,55 @@ __all__ = [
     "sites_to_params",
 ]
 
-PARAMETER_SITES = ("experts", "gates", "noise", "expert_intercepts", "gate_intercepts")
+PARAMETER_SITES = ("experts", "gates", "noise", "expert_intercepts", "gate_intercepts", "df")
 _GROUPS = {  # parameter group -> its sites (the vocabulary of ``fix``)
     "experts": ("experts", "expert_intercepts"),
     "gates": ("gates", "gate_intercepts"),
-    "noise": ("noise",),
+    "noise": ("noise", "df"),  # the experts' noise distribution: its scales and (t) degrees of freedom
 }
+FAMILIES = ("normal", "student_t")
+
+
+def check_family(family, df, num_experts: int | None = None):
+    """``(family, df)`` checked: ``family`` one of `FAMILIES`; ``df`` None, or (Student-t only) a
+    positive finite number or a (k,) array of them, returned as a float array (shape () or (k,)).
+
+    Raises
+    ------
+    ValueError
+        Naming ``family`` or ``df``.
+    """
+    if not isinstance(family, str) or family not in FAMILIES:
+        raise ValueError(f"family: expected one of {list(FAMILIES)}, got {family!r}")
+    if df is None:
+        return family, None
+    if family == "normal":
+        raise ValueError(
+            "df: degrees of freedom given with family='normal' (Gaussian experts have none); pass "
+            "family='student_t' for Student-t experts, or drop df"
+        )
+    traced = isinstance(df, jax.core.Tracer)
+    try:
+        kind = "f" if traced else np.asarray(df).dtype.kind
+    except (TypeError, ValueError):
+        kind = "O"
+    if isinstance(df, bool | str) or kind not in "iuf":
+        raise ValueError(
+            f"df: expected None (degrees of freedom estimated) or a positive number of degrees of freedom "
+            f"(or one per expert), got {df!r}"
+        )
+    if traced:
+        return family, df
+    value = np.asarray(df, dtype=float)
+    shapes = [(), (num_experts,)] if num_experts is not None else None
+    if (shapes is not None and value.shape not in shapes) or value.ndim > 1:
+        expected = f"() or ({num_experts},)" if num_experts is not None else "() or (k,)"
+        raise ValueError(
+            f"df: expected a number or an array of shape {expected} (one per expert), got shape {value.shape}"
+        )
+    if not np.all(np.isfinite(value) & (value > 0)):
+        raise ValueError(f"df: expected positive finite degrees of freedom, got {value.tolist()}")
+    return family, jnp.asarray(value, jnp.result_type(float))
 
 
 def default_priors() -> dict[str, dist.Distribution]:
@@ -79,6 +126,12 @@ def default_priors() -> dict[str, dist.Distribution]:
       density vanishes at zero faster than any power, so an expert that collapses onto a few points
       (a variance going to zero, an unbounded likelihood) cannot win; with n_i points the noise
       step adds about 3 pseudo-points and 0.3 s of residual, negligible once n_i is in the tens.
+      For Student-t experts it is the prior of their scales s_i.
+    - ``df`` (Student-t experts' degrees of freedom nu_i, when estimated): Gamma(2, 0.1), mode 10,
+      mean 20, the weakly informative prior of Juarez and Steel (2010, "Model-based clustering of
+      non-Gaussian panel data based on skew-t distributions"): it keeps nu_i off the boundaries
+      (nu -> 0, where the density degenerates, and nu -> infinity, the flat likelihood of
+      Gaussian-looking data) while the data decide in between. Unused by Gaussian experts.
 
     Pass ``priors=`` to `moe_priors` (and to the fits) to replace any of them, e.g. when y is not
     standardised.
@@ -89,6 +142,7 @@ def default_priors() -> dict[str, dist.Distribution]:
         "noise": dist.InverseGamma(2.0, 0.3),
         "expert_intercepts": dist.Normal(0.0, 1.0),
         "gate_intercepts": dist.Normal(0.0, 2.5),
+        "df": dist.Gamma(2.0, 0.1),
     }
 
 
@@ -138,6 +192,8 @@ def moe_priors(
     intercepts: bool = False,
     shared_noise: bool = False,
     priors: dict | None = None,
+    family: str = "normal",
+    df=None,
 ) -> MoEParams:
     """Sample the mixture-of-experts parameter sites inside any NumPyro model.
 
@@ -157,14 +213,31 @@ def moe_priors(
         ``"noise"``, ``"expert_intercepts"``, ``"gate_intercepts"``). A prior is a NumPyro
         distribution with event shape () (expanded to the site's shape; its batch shape may hold
         per-entry parameters, e.g. ``Normal(group_mean, tau)`` with ``group_mean`` of shape (k, d))
-        or with an event shape that ends the site's shape.
+        or with an event shape that ends the site's shape. ``"df"`` is the prior of estimated
+        Student-t degrees of freedom.
+    family
+        The experts' noise: ``"normal"`` (Gaussian experts, the default) or ``"student_t"``,
+        ``y | z = i, x ~ StudentT(nu_i, g(a_i . x + c_i), s_i)`` with scale s_i (site ``noise``),
+        robust to outliers (Peel and McLachlan 2000; McLachlan and Peel 2000, "Finite Mixture
+        Models", ch. 7).
+    df
+        Student-t degrees of freedom: None (the default) estimates them, one per expert (site
+        ``df`` of shape (k,), prior ``priors["df"]``, default Gamma(2, 0.1)); a positive number or
+        a (k,) array fixes them (no site). Only with ``family="student_t"``.
 
     Returns
     -------
     MoEParams
-        The sampled values with the gates' fixed last row (zero) appended, noise of shape (k,)
-        and the link.
+        The sampled values with the gates' fixed last row (zero) appended, noise of shape (k,),
+        the link, and ``df`` (k,) for Student-t experts (None for Gaussian ones).
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``family``, or a ``df`` that is not None or positive degrees of freedom (or
+        is given with Gaussian experts).
     """
+    family, df = check_family(family, df, num_experts)
     chosen = resolve_priors(priors)
     free = num_experts - 1
 
@@ -187,7 +260,10 @@ def moe_priors(
         expert_intercepts = sample("expert_intercepts", (num_experts,), ["expert"])
         free_bias = sample("gate_intercepts", (free,), ["gate"]) if free else jnp.zeros((0,))
         gate_intercepts = jnp.concatenate([free_bias, jnp.zeros((1,), jnp.result_type(free_bias))])
-    return MoEParams(experts, gates, noise, expert_intercepts, gate_intercepts, link)
+    degrees = None
+    if family == "student_t":
+        degrees = sample("df", (num_experts,), ["expert"]) if df is None else jnp.broadcast_to(df, (num_experts,))
+    return MoEParams(experts, gates, noise, expert_intercepts, gate_intercepts, link, degrees)
 
 
 def moe_regression(
@@ -199,6 +275,8 @@ def moe_regression(
     intercepts: bool = False,
     shared_noise: bool = False,
     priors: dict | None = None,
+    family: str = "normal",
+    df=None,
 ) -> MoEParams:
     """Softmax-gated mixture-of-experts regression: `moe_priors`, a plate ``obs`` and the
     `MixtureOfExperts` likelihood of ``y`` (the expert marginalised, log-likelihood per point).
@@ -209,8 +287,8 @@ def moe_regression(
         (n, d) inputs (standardise real data first).
     y
         (n,) responses, or None to sample them (prior / posterior predictive).
-    num_experts, link, intercepts, shared_noise, priors
-        As in `moe_priors`.
+    num_experts, link, intercepts, shared_noise, priors, family, df
+        As in `moe_priors` (``family="student_t"``: Student-t experts, df estimated unless given).
 
     Returns
     -------
@@ -224,6 +302,8 @@ def moe_regression(
         intercepts=intercepts,
         shared_noise=shared_noise,
         priors=priors,
+        family=family,
+        df=df,
     )
     with numpyro.plate("obs", jnp.shape(x)[0]):
         numpyro.sample("y", MixtureOfExperts.from_params(params, x), obs=y)
@@ -239,6 +319,8 @@ def moe_regression_enumerated(
     intercepts: bool = False,
     shared_noise: bool = False,
     priors: dict | None = None,
+    family: str = "normal",
+    df=None,
 ) -> MoEParams:
     """`moe_regression` with the expert of each point as a latent site ``expert_assignment``.
 
@@ -253,6 +335,8 @@ def moe_regression_enumerated(
         intercepts=intercepts,
         shared_noise=shared_noise,
         priors=priors,
+        family=family,
+        df=df,
     )
     means = params.expert_means(x)
     scales = jnp.broadcast_to(params.noise, means.shape)
@@ -262,9 +346,13 @@ def moe_regression_enumerated(
             dist.Categorical(logits=params.gate_logits(x)),
             infer={"enumerate": "parallel"},
         )
-        numpyro.sample(
-            "y", dist.Normal(Vindex(means)[..., assignment], Vindex(scales)[..., assignment]), obs=y
-        )
+        loc, scale = Vindex(means)[..., assignment], Vindex(scales)[..., assignment]
+        if params.df is None:
+            likelihood = dist.Normal(loc, scale)
+        else:
+            degrees = Vindex(jnp.broadcast_to(params.df, means.shape))[..., assignment]
+            likelihood = dist.StudentT(degrees, loc, scale)
+        numpyro.sample("y", likelihood, obs=y)
     return params
 
 
@@ -316,6 +404,10 @@ def params_to_sites(params, *, prefix: str = "", shared_noise: bool = False) -> 
     shared_noise
         Whether the model's ``noise`` site is shared (shape (), the mean of the k noises) or one per
         expert (shape (k,), `moe_priors`' default).
+
+    A record with degrees of freedom (Student-t experts) also gives the ``df`` site (k,), which a
+    model with fixed degrees of freedom does not have (conditioning on it or starting it is then a
+    no-op).
     """
     params = as_params(params).normalized()
     noise = jnp.asarray(params.noise)
@@ -329,14 +421,18 @@ def params_to_sites(params, *, prefix: str = "", shared_noise: bool = False) -> 
         if params.num_experts > 1:
             gate_bias = zeros if params.gate_intercepts is None else params.gate_intercepts
             sites["gate_intercepts"] = gate_bias[:-1]
+    if params.df is not None:
+        sites["df"] = jnp.broadcast_to(jnp.asarray(params.df), (params.num_experts,))
     return {site_name(prefix, name): value for name, value in sites.items()}
 
 
-def sites_to_params(sites: dict, *, prefix: str = "", link: str | Link = "linear") -> MoEParams:
+def sites_to_params(sites: dict, *, prefix: str = "", link: str | Link = "linear", df=None) -> MoEParams:
     """`MoEParams` from one draw of `moe_priors`' sites (the inverse of `params_to_sites`).
 
     A shared noise (shape ()) is broadcast to (k,). Leading batch axes (draws) are kept, so the
-    result of ``jax.vmap(sites_to_params)`` stacks records.
+    result of ``jax.vmap(sites_to_params)`` stacks records. The degrees of freedom of Student-t
+    experts come from the ``df`` site, or, for a model that fixes them (no site), from ``df``
+    (a number or (k,) array); with neither the experts are Gaussian.
     """
     get = lambda name, default=None: sites.get(site_name(prefix, name), default)  # noqa: E731
     if get("experts") is None:
@@ -354,12 +450,17 @@ def sites_to_params(sites: dict, *, prefix: str = "", link: str | Link = "linear
         expert_intercepts = jnp.asarray(get("expert_intercepts"))
         free_bias = jnp.asarray(get("gate_intercepts", jnp.zeros((*batch, 0), experts.dtype)))
         gate_intercepts = jnp.concatenate([free_bias, jnp.zeros((*batch, 1), free_bias.dtype)], axis=-1)
-    return MoEParams(experts, gates, noise, expert_intercepts, gate_intercepts, link)
+    degrees = get("df")
+    if degrees is None and df is not None:
+        degrees = jnp.broadcast_to(jnp.asarray(df, experts.dtype), (*batch, k))
+    degrees = None if degrees is None else jnp.asarray(degrees)
+    return MoEParams(experts, gates, noise, expert_intercepts, gate_intercepts, link, degrees)
 
 
 def fixed_sites(fix, params, *, prefix: str = "", shared_noise: bool = False) -> dict[str, jax.Array]:
     """The site values that hold the parameter groups in ``fix`` (``"experts"``, ``"gates"``,
-    ``"noise"``; each with its intercepts) at ``params``, for ``handlers.condition``."""
+    ``"noise"``; each with its intercepts, the noise with the Student-t degrees of freedom) at
+    ``params``, for ``handlers.condition``."""
     fix = check_fix(fix)
     sites = params_to_sites(params, prefix=prefix, shared_noise=shared_noise)
     names = {site_name(prefix, site) for group in fix for site in _GROUPS[group]}

@@ -6,6 +6,10 @@ Model (DESIGN section 1), for one input x in R^d::
     y | z = i, x ~ Normal(g(a_i . x + c_i), s_i^2)    a_i = experts[i]; c = expert_intercepts;
                                                        s = noise (k,); g = link
 
+or, with degrees of freedom ``df`` (nu, (k,)), robust Student-t experts::
+
+    y | z = i, x ~ StudentT(nu_i, g(a_i . x + c_i), s_i)   (s_i the scale, not the sd)
+
 The record carries its link, so a saved fit is self-describing and everything downstream (the
 likelihood, prediction, metrics, EM) needs nothing from the caller but data.
 """
@@ -45,6 +49,10 @@ class MoEParams:
     link
         The expert link g (a name such as ``"tanh"``, or a callable, resolved to a `Link`);
         static under ``jit`` and ``vmap``: a leading batch axis on the arrays stacks records.
+    df
+        (k,) degrees of freedom nu_i of Student-t experts (then ``noise`` holds their scales), or
+        None for Gaussian experts (the default). A leaf like the intercepts; keyword-only in
+        practice (it follows ``link``).
     """
 
     experts: jax.Array
@@ -53,6 +61,7 @@ class MoEParams:
     expert_intercepts: jax.Array | None = None
     gate_intercepts: jax.Array | None = None
     link: Link = dataclasses.field(default="linear", metadata={"static": True})
+    df: jax.Array | None = None
 
     def __post_init__(self):
         # Only the static link is touched: JAX rebuilds records with placeholder leaves.
@@ -86,7 +95,7 @@ class MoEParams:
     def permute(self, permutation) -> MoEParams:
         """Relabel the experts: expert ``i`` of the result is expert ``permutation[i]`` of self.
 
-        Experts, gates, noise and intercepts move together; the gates are re-normalised so the
+        Experts, gates, noise, intercepts and degrees of freedom move together; the gates are re-normalised so the
         last row stays zero.
 
         Raises
@@ -114,6 +123,7 @@ class MoEParams:
             noise=noise,
             expert_intercepts=take(self.expert_intercepts),
             gate_intercepts=take(self.gate_intercepts),
+            df=None if self.df is None or jnp.ndim(self.df) == 0 else self.df[permutation],
         ).normalized()
 
     def gate_logits(self, x) -> jax.Array:
@@ -141,5 +151,9 @@ class MoEParams:
         return means
 
     def predictive_mean(self, x) -> jax.Array:
-        """(n,) E[y | x] = sum_i P(z = i | x) g(a_i . x + c_i)."""
+        """(n,) E[y | x] = sum_i P(z = i | x) g(a_i . x + c_i).
+
+        For Student-t experts this is the gate-weighted sum of their locations: E[y | x] where
+        every nu_i > 1 (with nu_i <= 1 the expert has no mean and this is its centre).
+        """
         return jnp.sum(self.gate_probabilities(x) * self.expert_means(x), axis=-1)

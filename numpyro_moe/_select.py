@@ -5,7 +5,8 @@ method (`suggest_num_experts`) is reported as a hint, not used to choose: it cou
 above the sampling-noise floor and only under a Gaussian design.
 
 - BIC (Schwarz 1978): ``-2 log L + p log n``, with p the free parameters (experts and their
-  intercepts, the free gate rows and theirs, one noise per expert or one shared).
+  intercepts, the free gate rows and theirs, one noise per expert or one shared, and the k
+  degrees of freedom of Student-t experts when they are estimated).
 - ICL (Biernacki, Celeux and Govaert 2000, "Assessing a mixture model for clustering with the
   integrated completed likelihood"): BIC plus twice the entropy of the responsibilities, which
   favours well-separated experts. Lower is better for both.
@@ -27,6 +28,7 @@ import numpy as np
 from numpyro_moe._experts import suggest_num_experts
 from numpyro_moe._fit import Fit, check_data, fit_moe
 from numpyro_moe._links import Link, resolve_link
+from numpyro_moe._model import check_family
 from numpyro_moe._params import MoEParams
 from numpyro_moe._validation import ReliabilityWarning, check_key, check_positive_int
 
@@ -65,13 +67,15 @@ class Selection(NamedTuple):
     spectrum_hint: int | None = None
 
 
-def num_parameters(params: MoEParams, *, shared_noise: bool = False) -> int:
+def num_parameters(params: MoEParams, *, shared_noise: bool = False, fixed_df: bool = False) -> int:
     """Free parameters of a mixture of experts: experts (and their intercepts), the k - 1 free
-    gate rows (and theirs), and k noises (one when ``shared_noise``)."""
+    gate rows (and theirs), k noises (one when ``shared_noise``), and the k degrees of freedom of
+    Student-t experts (``params.df`` set) unless they were fixed (``fixed_df``)."""
     k = params.num_experts
     expert_width = params.experts.shape[-1] + (params.expert_intercepts is not None)
     gate_width = params.gates.shape[-1] + (params.gate_intercepts is not None)
-    return k * expert_width + (k - 1) * gate_width + (1 if shared_noise else k)
+    degrees = k if params.df is not None and not fixed_df else 0
+    return k * expert_width + (k - 1) * gate_width + (1 if shared_noise else k) + degrees
 
 
 def _candidates(num_experts) -> list[int]:
@@ -96,6 +100,8 @@ def select_num_experts(
     shared_noise: bool = False,
     penalized: bool = True,
     priors: dict | None = None,
+    family: str = "normal",
+    df=None,
     num_starts: int = 5,
     estimate_options: dict | None = None,
     max_iterations: int = 500,
@@ -114,9 +120,10 @@ def select_num_experts(
         The k to try (distinct positive integers).
     criterion
         ``"bic"`` (default) or ``"icl"``; the lowest wins.
-    link, intercepts, shared_noise, penalized, priors, num_starts, estimate_options,
+    link, intercepts, shared_noise, penalized, priors, family, df, num_starts, estimate_options,
     max_iterations, tol, progress_bar
-        As in `fit_moe`, for every k.
+        As in `fit_moe`, for every k (``family="student_t"``: robust Student-t experts; their
+        degrees of freedom, when estimated (``df=None``), count as k parameters).
 
     Returns
     -------
@@ -131,6 +138,7 @@ def select_num_experts(
     candidates = _candidates(num_experts)
     if criterion not in _CRITERIA:
         raise ValueError(f"criterion: expected one of {list(_CRITERIA)}, got {criterion!r}")
+    family, df = check_family(family, df)
     n = x.shape[0]
     fits, table, notes = {}, [], []
     for k, fit_key in zip(candidates, jax.random.split(key, len(candidates)), strict=True):
@@ -146,6 +154,8 @@ def select_num_experts(
                 shared_noise=shared_noise,
                 penalized=penalized,
                 priors=priors,
+                family=family,
+                df=df,
                 num_starts=num_starts,
                 estimate_options=estimate_options,
                 max_iterations=max_iterations,
@@ -154,7 +164,7 @@ def select_num_experts(
             )
         notes += [(k, warning) for warning in caught]
         fits[k] = fit
-        parameters = num_parameters(fit.params, shared_noise=shared_noise)
+        parameters = num_parameters(fit.params, shared_noise=shared_noise, fixed_df=df is not None)
         bic = -2 * n * fit.log_likelihood + parameters * math.log(n)
         entropy = float(fit.entropy) if fit.entropy is not None else 0.0
         weights = fit.expert_weights if fit.expert_weights is not None else np.ones(k) / k

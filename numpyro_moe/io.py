@@ -86,6 +86,22 @@ def _load_class(path: str):
     return target
 
 
+def _defaults(kind) -> dict:
+    """The fields of a record class that have defaults."""
+    if dataclasses.is_dataclass(kind):
+        return {
+            field.name
+            for field in dataclasses.fields(kind)
+            if field.default is not dataclasses.MISSING or field.default_factory is not dataclasses.MISSING
+        }
+    return set(kind._field_defaults)
+
+
+def _present(data: dict, prefix: str) -> bool:
+    """Whether the file holds an entry for ``prefix`` (a value, a marker or nested fields)."""
+    return prefix in data or any(name.startswith((f"{prefix}#", f"{prefix}/")) for name in data)
+
+
 def _unflatten(data: dict, prefix: str, links: dict):
     if f"{prefix}#none" in data:
         return None
@@ -106,7 +122,14 @@ def _unflatten(data: dict, prefix: str, links: dict):
             if dataclasses.is_dataclass(kind)
             else kind._fields
         )
-        values = {name: _unflatten(data, f"{prefix}/{name}", links) for name in names}
+        defaults = _defaults(kind)
+        # A field the file lacks and the class defaults (added since the file was written, e.g.
+        # MoEParams.df) takes its default, so older files keep loading.
+        values = {
+            name: _unflatten(data, f"{prefix}/{name}", links)
+            for name in names
+            if name not in defaults or _present(data, f"{prefix}/{name}")
+        }
         return kind(**values)
     for kind in (tuple, list):
         if f"{prefix}#{kind.__name__}" in data:
