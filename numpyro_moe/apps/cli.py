@@ -71,6 +71,19 @@ def _one_hot(text: str | None):
     return "all" if text.strip() == "all" else [name.strip() for name in text.split(",") if name.strip()]
 
 
+def _df(text: str) -> float | None:
+    """``--df``: ``auto`` (estimate) or a positive number."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"--df: expected a positive number or auto, got {text!r}")
+    return value
+
+
 def _fit(args: argparse.Namespace) -> int:
     import numpyro
 
@@ -99,6 +112,8 @@ def _fit(args: argparse.Namespace) -> int:
         missing=args.missing,
         one_hot=_one_hot(args.one_hot),
         shared_noise=args.shared_noise,
+        family=args.family,
+        df=_df(args.df),
         nuts=args.nuts,
         seed=args.seed,
         num_starts=args.starts,
@@ -196,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--shared-noise", action="store_true", help="one noise sd for all experts (default: one per expert)"
+    )
+    fit.add_argument(
+        "--family",
+        choices=("normal", "student_t"),
+        default="normal",
+        help="the experts' noise: normal, or student_t (robust to outliers)",
+    )
+    fit.add_argument(
+        "--df", default="auto", help="Student-t degrees of freedom: a number > 0, or auto to estimate them"
     )
     fit.add_argument("--nuts", action="store_true", help="also run NUTS from the fit and write a DataTree")
     fit.add_argument("--out", help="output folder (default: <DATA>-moe, or <DATA>-moe-k<K> for one k)")

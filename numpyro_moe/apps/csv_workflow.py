@@ -57,6 +57,8 @@ def _parameter_table(params: MoEParams, feature_names: list[str]) -> str:
     lines.append(
         "noise," + ",".join(f"{float(v):.6g}" for v in np.broadcast_to(params.noise, (params.num_experts,)))
     )
+    if params.df is not None:
+        lines.append("df," + ",".join(f"{float(v):.6g}" for v in np.broadcast_to(params.df, (params.num_experts,))))
     return "\n".join(lines) + "\n"
 
 
@@ -143,6 +145,8 @@ def fit_csv(
     missing: str = "error",
     one_hot: str | list[str] = (),
     shared_noise: bool = False,
+    family: str = "normal",
+    df: float | None = None,
     nuts: bool = False,
     seed: int = 0,
     num_starts: int = 5,
@@ -159,7 +163,8 @@ def fit_csv(
     is `fit_moe` (the tensor estimate among random starts, joint EM). With several numbers of
     experts (a sequence, or ``"auto"`` = `AUTO_EXPERTS`, leaving out those the rows cannot support)
     `numpyro_moe.select_num_experts` fits each and keeps the best by ``criterion`` (``"bic"`` or
-    ``"icl"``). With ``nuts``, `run_nuts` from the fit.
+    ``"icl"``). ``family="student_t"`` fits robust Student-t experts (``df`` fixed degrees of
+    freedom, or None to estimate them). With ``nuts``, `run_nuts` from the fit.
 
     Outputs: ``model.json`` (format `FORMAT`: the package version, columns, one-hot levels,
     features, target, standardisation, training ranges, link, noise, number of experts, seed, the
@@ -223,6 +228,8 @@ def fit_csv(
             "num_starts": num_starts,
             "intercepts": True,
             "shared_noise": shared_noise,
+            "family": family,
+            "df": df,
             "progress_bar": bars,
         }
         with column_names_in_warnings(data.feature_names):
@@ -265,7 +272,8 @@ def fit_csv(
             },
             "num_experts": k,
             "link": params.link.name,
-            "noise": "normal",
+            "noise": family,
+            "df": None if family == "normal" else ("estimated" if df is None else float(df)),
             "shared_noise": bool(shared_noise),
             "intercepts": True,
             "seed": seed,
@@ -290,6 +298,8 @@ def fit_csv(
         }
         (staging / "model.json").write_text(json.dumps(model, indent=2) + "\n")
         noise = "one noise sd" if shared_noise else "a noise sd per expert"
+        if family != "normal":
+            noise = f"Student-t experts ({'estimated' if df is None else df} degrees of freedom), {noise}"
         summary = [
             f"data: {path} ({n} rows, features {data.feature_names}, target {data.target!r}), standardised",
             *notes,
@@ -313,6 +323,8 @@ def fit_csv(
                 fit,
                 key=nuts_key,
                 shared_noise=shared_noise,
+                family=family,
+                df=df,
                 num_chains=num_chains,
                 num_warmup=num_warmup,
                 num_samples=num_samples,
