@@ -17,7 +17,7 @@ import numpyro.distributions as dist
 import pytest
 from numpyro.infer.util import log_density
 from scipy.special import log_softmax, logsumexp, softmax
-from scipy.stats import halfnorm, norm
+from scipy.stats import invgamma, norm
 
 import numpyro_moe as moe
 from numpyro_moe import MixtureOfExperts
@@ -376,7 +376,7 @@ def test_log_density_of_a_model_is_the_sum_of_log_prob_and_the_priors():
     priors = (
         norm.logpdf(np.asarray(params.experts), 0, 1).sum()
         + norm.logpdf(np.asarray(params.gates[:-1]), 0, 2.5).sum()
-        + halfnorm.logpdf(np.asarray(params.noise), scale=1).sum()
+        + invgamma.logpdf(np.asarray(params.noise), 2.0, scale=0.3).sum()  # the default noise prior
         + norm.logpdf(np.asarray(params.expert_intercepts), 0, 1).sum()
         + norm.logpdf(np.asarray(params.gate_intercepts[:-1]), 0, 2.5).sum()
     )
