@@ -29,6 +29,7 @@ and >= least squares', its MSE <= least squares'; also reported: >= flexmix's be
 
 Usage: python benchmarks/real_data.py [--quick] [--skip-flexmix] [--skip-nuts]
                                       [--datasets motorcycle,faithful] [--keep DIR]
+                                      [--compilation-cache fresh|user]
 ``--quick``: only the two smallest data sets and no NUTS (a few minutes).
 """
 
@@ -38,6 +39,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -429,9 +431,11 @@ def cli_status(cli: Path) -> str | None:
     return None
 
 
-def timed(command: list[str]) -> float:
+def timed(command: list[str], environment: dict[str, str] | None) -> float:
     start = time.perf_counter()
-    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
+    result = subprocess.run(
+        command, check=False, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S, env=environment
+    )
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         shown = " ".join(command[1:3])
@@ -469,51 +473,22 @@ def max_r_hat(folder: Path) -> float:
     return max(values) if values else math.nan
 
 
-def numpyro_moe(split: Split, folder: Path, cli: Path, *, nuts: bool) -> tuple[list[dict], list[str]]:
-    cli = str(cli)
-    target = split.dataset.target
+def numpyro_moe(
+    split: Split, folder: Path, cli: Path, *, nuts: bool, environment: dict[str, str] | None
+) -> tuple[list[dict], list[str]]:
+    """The package's rows: the point fit at its own k, and (with ``nuts``) the posterior at that k."""
+    train, test, target = str(split.train_csv), str(split.test_csv), split.dataset.target
     rows, notes = [], []
     point_dir, point_csv = folder / "moe_point", folder / "pred_point.csv"
     try:
-        fit_s = timed(
-            [
-                cli,
-                "fit",
-                str(split.train_csv),
-                "--target",
-                target,
-                "--experts",
-                "auto",
-                "--out",
-                str(point_dir),
-                "--quiet",
-            ]
-        )
-        predict_s = timed(
-            [
-                cli,
-                "predict",
-                str(point_dir),
-                str(split.test_csv),
-                "--out",
-                str(point_csv),
-                "--point",
-                "--quiet",
-            ]
-        )
+        fit_command = [str(cli), "fit", train, "--target", target, "--experts", "auto"]
+        fit_s = timed([*fit_command, "--out", str(point_dir), "--quiet"], environment)
+        predict_command = [str(cli), "predict", str(point_dir), test, "--out", str(point_csv), "--point"]
+        predict_s = timed([*predict_command, "--quiet"], environment)
         k = fitted_num_experts(point_dir)
         loglik, mse = read_prediction(point_csv, split.y_test)
-        rows.append(
-            row(
-                split,
-                PACKAGE_POINT,
-                k=k,
-                heldout_loglik_per_point=loglik,
-                heldout_mse=mse,
-                fit_seconds=fit_s,
-                predict_seconds=predict_s,
-            )
-        )
+        figures = {"heldout_loglik_per_point": loglik, "heldout_mse": mse}
+        rows.append(row(split, PACKAGE_POINT, k=k, fit_seconds=fit_s, predict_seconds=predict_s, **figures))
     except (RuntimeError, subprocess.TimeoutExpired, OSError, KeyError, ValueError) as error:
         notes.append(f"{split.dataset.name}: numpyro-moe point fit: {error}")
         return rows, notes
@@ -521,37 +496,13 @@ def numpyro_moe(split: Split, folder: Path, cli: Path, *, nuts: bool) -> tuple[l
         return rows, notes
     nuts_dir, nuts_csv = folder / "moe_nuts", folder / "pred_nuts.csv"
     try:
-        fit_s = timed(
-            [
-                cli,
-                "fit",
-                str(split.train_csv),
-                "--target",
-                target,
-                "--experts",
-                str(k),
-                "--nuts",
-                "--out",
-                str(nuts_dir),
-                "--quiet",
-            ]
-        )
-        predict_s = timed(
-            [cli, "predict", str(nuts_dir), str(split.test_csv), "--out", str(nuts_csv), "--quiet"]
-        )
+        fit_command = [str(cli), "fit", train, "--target", target, "--experts", str(k), "--nuts"]
+        fit_s = timed([*fit_command, "--out", str(nuts_dir), "--quiet"], environment)
+        predict_command = [str(cli), "predict", str(nuts_dir), test, "--out", str(nuts_csv)]
+        predict_s = timed([*predict_command, "--quiet"], environment)
         loglik, mse = read_prediction(nuts_csv, split.y_test)
-        rows.append(
-            row(
-                split,
-                PACKAGE_NUTS,
-                k=k,
-                heldout_loglik_per_point=loglik,
-                heldout_mse=mse,
-                fit_seconds=fit_s,
-                predict_seconds=predict_s,
-                max_r_hat=max_r_hat(nuts_dir),
-            )
-        )
+        figures = {"heldout_loglik_per_point": loglik, "heldout_mse": mse, "max_r_hat": max_r_hat(nuts_dir)}
+        rows.append(row(split, PACKAGE_NUTS, k=k, fit_seconds=fit_s, predict_seconds=predict_s, **figures))
     except (RuntimeError, subprocess.TimeoutExpired, OSError, KeyError, ValueError) as error:
         notes.append(f"{split.dataset.name}: numpyro-moe NUTS: {error}")
     return rows, notes
@@ -582,10 +533,12 @@ def print_table(rows: list[dict]) -> None:
             notes.append(f"max r_hat {float(line['max_r_hat']):.3f}")
         if line["figures"] != "measured":
             notes.append(line["figures"])
+        loglik = _number(line["heldout_loglik_per_point"], ".4f")
+        mse = _number(line["heldout_mse"], ".5g")
+        seconds = _number(line["fit_seconds"], ".2f")
         print(
-            f"{line['dataset']:12s} {line['n_train']:>7} {line['d']:>3}  {line['method']:34s} {line['k']!s:>2s} "
-            f"{_number(line['heldout_loglik_per_point'], '.4f'):>10s} {_number(line['heldout_mse'], '.5g'):>11s} "
-            f"{_number(line['fit_seconds'], '.2f'):>8s}  {', '.join(notes)}"
+            f"{line['dataset']:12s} {line['n_train']:>7} {line['d']:>3}  {line['method']:34s} "
+            f"{line['k']!s:>2s} {loglik:>10s} {mse:>11s} {seconds:>8s}  {', '.join(notes)}"
         )
 
 
@@ -655,6 +608,13 @@ def main() -> int:
     parser.add_argument("--skip-nuts", action="store_true")
     parser.add_argument("--datasets", help=f"comma-separated, from {', '.join(BY_NAME)}")
     parser.add_argument("--keep", metavar="DIR", help="keep the splits, fits and predictions in DIR (new)")
+    parser.add_argument(
+        "--compilation-cache",
+        choices=["fresh", "user"],
+        default="fresh",
+        help="numpyro-moe's JAX compilation cache: a new empty one for this run (default: the times of a "
+        "user's first run on these data), or the user's own (~/.cache/numpyro-moe/jax, warm after a run)",
+    )
     args = parser.parse_args()
 
     if args.datasets:
@@ -683,6 +643,13 @@ def main() -> int:
     if not nuts:
         missing.append("numpyro-moe NUTS: skipped (" + ("--quick" if args.quick else "--skip-nuts") + ")")
 
+    if args.compilation_cache == "fresh":
+        environment = {**os.environ, "NUMPYRO_MOE_CACHE": str(work / "jax-cache")}
+        print("numpyro-moe runs with a new, empty compilation cache: its times are a first run's")
+    else:
+        environment = None
+        print("numpyro-moe runs with the user's compilation cache: its times may be a repeated run's")
+
     started = time.perf_counter()
     rows, flexmix_detail, notes = [], [], []
     for name in names:
@@ -703,7 +670,9 @@ def main() -> int:
             except (RuntimeError, subprocess.TimeoutExpired) as error:
                 notes.append(f"{name}: {error}")
         if not cli_missing:
-            package_rows, package_notes = numpyro_moe(split, work / name, cli, nuts=nuts)
+            package_rows, package_notes = numpyro_moe(
+                split, work / name, cli, nuts=nuts, environment=environment
+            )
             rows.extend(package_rows)
             notes.extend(package_notes)
             for line in package_rows:
