@@ -46,7 +46,7 @@ class MixtureOfExperts(dist.MixtureSameFamily):
     is (). ``mean`` and ``variance`` are the mixture's; ``log_prob`` is the marginal log-density
     with the expert summed out by logsumexp. With Student-t experts an expert's mean exists only
     where nu_i > 1 and its variance s_i^2 nu_i / (nu_i - 2) only where nu_i > 2: the mixture's
-    ``mean`` is NaN (undefined) where some nu_i <= 1, and its ``variance`` is inf where some
+    ``mean`` is inf (undefined) where some nu_i <= 1, and its ``variance`` is inf where some
     1 < nu_i <= 2 and NaN where some nu_i <= 1 (NumPyro's ``StudentT`` conventions).
 
     Examples

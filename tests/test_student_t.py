@@ -371,8 +371,8 @@ def test_a_student_t_fit_saves_and_loads(outliers, tmp_path):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fit_moe_with_student_t_experts_ignores_outliers(seed):
     # The whole pipeline (the moment estimate and random starts) on outlier data like the
-    # acceptance test's, three seeds. Measured expert errors, t against Gaussian: 0.010 / 0.49,
-    # 0.010 / 0.15, 0.020 / 0.41.
+    # acceptance test's, three seeds. Measured expert errors, t against Gaussian: 0.012 / 0.37,
+    # 0.015 / 0.54, 0.0097 / 0.93.
     x, means, truth = _simulate_gates(10 + seed)
     rng = np.random.default_rng(seed)
     y = means + NOISE * rng.normal(size=NUM_SAMPLES)
@@ -381,7 +381,7 @@ def test_fit_moe_with_student_t_experts_ignores_outliers(seed):
     robust = moe.fit_moe(x, y, num_experts=NUM_EXPERTS, key=jax.random.key(seed), num_starts=3, family="student_t")
     gaussian = moe.fit_moe(x, y, num_experts=NUM_EXPERTS, key=jax.random.key(seed), num_starts=3)
     assert metrics.expert_error(robust, truth) < 0.1
-    assert metrics.expert_error(gaussian, truth) > 2 * metrics.expert_error(robust, truth)
+    assert metrics.expert_error(gaussian, truth) > 0.2
 
 
 @pytest.mark.slow
@@ -404,10 +404,12 @@ def test_select_num_experts_and_nuts_take_the_family(outliers):
     assert selection.num_experts == 3
     row = selection.table[1]
     assert row["num_parameters"] == 3 * DIM + 2 * DIM + 3 + 3  # the three df counted
-    nuts = moe.run_nuts(
-        x[:300], y[:300], robust, key=jax.random.key(5), family="student_t", df=4.0,
-        num_chains=1, num_warmup=50, num_samples=50,
-    )
+    with warnings.catch_warnings():  # the full data's fit is no mode of 300 points' model: no Laplace metric
+        warnings.simplefilter("ignore", moe.ReliabilityWarning)
+        nuts = moe.run_nuts(
+            x[:300], y[:300], robust, key=jax.random.key(5), family="student_t", df=4.0,
+            num_chains=1, num_warmup=50, num_samples=50,
+        )
     draws = moe.posterior_params(nuts.datatree)
     np.testing.assert_array_equal(draws.df, np.full((50, NUM_EXPERTS), 4.0))  # fixed: recorded in the tree
     prediction = moe.predict(nuts.datatree, x[:10], key=jax.random.key(6), y=y[:10])
