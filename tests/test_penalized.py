@@ -78,8 +78,7 @@ def test_map_by_svi_agrees_with_penalized_em():
 
 def test_a_collapsing_expert_wins_by_likelihood_but_not_under_the_priors():
     # Expert 1 starts exactly through two points with a tiny noise: maximum-likelihood EM sends
-    # its noise to zero (an unbounded likelihood); the noise prior keeps it away from zero, and the
-    # near-empty expert is reported.
+    # its noise to zero (an unbounded likelihood); under the noise prior it cannot collapse.
     x, y, truth = simulation.simulate(key=jax.random.key(7), num_samples=200, dim=2, num_experts=1, noise=0.3)
     through = np.linalg.solve(np.asarray(x[:2]), np.asarray(y[:2]))
     start = moe.MoEParams(
@@ -90,13 +89,29 @@ def test_a_collapsing_expert_wins_by_likelihood_but_not_under_the_priors():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", moe.ReliabilityWarning)
         plain = moe.fit_em(x, y, start, penalized=False, max_iterations=300)
+        penalized = moe.fit_em(x, y, start, max_iterations=300)
     # Collapsing (measured 3e-4 after 300 iterations, still shrinking): its likelihood grows without bound.
     assert float(jnp.min(plain.params.noise)) < 1e-3
-    with pytest.warns(moe.ReliabilityWarning, match=r"expert 1 carries .* fewer than its 3 parameters"):
-        penalized = moe.fit_em(x, y, start, max_iterations=300)
+    # Under the priors the expert leaves the two points (measured: it ends with 104 of the 200 points).
     assert float(jnp.min(penalized.params.noise)) > 0.02
     assert penalized.expert_weights.shape == (2,)
     assert penalized.expert_weights.sum() == pytest.approx(1.0)
+
+
+def test_an_expert_with_almost_no_data_is_reported():
+    # A gate held so that expert 0 gets about e^-12 of the data: far fewer points than its
+    # 3 parameters (2 weights and a noise).
+    x, y, truth = simulation.simulate(key=jax.random.key(7), num_samples=200, dim=2, num_experts=1, noise=0.3)
+    start = moe.MoEParams(
+        jnp.stack([-truth.experts[0], truth.experts[0]]),
+        jnp.zeros((2, 2)),
+        jnp.asarray([0.3, 0.3]),
+        expert_intercepts=jnp.zeros(2),
+        gate_intercepts=jnp.asarray([-12.0, 0.0]),
+    )
+    with pytest.warns(moe.ReliabilityWarning, match=r"expert 0 carries 0\.0 points .* fewer than its 4 parameters"):
+        fit = moe.fit_em(x, y, start, fix=("gates",), max_iterations=50)
+    assert fit.expert_weights[0] < 1e-4
 
 
 def test_default_priors_warn_on_an_unstandardised_response():
