@@ -475,11 +475,13 @@ def test_nuts_from_the_truth_recovers_noise_and_experts(nuts_run):
     samples = mcmc.get_samples()
     assert samples["experts"].shape == (50, 2, 4)
     assert samples["gates"].shape == (50, 1, 4)
-    assert samples["noise"].shape == (50,)
+    assert samples["noise"].shape == (50, 2)  # one noise per expert (the default)
     assert not mcmc.get_extra_fields()["diverging"].any()
-    # The posterior of s concentrates with sd about s/sqrt(2n) = 0.005 at n=200; the posterior
-    # mean sits within a few of those of the truth. Allow 5 (0.025).
-    assert abs(float(samples["noise"].mean()) - 0.1) < 5 * 0.1 / np.sqrt(2 * 200)
+    # The posterior of each expert's s_i concentrates with sd about s/sqrt(2 n_i) = 0.007 with
+    # n_i ~ 100 of the 200 points (the gate's shares; measured sds 0.0066 and 0.0060); each
+    # posterior mean sits within a few of those of the truth (measured 0.102 and 0.093). Allow 5
+    # (0.035).
+    np.testing.assert_array_less(np.abs(np.asarray(samples["noise"].mean(0)) - 0.1), 5 * 0.1 / np.sqrt(2 * 100))
     # Started at the truth, the chain stays in the truth's labelling.
     posterior_mean = sites_to_params({name: value.mean(0) for name, value in samples.items()})
     assert moe.metrics.expert_error(posterior_mean, truth) < 0.1
@@ -495,7 +497,7 @@ def test_arviz_conversion_names_the_dims(nuts_run):
     posterior = idata["posterior"]
     assert posterior["experts"].dims == ("chain", "draw", "expert", "feature")
     assert posterior["gates"].dims == ("chain", "draw", "gate", "feature")
-    assert posterior["noise"].dims == ("chain", "draw")
+    assert posterior["noise"].dims == ("chain", "draw", "expert")  # one noise per expert (the default)
     assert posterior.sizes["expert"] == 2 and posterior.sizes["gate"] == 1
     assert posterior.sizes["feature"] == 4
     log_lik = idata["log_likelihood"]["y"]

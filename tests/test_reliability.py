@@ -503,7 +503,8 @@ def test_run_nuts_names_an_unknown_chain_method(ctx):
 def test_run_nuts_with_one_chain(ctx):
     # One chain takes its start without the chain axis that chain_init_params stacks.
     result = _quiet(moe.run_nuts, ctx.x, ctx.y, ctx.truth, key=K(0), num_chains=1, num_warmup=5, num_samples=5)
-    assert np.asarray(result.datatree["posterior"]["noise"]).shape == (1, 5)
+    k = ctx.truth.num_experts  # one noise per expert (the default)
+    assert np.asarray(result.datatree["posterior"]["noise"]).shape == (1, 5, k)
     assert np.isnan(result.diagnostics["max_r_hat"])
 
 
