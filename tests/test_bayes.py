@@ -1382,7 +1382,8 @@ def test_run_nuts_with_intercepts_recovers_them():
 @pytest.mark.slow
 def test_default_init_label_switching_is_undone_by_relabelling(data):
     # From NumPyro's default init the chains settle in different labellings (with this key and one
-    # noise per expert, three chains in one and one in the other); relabelled to the truth's experts (to_datatree with a reference), they agree.
+    # noise per expert, three chains in one and one in the other); relabelled to the truth's
+    # experts (to_datatree with a reference), they agree.
     x, y, truth = data
     mcmc = MCMC(NUTS(moe.moe_regression), num_warmup=300, num_samples=200, num_chains=4,
                 chain_method="vectorized", progress_bar=False)
