@@ -307,7 +307,7 @@ def fit_em(
     init
         The start(s) (see `as_starts`): `MoEParams` (its link is the fit's), an expert estimate
         (gates start at zero, a uniform gate), a `Fit`, `random_starts`, or a list of these, run
-        together (vmapped); the best final log-likelihood wins, the first of those within ``tol`` of
+        together (vmapped); the best final objective (log posterior per point when penalised, else log-likelihood) wins, the first of those within ``tol`` of
         it on a tie. Intercepts are fitted when the starts have them. A start without a finite
         positive noise starts at the residual spread of its closest expert per point.
     fix
