@@ -46,6 +46,7 @@ from numpyro_moe._params import MoEParams
 from numpyro_moe._validation import (
     ReliabilityWarning,
     check_design,
+    check_gate_x,
     check_key,
     check_params,
     check_positive,
@@ -508,6 +509,7 @@ def predict(
     *,
     key: jax.Array,
     y=None,
+    gate_x=None,
     interval: float = 0.9,
     num_draws: int = 1000,
     prefix: str = "",
@@ -528,6 +530,9 @@ def predict(
         (n_new,) observed responses at x_new, to score: their predictive log density per point
         (held-out log-likelihood; the mean of it is what `metrics.heldout_log_likelihood` gives
         for a point fit).
+    gate_x
+        (n_new, q) the gate's own covariates at the new points, when the model's gate has them
+        (its gates have q columns); None when the gate reads x.
     interval
         Probability of the central predictive interval.
     num_draws
@@ -537,24 +542,37 @@ def predict(
     """
     key = check_key(key)
     x_new = check_design(x_new, "x_new")
+    gate_x = check_gate_x(gate_x, x_new.shape[0])
     num_draws = check_positive_int(num_draws, "num_draws")
     if not 0 < interval < 1:
         raise ValueError(f"interval: expected a probability in (0, 1), got {interval}")
     if hasattr(source, "children"):
         draws = posterior_params(source, prefix=prefix)
     else:
-        single = check_params(as_params(source, "source"), "source", require_noise=True)
+        single = check_params(
+            as_params(source, "source"), "source", require_noise=True,
+            gate_dim=None if gate_x is None else gate_x.shape[1],
+        )
         draws = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf)[None], single)
     if x_new.shape[1] != draws.experts.shape[-1]:
         raise ValueError(f"x_new: expected {draws.experts.shape[-1]} columns, got {x_new.shape[1]}")
+    gate_input = x_new if gate_x is None else gate_x
+    if draws.num_experts > 1 and gate_input.shape[1] != draws.gates.shape[-1]:
+        if gate_x is None:
+            raise ValueError(
+                f"gate_x: the model's gate reads {draws.gates.shape[-1]} covariates of its own; pass them as "
+                "gate_x (n_new rows)"
+            )
+        raise ValueError(f"gate_x: expected {draws.gates.shape[-1]} columns like the gates, got {gate_x.shape[1]}")
     if y is not None:
         y = check_response(y, x_new.shape[0]).astype(jnp.result_type(draws.experts))
     count = draws.experts.shape[0]
     total = max(count, num_draws)
     x_new = x_new.astype(jnp.result_type(draws.experts))
+    gate_input = gate_input.astype(x_new.dtype)
 
-    probabilities, means, lower, upper = _predictive(draws, x_new, key, total, jnp.asarray(interval))
-    log_density = None if y is None else np.asarray(_log_predictive_density(draws, x_new, y))
+    probabilities, means, lower, upper = _predictive(draws, x_new, gate_input, key, total, jnp.asarray(interval))
+    log_density = None if y is None else np.asarray(_log_predictive_density(draws, x_new, gate_input, y))
     return Prediction(
         mean=np.asarray(means),
         lower=np.asarray(lower),
@@ -565,16 +583,16 @@ def predict(
 
 
 @partial(jax.jit, static_argnames=("total",))
-def _predictive(draws: MoEParams, x_new, key, total: int, interval):
+def _predictive(draws: MoEParams, x_new, gate_x, key, total: int, interval):
     """Posterior-mean gate probabilities and E[y | x], and the central ``interval`` of ``total``
     predictive draws of y (draw j uses posterior draw j mod count); one compiled program."""
     count = draws.experts.shape[0]
 
     def moments(params):
-        return params.gate_probabilities(x_new), params.predictive_mean(x_new)
+        return params.gate_probabilities(gate_x), params.predictive_mean(x_new, gate_x)
 
     def sample(params, draw_key):
-        return MixtureOfExperts.from_params(params, x_new, validate_args=False).sample(draw_key)
+        return MixtureOfExperts.from_params(params, x_new, gate_x=gate_x, validate_args=False).sample(draw_key)
 
     probabilities, means = jax.vmap(moments)(draws)
     picks = jnp.arange(total) % count
@@ -585,11 +603,11 @@ def _predictive(draws: MoEParams, x_new, key, total: int, interval):
 
 
 @jax.jit
-def _log_predictive_density(draws: MoEParams, x_new, y):
+def _log_predictive_density(draws: MoEParams, x_new, gate_x, y):
     """log of the predictive density of y averaged over the draws, per point."""
 
     def score(params):
-        return MixtureOfExperts.from_params(params, x_new, validate_args=False).log_prob(y)
+        return MixtureOfExperts.from_params(params, x_new, gate_x=gate_x, validate_args=False).log_prob(y)
 
     per_draw = jax.lax.map(score, draws)  # (draws, n): one draw's densities at a time
     return logsumexp(per_draw, axis=0) - jnp.log(per_draw.shape[0])
@@ -643,6 +661,7 @@ def run_nuts(
     shared_noise: bool = False,
     family: str = "normal",
     df=None,
+    gate_x=None,
     num_chains: int = 4,
     num_warmup: int = 500,
     num_samples: int = 500,
@@ -677,6 +696,9 @@ def run_nuts(
         The experts' noise (`moe_priors`): ``"student_t"`` with ``df=None`` samples the degrees
         of freedom (site ``df``, started at ``init``'s or 4); a number fixes them (recorded in
         the DataTree, so `predict` and `posterior_params` use them).
+    gate_x
+        (n, q) covariates of the gate's own (``init``'s gates have q columns), or None: the gate
+        reads x. The DataTree names the gates' columns ``gate_feature``.
     num_chains, num_warmup, num_samples
         Chains and draws per chain. Chains run in parallel when there is a device per chain,
         else vectorised (``chain_method`` overrides).
@@ -704,6 +726,7 @@ def run_nuts(
     import arviz as az
 
     x, y = check_data(x, y)
+    gate_x = check_gate_x(gate_x, x.shape[0])
     key = check_key(key)
     fix = check_fix(fix)
     num_chains = check_positive_int(num_chains, "num_chains")
@@ -716,7 +739,9 @@ def run_nuts(
         raise ValueError(
             f"chain_method: expected None, 'parallel', 'sequential' or 'vectorized', got {chain_method!r}"
         )
-    start = check_params(as_params(init, "init"), "init", dim=x.shape[1])
+    start = check_params(
+        as_params(init, "init"), "init", dim=x.shape[1], gate_dim=None if gate_x is None else gate_x.shape[1]
+    )
     family, df = check_family(family, df, start.num_experts)
     noise = jnp.asarray(start.noise, x.dtype)
     start = start.replace(
@@ -731,6 +756,7 @@ def run_nuts(
         priors=priors,
         family=family,
         df=df,
+        gate_x=gate_x,
     )
     fixed = fixed_sites(fix, start, shared_noise=shared_noise)
     model = handlers.condition(moe_regression, fixed) if fixed else moe_regression
@@ -866,6 +892,7 @@ def compare_num_experts(
             priors=nuts_kwargs.get("priors"),
             family=nuts_kwargs.get("family", "normal"),
             df=nuts_kwargs.get("df"),
+            gate_x=nuts_kwargs.get("gate_x"),
         )
         trees[f"k={k}"] = run_nuts(x, y, fit, key=nuts_key, **nuts_kwargs).datatree
     for name, tree in trees.items():

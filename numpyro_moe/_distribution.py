@@ -107,11 +107,12 @@ class MixtureOfExperts(dist.MixtureSameFamily):
         super().__init__(mixing, components, validate_args=validate_args)
 
     @classmethod
-    def from_params(cls, params: MoEParams, x, *, validate_args=None) -> MixtureOfExperts:
+    def from_params(cls, params: MoEParams, x, *, gate_x=None, validate_args=None) -> MixtureOfExperts:
         """The likelihood of responses at inputs x (n, d) under a parameter record (batch shape (n,));
-        Student-t experts when the record carries degrees of freedom (``params.df``)."""
+        the gate reads ``gate_x`` (n, q) when given (covariates of its own), else x; Student-t
+        experts when the record carries degrees of freedom (``params.df``)."""
         return cls(
-            params.gate_logits(x),
+            params.gate_logits(x if gate_x is None else gate_x),
             params.expert_means(x),
             params.noise,
             expert_df=params.df,

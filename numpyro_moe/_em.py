@@ -115,11 +115,12 @@ class Penalty(NamedTuple):
     df_rate: jax.Array  # (k,)
 
 
-def flat_penalty(num_experts: int, width: int, dtype) -> Penalty:
-    """No prior: plain maximum-likelihood EM."""
+def flat_penalty(num_experts: int, width: int, dtype, gate_width: int | None = None) -> Penalty:
+    """No prior: plain maximum-likelihood EM (``gate_width``: the gate's columns, default ``width``)."""
     zeros = jnp.zeros((num_experts, width), dtype)
+    gate_zeros = jnp.zeros((num_experts, width if gate_width is None else gate_width), dtype)
     flat = jnp.zeros((num_experts,), dtype)
-    return Penalty(zeros, zeros, zeros, zeros, flat, flat, flat, flat, flat)
+    return Penalty(zeros, zeros, gate_zeros, gate_zeros, flat, flat, flat, flat, flat)
 
 
 def _normal_prior(prior, name: str, shape: tuple[int, ...]):
@@ -165,14 +166,16 @@ def _df_prior(prior, shape: tuple[int, ...]):
 
 
 def penalty_from_priors(
-    priors: dict, num_experts: int, dim: int, *, intercepts: bool, dtype, estimate_df: bool = False
+    priors: dict, num_experts: int, dim: int, *, intercepts: bool, dtype, estimate_df: bool = False,
+    gate_dim: int | None = None,
 ) -> Penalty:
     """The `Penalty` of a complete priors dict (every site of `moe_priors`), for augmented
-    parameters (intercepts as a last column when ``intercepts``); with ``estimate_df``, the prior
-    of the Student-t degrees of freedom (``priors["df"]``, a Gamma) too."""
+    parameters (intercepts as a last column when ``intercepts``); ``gate_dim`` is the gate's
+    number of inputs (default ``dim``); with ``estimate_df``, the prior of the Student-t degrees
+    of freedom (``priors["df"]``, a Gamma) too."""
     k = num_experts
     expert_loc, expert_precision = _normal_prior(priors["experts"], "experts", (k, dim))
-    gate_loc, gate_precision = _normal_prior(priors["gates"], "gates", (k, dim))
+    gate_loc, gate_precision = _normal_prior(priors["gates"], "gates", (k, dim if gate_dim is None else gate_dim))
     if intercepts:
         bias_loc, bias_precision = _normal_prior(priors["expert_intercepts"], "expert_intercepts", (k,))
         expert_loc = jnp.concatenate([expert_loc, bias_loc[:, None]], axis=1)
@@ -228,11 +231,11 @@ def split_augmented(experts, gates, noise, intercepts: bool, link: Link, df=None
     return MoEParams(experts[..., :-1], gates[..., :-1], noise, experts[..., -1], gates[..., -1], link, df)
 
 
-def _joint(experts, gates, noise, x, y, link_function, df=None):
-    """(n, k) log [P(z = i | x_n) p_i(y_n)], p_i the expert's Normal(g(a_i . x_n), s_i^2) or,
+def _joint(experts, gates, noise, x, gate_x, y, link_function, df=None):
+    """(n, k) log [P(z = i | gate_x_n) p_i(y_n)], p_i the expert's Normal(g(a_i . x_n), s_i^2) or,
     with ``df``, StudentT(nu_i, g(a_i . x_n), s_i)."""
     return MixtureOfExperts(
-        x @ gates.T, link_function(x @ experts.T), noise, expert_df=df
+        gate_x @ gates.T, link_function(x @ experts.T), noise, expert_df=df
     ).component_log_probs(y)
 
 
@@ -412,12 +415,12 @@ def _df_step(targets, precisions, df, penalty: Penalty):
 
 
 def _em_step(
-    state: _State, x, y, penalty, estimate_df, link_function, updates, shared_noise, expert_steps, gate_tol,
+    state: _State, x, gate_x, y, penalty, estimate_df, link_function, updates, shared_noise, expert_steps, gate_tol,
     gate_steps,
 ):
     update_experts, update_gates, update_noise = updates
     df = state.df
-    joint = _joint(state.experts, state.gates, state.noise, x, y, link_function, df)
+    joint = _joint(state.experts, state.gates, state.noise, x, gate_x, y, link_function, df)
     pointwise = logsumexp(joint, axis=-1)
     # Fixed degrees of freedom have no prior in the penalty (zero power and rate): no term here.
     log_likelihood = jnp.mean(pointwise) + log_prior(state.experts, state.gates, state.noise, penalty, df) / y.shape[0]
@@ -428,7 +431,7 @@ def _em_step(
         precisions = (df + 1.0) / (df + standardized**2)
     gates = state.gates
     if update_gates:
-        gates = _gate_newton(gates, x, targets, gate_tol, gate_steps, penalty.gate_loc, penalty.gate_precision)
+        gates = _gate_newton(gates, gate_x, targets, gate_tol, gate_steps, penalty.gate_loc, penalty.gate_precision)
     experts = state.experts
     if update_experts:
         experts = _expert_gauss_newton(
@@ -453,7 +456,7 @@ def _em_step(
     static_argnames=("link_function", "updates", "shared_noise", "expert_steps", "gate_steps", "block"),
 )
 def _em_block(
-    state, x, y, penalty, estimate_df, tol, gate_tol, *, link_function, updates, shared_noise, expert_steps,
+    state, x, gate_x, y, penalty, estimate_df, tol, gate_tol, *, link_function, updates, shared_noise, expert_steps,
     gate_steps, block,
 ):
     """Up to ``block`` EM iterations; stops once the log-likelihood change is below ``tol`` or
@@ -466,7 +469,7 @@ def _em_block(
 
     def body(state):
         return _em_step(
-            state, x, y, penalty, estimate_df, link_function, updates, shared_noise, expert_steps, gate_tol,
+            state, x, gate_x, y, penalty, estimate_df, link_function, updates, shared_noise, expert_steps, gate_tol,
             gate_steps,
         )
 
@@ -474,9 +477,9 @@ def _em_block(
 
 
 @partial(jax.jit, static_argnames=("link_function",))
-def _final(experts, gates, noise, df, x, y, penalty, *, link_function):
+def _final(experts, gates, noise, df, x, gate_x, y, penalty, *, link_function):
     """Mean log-likelihood per point, (n, k) responsibilities' column sums and their entropy."""
-    joint = _joint(experts, gates, noise, x, y, link_function, df)
+    joint = _joint(experts, gates, noise, x, gate_x, y, link_function, df)
     pointwise = logsumexp(joint, axis=-1)
     log_responsibilities = joint - pointwise[:, None]
     responsibilities = jnp.exp(log_responsibilities)
@@ -502,9 +505,11 @@ def em_iterations(
     block: int = 20,
     progress: str | None = None,
     df=None,
+    gate_x=None,
 ) -> EMResult:
-    """Run EM from augmented ``experts``/``gates`` (k, p) and ``noise`` (k,); a leading start
-    axis is vmapped. The parameter groups in ``fix`` (``"experts"``, ``"gates"``, ``"noise"``,
+    """Run EM from augmented ``experts`` (k, p), ``gates`` (k, p_gate) and ``noise`` (k,); a
+    leading start axis is vmapped. The gate reads ``gate_x`` (n, p_gate) when given (its own
+    covariates, augmented like x), else x. The parameter groups in ``fix`` (``"experts"``, ``"gates"``, ``"noise"``,
     ``"df"``) keep their starting values; ``penalty`` is the log prior (`flat_penalty` for none).
     ``df`` (k,) are the starting degrees of freedom of Student-t experts (ECM), None for Gaussian
     experts; they are estimated unless ``"df"`` or ``"noise"`` is in ``fix``.
@@ -539,8 +544,9 @@ def em_iterations(
     )
     final = partial(_final, link_function=link.function)
     if batched:
-        run = jax.vmap(run, in_axes=(0, None, None, None, None, None, None))
-        final = jax.vmap(final, in_axes=(0, 0, 0, 0, None, None, None))
+        run = jax.vmap(run, in_axes=(0, None, None, None, None, None, None, None))
+        final = jax.vmap(final, in_axes=(0, 0, 0, 0, None, None, None, None))
+    gate_x = x if gate_x is None else gate_x.astype(dtype)
     tol_array = jnp.asarray(tol, dtype)
     gate_tol = jnp.asarray(1e-9 if dtype == jnp.float64 else 1e-5, dtype)
     bar = None
@@ -550,7 +556,7 @@ def em_iterations(
         bar = tqdm(total=max_iterations, desc=progress, leave=False)
     while True:
         before = int(np.max(np.asarray(state.iteration)))
-        state = run(state, x, y, penalty, jnp.asarray(estimate_df), tol_array, gate_tol)
+        state = run(state, x, gate_x, y, penalty, jnp.asarray(estimate_df), tol_array, gate_tol)
         iterations = np.asarray(state.iteration)
         after = int(np.max(iterations))
         if bar is not None:
@@ -562,7 +568,7 @@ def em_iterations(
     if bar is not None:
         bar.close()
     log_likelihood, objective, weights, entropy = final(
-        state.experts, state.gates, state.noise, state.df, x, y, penalty
+        state.experts, state.gates, state.noise, state.df, x, gate_x, y, penalty
     )
     return EMResult(
         state.experts, state.gates, state.noise, np.asarray(log_likelihood), np.asarray(objective),

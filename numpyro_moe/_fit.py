@@ -52,6 +52,7 @@ from numpyro_moe._params import MoEParams
 from numpyro_moe._validation import (
     ReliabilityWarning,
     check_design,
+    check_gate_x,
     check_key,
     check_num_experts,
     check_params,
@@ -60,7 +61,9 @@ from numpyro_moe._validation import (
     check_response,
 )
 
-__all__ = ["Fit", "as_starts", "check_data", "fit_em", "fit_map", "fit_moe", "random_starts", "starting_df"]
+__all__ = [
+    "Fit", "as_starts", "check_data", "fit_em", "fit_map", "fit_moe", "random_starts", "starting_df",
+]
 
 
 class Fit(NamedTuple):
@@ -120,6 +123,11 @@ def check_data(x, y):
     return x.astype(dtype), y.astype(dtype)
 
 
+def _gate_dim(x, gate_x) -> int | None:
+    """The gate's number of inputs to check records against: None when it reads x."""
+    return None if gate_x is None else gate_x.shape[1]
+
+
 def _check_start_df(params: MoEParams, name: str) -> None:
     """A start's Student-t degrees of freedom: None, or one number or one per expert."""
     if params.df is None:
@@ -133,33 +141,42 @@ def _check_start_df(params: MoEParams, name: str) -> None:
         )
 
 
-def _one_start(value, name: str, dim: int) -> MoEParams:
+def _one_start(value, name: str, dim: int, gate_dim: int | None) -> MoEParams:
     params = as_params(value, name)
     _check_start_df(params, name)
+    if gate_dim is not None and not isinstance(value, MoEParams) and not hasattr(value, "params"):
+        # An expert estimate's record has a uniform gate over x: give it the gate's width.
+        params = params.replace(
+            gates=jnp.zeros((*np.shape(params.gates)[:-1], gate_dim), jnp.result_type(params.gates))
+        )
     if np.ndim(params.experts) != 3:
         return jax.tree_util.tree_map(
-            lambda leaf: jnp.asarray(leaf)[None], check_params(params, name, dim=dim)
+            lambda leaf: jnp.asarray(leaf)[None], check_params(params, name, dim=dim, gate_dim=gate_dim)
         )
     # Starts stacked on a leading axis: each is checked as one start would be.
     count = np.shape(params.experts)[0]
     for index in range(count):
-        check_params(jax.tree_util.tree_map(lambda leaf: leaf[index], params), f"{name}[{index}]", dim=dim)
+        check_params(
+            jax.tree_util.tree_map(lambda leaf: leaf[index], params), f"{name}[{index}]", dim=dim, gate_dim=gate_dim
+        )
     return params
 
 
-def as_starts(init, dim: int, name: str = "init") -> MoEParams:
+def as_starts(init, dim: int, name: str = "init", gate_dim: int | None = None) -> MoEParams:
     """One or more starts as `MoEParams` stacked on a leading start axis.
 
     ``init``: `MoEParams` (one record, or records stacked on a leading axis as `random_starts`
     gives), an expert estimate, a `Fit`, or a list of these. All starts share the link, the
-    number of experts, and whether they have intercepts (missing intercepts start at zero). When
+    number of experts, and whether they have intercepts (missing intercepts start at zero); their
+    gates have ``gate_dim`` columns when the gate reads covariates of its own (an expert estimate's
+    uniform gate is widened to them). When
     any start has Student-t degrees of freedom all get a (starts, k) ``df``, NaN where a start has
     none (the fits then start those at their default).
     """
     values = list(init) if isinstance(init, list | tuple) and not hasattr(init, "_fields") else [init]
     if not values:
         raise ValueError(f"{name}: expected at least one start, got an empty {type(init).__name__}")
-    starts = [_one_start(value, name, dim) for value in values]
+    starts = [_one_start(value, name, dim, gate_dim) for value in values]
     links = {start.link for start in starts}
     if len(links) > 1:
         raise ValueError(f"{name}: the starts have different links {sorted(link.name for link in links)}")
@@ -209,12 +226,15 @@ def random_starts(
     intercepts: bool = False,
     family: str = "normal",
     df=None,
+    gate_x=None,
 ) -> MoEParams:
     """``num_starts`` random starts stacked on a leading axis: unit-norm Gaussian expert
-    directions, a uniform gate, every noise sd(y), intercepts zero (with ``intercepts``), and for
+    directions, a uniform gate (over ``gate_x``'s columns when the gate has covariates of its
+    own), every noise sd(y), intercepts zero (with ``intercepts``), and for
     ``family="student_t"`` degrees of freedom ``df`` (fixed ones) or 4 (estimated, ``df=None``)."""
     key = check_key(key)
     x, y = check_data(x, y)
+    gate_x = check_gate_x(gate_x, x.shape[0])
     num_experts = check_positive_int(num_experts, "num_experts")
     num_starts = check_positive_int(num_starts, "num_starts")
     family, df = check_family(family, df, num_experts)
@@ -222,9 +242,10 @@ def random_starts(
     experts = jax.random.normal(key, (num_starts, num_experts, dim), x.dtype)
     experts = experts / jnp.linalg.norm(experts, axis=-1, keepdims=True)
     zeros = jnp.zeros((num_starts, num_experts), x.dtype)
+    gate_dim = dim if gate_x is None else gate_x.shape[1]
     return MoEParams(
         experts,
-        jnp.zeros_like(experts),
+        jnp.zeros((num_starts, num_experts, gate_dim), x.dtype),
         jnp.full((num_starts, num_experts), jnp.std(y)),
         zeros if intercepts else None,
         zeros if intercepts else None,
@@ -287,6 +308,7 @@ def fit_em(
     priors: dict | None = None,
     family: str = "normal",
     df=None,
+    gate_x=None,
     max_iterations: int = 500,
     tol: float = 1e-8,
     progress_bar: bool = False,
@@ -330,6 +352,10 @@ def fit_em(
         small for outliers. ``df=None`` estimates nu_i per expert (starting at the starts' ``df``
         where they have it, else 4; searched in [0.5, 200]; penalised by ``priors["df"]``,
         default Gamma(2, 0.1)); a positive number or (k,) array fixes them.
+    gate_x
+        (n, q) covariates of the gate's own (flexmix's concomitant variables), or None (the
+        default): the gate reads x. With them P(z = i | x, z) = softmax(W z + b)_i, the starts'
+        gates have q columns, and the gate's M-step is the same penalised Newton step on z.
     max_iterations, tol
         Stop after ``max_iterations`` or when the objective per point (mean log-likelihood, plus
         the log prior over n when penalised) changes by less than ``tol`` (floored at 8 float
@@ -346,32 +372,38 @@ def fit_em(
         An expert carrying fewer points than it has parameters warns (`ReliabilityWarning`).
     """
     x, y = check_data(x, y)
-    starts = as_starts(init, x.shape[1])
+    gate_x = check_gate_x(gate_x, x.shape[0])
+    starts = as_starts(init, x.shape[1], gate_dim=_gate_dim(x, gate_x))
     _first(starts).expert_means(x[:2])  # the link maps arrays elementwise, or a ValueError naming it
     fix = check_fix(fix)
     max_iterations = check_positive_int(max_iterations, "max_iterations")
     tol = resolvable_tol(check_positive(tol, "tol"), x.dtype)
     intercepts = starts.has_intercepts
     num_experts, dim = starts.experts.shape[1:]
+    gate_dim = starts.gates.shape[-1]
     family, df = check_family(family, df, num_experts)
     estimate_df = family == "student_t" and df is None and "noise" not in fix
     degrees = starting_df(starts.df, family, df, starts.experts.shape[:2], x.dtype, clip=estimate_df)
     if penalized:
         chosen = resolve_priors(priors)
         penalty = penalty_from_priors(
-            chosen, num_experts, dim, intercepts=intercepts, dtype=x.dtype, estimate_df=estimate_df
+            chosen, num_experts, dim, intercepts=intercepts, dtype=x.dtype, estimate_df=estimate_df,
+            gate_dim=gate_dim,
         )
         if not priors:
             _check_default_scale(y)
     else:
         if priors:
             raise ValueError("priors: given with penalized=False, which fits no priors; drop one of them")
-        penalty = flat_penalty(num_experts, dim + int(intercepts), x.dtype)
+        penalty = flat_penalty(num_experts, dim + int(intercepts), x.dtype, gate_dim + int(intercepts))
     noise = _starting_noise(starts, x, y)
     if shared_noise:  # a shared model starts from one noise, so its first step is an EM step
         noise = jnp.broadcast_to(jnp.sqrt(jnp.mean(noise**2, axis=-1, keepdims=True)), noise.shape)
     experts, gates = to_augmented(starts, intercepts)
     design = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1) if intercepts else x
+    gate_design = None
+    if gate_x is not None:
+        gate_design = jnp.concatenate([gate_x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1) if intercepts else gate_x
     result = em_iterations(
         experts,
         gates,
@@ -386,6 +418,7 @@ def fit_em(
         tol=tol,
         progress="EM" if progress_bar else None,
         df=degrees,
+        gate_x=gate_design,
     )
     experts, gates, noise, history, iterations = (
         result.experts, result.gates, result.noise, result.history, result.iterations
@@ -463,6 +496,7 @@ def fit_map(
     shared_noise: bool = False,
     family: str = "normal",
     df=None,
+    gate_x=None,
     num_steps: int = 2000,
     learning_rate: float = 0.01,
     tol: float = 1e-4,
@@ -488,6 +522,8 @@ def fit_map(
     family, df
         The experts' noise (see `moe_priors`): ``"student_t"`` with ``df=None`` estimates the
         degrees of freedom (site ``df``, starting at ``init``'s or 4); a number fixes them.
+    gate_x
+        (n, q) covariates of the gate's own, or None: the gate reads x (see `fit_em`).
     num_steps, learning_rate
         Adam steps and step size.
     tol
@@ -502,7 +538,8 @@ def fit_map(
     num_steps = check_positive_int(num_steps, "num_steps")
     learning_rate = check_positive(learning_rate, "learning_rate")
     tol = check_positive(tol, "tol")
-    starts = as_starts(init, x.shape[1])
+    gate_x = check_gate_x(gate_x, x.shape[0])
+    starts = as_starts(init, x.shape[1], gate_dim=_gate_dim(x, gate_x))
     if starts.experts.shape[0] != 1:
         raise ValueError(
             f"init: fit_map takes one start, got {starts.experts.shape[0]}; run fit_em for several"
@@ -521,6 +558,7 @@ def fit_map(
         priors=priors,
         family=family,
         df=df,
+        gate_x=gate_x,
     )
     fixed = fixed_sites(fix, start, shared_noise=shared_noise)
     model = handlers.condition(moe_regression, fixed) if fixed else moe_regression
@@ -528,7 +566,7 @@ def fit_map(
     svi = SVI(model, guide, optax.adam(learning_rate), Trace_ELBO())
     result = svi.run(key, num_steps, x, y, progress_bar=progress_bar, **model_kwargs)
     sites = {**params_to_sites(start, shared_noise=shared_noise), **guide.median(result.params), **fixed}
-    params = sites_to_params(sites, link=start.link, df=start.df)
+    params = sites_to_params(sites, link=start.link, df=start.df, gate_dim=start.gate_dim)
     history = -np.asarray(result.losses) / x.shape[0]
     window = max(num_steps // 10, 1)
     converged = bool(num_steps > window and abs(history[-1] - history[-1 - window]) < tol)
@@ -539,7 +577,7 @@ def fit_map(
             ReliabilityWarning,
             stacklevel=2,
         )
-    log_likelihood = float(jnp.mean(MixtureOfExperts.from_params(params, x).log_prob(y)))
+    log_likelihood = float(jnp.mean(MixtureOfExperts.from_params(params, x, gate_x=gate_x).log_prob(y)))
     return Fit(
         params=params,
         log_likelihood=log_likelihood,
@@ -564,6 +602,7 @@ def fit_moe(
     priors: dict | None = None,
     family: str = "normal",
     df=None,
+    gate_x=None,
     num_starts: int = 5,
     estimate_options: dict | None = None,
     max_iterations: int = 500,
@@ -590,6 +629,9 @@ def fit_moe(
         Gaussian experts (``"normal"``, the default) or robust Student-t experts
         (``"student_t"``, by ECM; ``df=None`` estimates the degrees of freedom, starting at 4, a
         number fixes them); see `fit_em`. The moment estimate's start is the same either way.
+    gate_x
+        (n, q) covariates of the gate's own, or None: the gate reads x (see `fit_em`). The
+        moment estimate of the experts reads x alone either way; its gate is fitted on ``gate_x``.
     num_starts
         EM starts in all: the tensor estimate (when k <= d; its gate first fitted by EM with the
         experts fixed) and ``num_starts - 1`` `random_starts`.
@@ -606,6 +648,7 @@ def fit_moe(
         ``start_labels`` says which start is the tensor estimate's.
     """
     x, y = check_data(x, y)
+    gate_x = check_gate_x(gate_x, x.shape[0])
     link = resolve_link(link)
     key = check_key(key)
     num_experts = check_num_experts(num_experts, x.shape[1], require_k_le_d=False)
@@ -628,6 +671,7 @@ def fit_moe(
         priors=priors,
         family=family,
         df=df,
+        gate_x=gate_x,
         max_iterations=max_iterations,
         tol=tol,
         progress_bar=progress_bar,
@@ -639,7 +683,10 @@ def fit_moe(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ReliabilityWarning)
             estimate = estimate_experts(x, y, num_experts=num_experts, link=link, key=tensor_key, **options)
-            gated = fit_em(x, y, estimate.to_params(intercepts=intercepts), fix=("experts",), **em_options)
+            start = estimate.to_params(intercepts=intercepts)
+            if gate_x is not None:  # a uniform gate over the gate's own covariates
+                start = start.replace(gates=jnp.zeros((num_experts, gate_x.shape[1]), x.dtype))
+            gated = fit_em(x, y, start, fix=("experts",), **em_options)
         starts.append(gated.params)
         labels.append("tensor")
     if num_starts > len(starts):
@@ -655,6 +702,7 @@ def fit_moe(
                 intercepts=intercepts,
                 family=family,
                 df=df,
+                gate_x=gate_x,
             )
         )
         labels += ["random"] * count

@@ -9,7 +9,9 @@ Sample sites of `moe_priors` and their named dims (``infer={"event_dims": ...}``
 site                   shape        dims                   meaning
 =====================  ===========  =====================  =====================================
 ``experts``            (k, d)       (expert, feature)      expert weights a_i
-``gates``              (k - 1, d)   (gate, feature)        free gate rows; row k is fixed at 0
+``gates``              (k - 1, d)   (gate, feature)        free gate rows; row k is fixed at 0;
+                                                           (k - 1, q), dims (gate, gate_feature),
+                                                           when the gate has q covariates of its own
 ``noise``              () or (k,)   () or (expert,)        noise sd, shared or one per expert
 ``expert_intercepts``  (k,)         (expert,)              only with ``intercepts=True``
 ``gate_intercepts``    (k - 1,)     (gate,)                only with ``intercepts=True``
@@ -36,6 +38,7 @@ from numpyro.ops.indexing import Vindex
 from numpyro_moe._distribution import MixtureOfExperts
 from numpyro_moe._links import Link
 from numpyro_moe._params import MoEParams
+from numpyro_moe._validation import check_positive_int
 
 __all__ = [
     "FAMILIES",
@@ -194,6 +197,7 @@ def moe_priors(
     priors: dict | None = None,
     family: str = "normal",
     df=None,
+    gate_dim: int | None = None,
 ) -> MoEParams:
     """Sample the mixture-of-experts parameter sites inside any NumPyro model.
 
@@ -201,6 +205,10 @@ def moe_priors(
     ----------
     num_experts, dim
         k and d (static integers).
+    gate_dim
+        q, the number of covariates of the gate's own (flexmix's concomitant variables; site
+        ``gates`` of shape (k - 1, q), dims (gate, gate_feature)); None (the default): the gate
+        reads the experts' d inputs.
     link
         The experts' link, recorded in the returned parameters.
     intercepts
@@ -246,11 +254,14 @@ def moe_priors(
         return numpyro.sample(name, prior, infer={"event_dims": dims} if dims else {})
 
     experts = sample("experts", (num_experts, dim), ["expert", "feature"])
+    if gate_dim is not None:
+        gate_dim = check_positive_int(gate_dim, "gate_dim")
+    width = dim if gate_dim is None else gate_dim
     if free:
-        free_gates = sample("gates", (free, dim), ["gate", "feature"])
+        free_gates = sample("gates", (free, width), ["gate", "feature" if gate_dim is None else "gate_feature"])
     else:
-        free_gates = jnp.zeros((0, dim), jnp.result_type(experts))
-    gates = jnp.concatenate([free_gates, jnp.zeros((1, dim), jnp.result_type(free_gates))], axis=0)
+        free_gates = jnp.zeros((0, width), jnp.result_type(experts))
+    gates = jnp.concatenate([free_gates, jnp.zeros((1, width), jnp.result_type(free_gates))], axis=0)
     if shared_noise:
         noise = jnp.broadcast_to(sample("noise", (), []), (num_experts,))
     else:
@@ -277,6 +288,7 @@ def moe_regression(
     priors: dict | None = None,
     family: str = "normal",
     df=None,
+    gate_x=None,
 ) -> MoEParams:
     """Softmax-gated mixture-of-experts regression: `moe_priors`, a plate ``obs`` and the
     `MixtureOfExperts` likelihood of ``y`` (the expert marginalised, log-likelihood per point).
@@ -289,6 +301,8 @@ def moe_regression(
         (n,) responses, or None to sample them (prior / posterior predictive).
     num_experts, link, intercepts, shared_noise, priors, family, df
         As in `moe_priors` (``family="student_t"``: Student-t experts, df estimated unless given).
+    gate_x
+        (n, q) covariates of the gate's own, or None (the default): the gate reads x.
 
     Returns
     -------
@@ -304,9 +318,10 @@ def moe_regression(
         priors=priors,
         family=family,
         df=df,
+        gate_dim=None if gate_x is None else jnp.shape(gate_x)[1],
     )
     with numpyro.plate("obs", jnp.shape(x)[0]):
-        numpyro.sample("y", MixtureOfExperts.from_params(params, x), obs=y)
+        numpyro.sample("y", MixtureOfExperts.from_params(params, x, gate_x=gate_x), obs=y)
     return params
 
 
@@ -321,6 +336,7 @@ def moe_regression_enumerated(
     priors: dict | None = None,
     family: str = "normal",
     df=None,
+    gate_x=None,
 ) -> MoEParams:
     """`moe_regression` with the expert of each point as a latent site ``expert_assignment``.
 
@@ -337,13 +353,14 @@ def moe_regression_enumerated(
         priors=priors,
         family=family,
         df=df,
+        gate_dim=None if gate_x is None else jnp.shape(gate_x)[1],
     )
     means = params.expert_means(x)
     scales = jnp.broadcast_to(params.noise, means.shape)
     with numpyro.plate("obs", jnp.shape(x)[0]):
         assignment = numpyro.sample(
             "expert_assignment",
-            dist.Categorical(logits=params.gate_logits(x)),
+            dist.Categorical(logits=params.gate_logits(x if gate_x is None else gate_x)),
             infer={"enumerate": "parallel"},
         )
         loc, scale = Vindex(means)[..., assignment], Vindex(scales)[..., assignment]
@@ -426,13 +443,17 @@ def params_to_sites(params, *, prefix: str = "", shared_noise: bool = False) -> 
     return {site_name(prefix, name): value for name, value in sites.items()}
 
 
-def sites_to_params(sites: dict, *, prefix: str = "", link: str | Link = "linear", df=None) -> MoEParams:
+def sites_to_params(
+    sites: dict, *, prefix: str = "", link: str | Link = "linear", df=None, gate_dim: int | None = None
+) -> MoEParams:
     """`MoEParams` from one draw of `moe_priors`' sites (the inverse of `params_to_sites`).
 
     A shared noise (shape ()) is broadcast to (k,). Leading batch axes (draws) are kept, so the
     result of ``jax.vmap(sites_to_params)`` stacks records. The degrees of freedom of Student-t
     experts come from the ``df`` site, or, for a model that fixes them (no site), from ``df``
-    (a number or (k,) array); with neither the experts are Gaussian.
+    (a number or (k,) array); with neither the experts are Gaussian. ``gate_dim``: the gate's
+    number of covariates when it has its own (needed only for one expert, which has no ``gates``
+    site; otherwise read off the site).
     """
     get = lambda name, default=None: sites.get(site_name(prefix, name), default)  # noqa: E731
     if get("experts") is None:
@@ -440,8 +461,10 @@ def sites_to_params(sites: dict, *, prefix: str = "", link: str | Link = "linear
     experts = jnp.asarray(get("experts"))
     k, dim = experts.shape[-2:]
     batch = experts.shape[:-2]
-    free_gates = jnp.asarray(get("gates", jnp.zeros((*batch, 0, dim), experts.dtype)))
-    gates = jnp.concatenate([free_gates, jnp.zeros((*batch, 1, dim), free_gates.dtype)], axis=-2)
+    width = dim if gate_dim is None else gate_dim
+    free_gates = jnp.asarray(get("gates", jnp.zeros((*batch, 0, width), experts.dtype)))
+    width = free_gates.shape[-1]
+    gates = jnp.concatenate([free_gates, jnp.zeros((*batch, 1, width), free_gates.dtype)], axis=-2)
     noise = jnp.asarray(get("noise"))
     if noise.shape == batch:
         noise = jnp.broadcast_to(noise[..., None], (*batch, k))

@@ -10,6 +10,10 @@ or, with degrees of freedom ``df`` (nu, (k,)), robust Student-t experts::
 
     y | z = i, x ~ StudentT(nu_i, g(a_i . x + c_i), s_i)   (s_i the scale, not the sd)
 
+The gate may read its own covariates instead of x (``gate_x``, z in R^q: P(z = i | x, z) =
+softmax(W z + b)_i with W of shape (k, q)), as flexmix's concomitant variables do; the record's
+gates then have q columns and every method that evaluates the gate takes the gate's input.
+
 The record carries its link, so a saved fit is self-describing and everything downstream (the
 likelihood, prediction, metrics, EM) needs nothing from the caller but data.
 """
@@ -37,8 +41,9 @@ class MoEParams:
     experts
         (k, d) expert weight vectors a_i.
     gates
-        (k, d) gating weights W. The model is identified with the last row zero; `normalized`
-        brings any W to that form (softmax is shift-invariant).
+        (k, q) gating weights W, q = d when the gate reads x (the default) or the number of gate
+        covariates when it reads its own (``gate_x``). The model is identified with the last row
+        zero; `normalized` brings any W to that form (softmax is shift-invariant).
     noise
         (k,) noise standard deviation of each expert (a shared noise is k equal entries; a
         scalar is accepted and broadcasts wherever it is used).
@@ -75,6 +80,11 @@ class MoEParams:
     @property
     def dim(self) -> int:
         return self.experts.shape[-1]
+
+    @property
+    def gate_dim(self) -> int:
+        """q, the number of the gate's inputs (d unless the gate has covariates of its own)."""
+        return self.gates.shape[-1]
 
     @property
     def has_intercepts(self) -> bool:
@@ -127,14 +137,17 @@ class MoEParams:
         ).normalized()
 
     def gate_logits(self, x) -> jax.Array:
-        """(n, k) gate logits ``x W^T + b`` for inputs x of shape (n, d)."""
+        """(n, k) gate logits ``x W^T + b`` for the gate's inputs x of shape (n, q) (the gate
+        covariates when the gate has its own; one expert: all zero, whatever x)."""
+        if self.gates.shape[-2] == 1:  # static: one expert, probability 1
+            return jnp.zeros((*jnp.shape(x)[:-1], 1), jnp.result_type(self.gates, x))
         logits = x @ self.gates.T
         if self.gate_intercepts is not None:
             logits = logits + self.gate_intercepts
         return logits
 
     def gate_probabilities(self, x) -> jax.Array:
-        """(n, k) probabilities P(z = i | x) for inputs x of shape (n, d)."""
+        """(n, k) probabilities P(z = i | x) for the gate's inputs x of shape (n, q)."""
         return jax.nn.softmax(self.gate_logits(x), axis=-1)
 
     def expert_means(self, x) -> jax.Array:
@@ -150,10 +163,12 @@ class MoEParams:
             )
         return means
 
-    def predictive_mean(self, x) -> jax.Array:
-        """(n,) E[y | x] = sum_i P(z = i | x) g(a_i . x + c_i).
+    def predictive_mean(self, x, gate_x=None) -> jax.Array:
+        """(n,) E[y | x] = sum_i P(z = i | x) g(a_i . x + c_i); the gate reads ``gate_x`` (n, q)
+        when given (its own covariates), else x.
 
         For Student-t experts this is the gate-weighted sum of their locations: E[y | x] where
         every nu_i > 1 (with nu_i <= 1 the expert has no mean and this is its centre).
         """
-        return jnp.sum(self.gate_probabilities(x) * self.expert_means(x), axis=-1)
+        gate_input = x if gate_x is None else gate_x
+        return jnp.sum(self.gate_probabilities(gate_input) * self.expert_means(x), axis=-1)

@@ -30,7 +30,7 @@ from numpyro_moe._fit import Fit, check_data, fit_moe
 from numpyro_moe._links import Link, resolve_link
 from numpyro_moe._model import check_family
 from numpyro_moe._params import MoEParams
-from numpyro_moe._validation import ReliabilityWarning, check_key, check_positive_int
+from numpyro_moe._validation import ReliabilityWarning, check_gate_x, check_key, check_positive_int
 
 __all__ = ["Selection", "num_parameters", "select_num_experts"]
 
@@ -102,6 +102,7 @@ def select_num_experts(
     priors: dict | None = None,
     family: str = "normal",
     df=None,
+    gate_x=None,
     num_starts: int = 5,
     estimate_options: dict | None = None,
     max_iterations: int = 500,
@@ -120,10 +121,11 @@ def select_num_experts(
         The k to try (distinct positive integers).
     criterion
         ``"bic"`` (default) or ``"icl"``; the lowest wins.
-    link, intercepts, shared_noise, penalized, priors, family, df, num_starts, estimate_options,
-    max_iterations, tol, progress_bar
-        As in `fit_moe`, for every k (``family="student_t"``: robust Student-t experts; their
-        degrees of freedom, when estimated (``df=None``), count as k parameters).
+    link, intercepts, shared_noise, penalized, priors, family, df, gate_x, num_starts,
+    estimate_options, max_iterations, tol, progress_bar
+        As in `fit_moe`, for every k. With ``gate_x`` (covariates of the gate's own) the gate's
+        parameters are counted over its q columns; with ``family="student_t"`` (robust Student-t
+        experts) the degrees of freedom, when estimated (``df=None``), count as k parameters.
 
     Returns
     -------
@@ -133,6 +135,7 @@ def select_num_experts(
         not kept); a `ReliabilityWarning` says when the chosen k is the largest tried.
     """
     x, y = check_data(x, y)
+    gate_x = check_gate_x(gate_x, x.shape[0])
     key = check_key(key)
     link = resolve_link(link)
     candidates = _candidates(num_experts)
@@ -156,6 +159,7 @@ def select_num_experts(
                 priors=priors,
                 family=family,
                 df=df,
+                gate_x=gate_x,
                 num_starts=num_starts,
                 estimate_options=estimate_options,
                 max_iterations=max_iterations,

@@ -63,6 +63,17 @@ def check_design(x, name: str = "x") -> jax.Array:
     return x
 
 
+def check_gate_x(gate_x, num_samples: int, name: str = "gate_x") -> jax.Array | None:
+    """The gate's own covariates validated as a finite (n, q) array in JAX's default float dtype
+    with ``num_samples`` rows (one per row of x), or None (the gate reads x)."""
+    if gate_x is None:
+        return None
+    gate_x = check_design(gate_x, name)
+    if gate_x.shape[0] != num_samples:
+        raise ValueError(f"{name}: expected {num_samples} rows (one per row of x), got {gate_x.shape[0]}")
+    return gate_x.astype(jnp.result_type(float))
+
+
 def check_response(y, num_samples: int, name: str = "y") -> jax.Array:
     """Return ``y`` as a finite float array of shape (num_samples,), or raise naming ``name``."""
     y = _as_float_array(y, name)
@@ -139,10 +150,12 @@ def check_params(
     dim: int | None = None,
     num_experts: int | None = None,
     require_noise: bool = False,
+    gate_dim: int | None = None,
 ) -> MoEParams:
     """Return ``value`` as a well-formed `MoEParams` with noise of shape (k,), or raise naming ``name``.
 
-    Checks: the type; experts and gates of one shape (k, d) (all k gate rows, the last zero);
+    Checks: the type; experts (k, d) and gates (k, q) (all k gate rows, the last zero; q = d
+    unless ``gate_dim`` says the gate reads q covariates of its own);
     intercepts of shape (k,) when set; a noise of shape () (broadcast to (k,)) or (k,); finite
     experts, gates and intercepts; ``dim`` columns and ``num_experts`` rows when given; and, with
     ``require_noise``, finite noise > 0 (needed wherever the likelihood is evaluated). Values
@@ -156,12 +169,18 @@ def check_params(
             hint = " (use its .to_params())"
         raise TypeError(f"{name}: expected MoEParams, got {type(value).__name__}{hint}")
     experts_shape, gates_shape = np.shape(value.experts), np.shape(value.gates)
-    if len(experts_shape) != 2 or gates_shape != experts_shape or 0 in experts_shape:
-        raise ValueError(
-            f"{name}: expected experts and gates of one shape (k, d) (all k gate rows, the last "
-            f"zero), got experts {experts_shape} and gates {gates_shape}"
-        )
+    if len(experts_shape) != 2 or 0 in experts_shape:
+        raise ValueError(f"{name}: expected experts of shape (k, d), got shape {experts_shape}")
     k, d = experts_shape
+    expected_gate_dim = d if gate_dim is None else gate_dim
+    if len(gates_shape) != 2 or gates_shape[0] != k or (k > 1 and gates_shape[1] != expected_gate_dim):
+        inputs = "x" if gate_dim is None else "gate_x"
+        raise ValueError(
+            f"{name}: expected gates of shape ({k}, {expected_gate_dim}) (all k gate rows, the last zero; "
+            f"one column per column of {inputs}), got gates {gates_shape} with experts {experts_shape}"
+            + ("; a gate with covariates of its own needs gate_x" if gate_dim is None and len(gates_shape) == 2
+               and gates_shape[0] == k else "")
+        )
     for field in ("expert_intercepts", "gate_intercepts"):
         intercepts = getattr(value, field)
         if intercepts is not None and np.shape(intercepts) != (k,):

@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment
 from numpyro_moe._distribution import MixtureOfExperts
 from numpyro_moe._model import as_params
 from numpyro_moe._params import MoEParams
-from numpyro_moe._validation import check_design, check_params, check_response
+from numpyro_moe._validation import check_design, check_gate_x, check_params, check_response
 
 __all__ = [
     "ExpertMatch",
@@ -94,7 +94,7 @@ def expert_error(estimate, truth) -> float:
     return match_experts(estimate, truth).error
 
 
-def gating_error(params: MoEParams, truth: MoEParams, x) -> float:
+def gating_error(params: MoEParams, truth: MoEParams, x, *, gate_x=None) -> float:
     """Mean over x of the total variation between true and estimated gate probabilities.
 
     The estimate's experts are first matched to the truth's (`match_experts`), and its gates
@@ -103,50 +103,61 @@ def gating_error(params: MoEParams, truth: MoEParams, x) -> float:
     Parameters
     ----------
     params, truth
-        `MoEParams` (or fit results) with gates of shape (k, d).
+        `MoEParams` (or fit results) with gates of shape (k, d), or (k, q) with ``gate_x``.
     x
         (n, d) held-out inputs.
+    gate_x
+        (n, q) the gate's own covariates at those points, when the gate has them.
     """
-    params = check_params(as_params(params, "params"), "params")  # shapes, finite values
-    truth = check_params(as_params(truth, "truth"), "truth")
+    x = check_design(x)
+    gate_x = check_gate_x(gate_x, x.shape[0])
+    gate_dim = None if gate_x is None else gate_x.shape[1]
+    params = check_params(as_params(params, "params"), "params", gate_dim=gate_dim)  # shapes, finite values
+    truth = check_params(as_params(truth, "truth"), "truth", gate_dim=gate_dim)
     if params.experts.shape != truth.experts.shape:
         raise ValueError(
             f"params: expected experts of shape {truth.experts.shape} like truth, got "
             f"{params.experts.shape}"
         )
-    x = check_design(x)
     if x.shape[1] != truth.dim:
         raise ValueError(f"x: expected {truth.dim} columns like truth's experts, got {x.shape[1]}")
     permutation = match_experts(params, truth).permutation
     aligned = params.permute(permutation)
-    difference = aligned.gate_probabilities(x) - truth.gate_probabilities(x)
+    gate_input = x if gate_x is None else gate_x
+    difference = aligned.gate_probabilities(gate_input) - truth.gate_probabilities(gate_input)
     return float(0.5 * jnp.abs(difference).sum(-1).mean())
 
 
-def _check_eval_inputs(params, x, y):
-    params = check_params(as_params(params, "params"), "params", require_noise=True)
+def _check_eval_inputs(params, x, y, gate_x):
     x = check_design(x)
+    gate_x = check_gate_x(gate_x, x.shape[0])
+    params = check_params(
+        as_params(params, "params"), "params", require_noise=True,
+        gate_dim=None if gate_x is None else gate_x.shape[1],
+    )
     y = check_response(y, x.shape[0])
     if x.shape[1] != params.dim:
         raise ValueError(f"x: expected {params.dim} columns like params.experts, got {x.shape[1]}")
-    return params, x, y
+    return params, x, y, gate_x
 
 
-def heldout_log_likelihood(params: MoEParams, x, y) -> float:
+def heldout_log_likelihood(params: MoEParams, x, y, *, gate_x=None) -> float:
     """Mean log p(y | x) per point on held-out data (x (n, d), y (n,)), under ``params.link``.
 
-    ``params``: `MoEParams` or a fit result.
+    ``params``: `MoEParams` or a fit result; ``gate_x`` (n, q): the gate's own covariates, when
+    it has them.
     """
-    params, x, y = _check_eval_inputs(params, x, y)
-    return float(jnp.mean(MixtureOfExperts.from_params(params, x).log_prob(y)))
+    params, x, y, gate_x = _check_eval_inputs(params, x, y, gate_x)
+    return float(jnp.mean(MixtureOfExperts.from_params(params, x, gate_x=gate_x).log_prob(y)))
 
 
-def mean_squared_error(params: MoEParams, x, y) -> float:
+def mean_squared_error(params: MoEParams, x, y, *, gate_x=None) -> float:
     """Mean of (y - E[y | x])^2 on held-out data (x (n, d), y (n,)), under ``params.link``.
 
-    ``params``: `MoEParams` or a fit result.
+    ``params``: `MoEParams` or a fit result; ``gate_x`` (n, q): the gate's own covariates, when
+    it has them.
     """
-    params, x, y = _check_eval_inputs(params, x, y)
-    residual = y - params.predictive_mean(x)
+    params, x, y, gate_x = _check_eval_inputs(params, x, y, gate_x)
+    residual = y - params.predictive_mean(x, gate_x)
     return float(jnp.mean(residual**2))
 

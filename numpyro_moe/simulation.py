@@ -13,6 +13,7 @@ from numpyro_moe._links import Link
 from numpyro_moe._params import MoEParams
 from numpyro_moe._validation import (
     check_design,
+    check_gate_x,
     check_key,
     check_num_experts,
     check_params,
@@ -128,8 +129,9 @@ def sample_data(params: MoEParams, *, key: jax.Array, num_samples: int) -> tuple
     return x, sample_response(params, x, key=y_key)
 
 
-def sample_response(params: MoEParams, x, *, key: jax.Array) -> jax.Array:
-    """Draw y (n,) given inputs x (n, d) from the `MixtureOfExperts` of ``params``.
+def sample_response(params: MoEParams, x, *, key: jax.Array, gate_x=None) -> jax.Array:
+    """Draw y (n,) given inputs x (n, d) from the `MixtureOfExperts` of ``params``; the gate
+    reads ``gate_x`` (n, q) when given (``params.gates`` then has q columns), else x.
 
     Raises
     ------
@@ -138,11 +140,14 @@ def sample_response(params: MoEParams, x, *, key: jax.Array) -> jax.Array:
         that is not a finite (n, d) array with d = ``params.dim``.
     """
     key = check_key(key)
-    params = check_params(params, "params", require_noise=True)
     x = check_design(x)
+    gate_x = check_gate_x(gate_x, x.shape[0])
+    params = check_params(
+        params, "params", require_noise=True, gate_dim=None if gate_x is None else gate_x.shape[1]
+    )
     if x.shape[1] != params.dim:
         raise ValueError(f"x: expected {params.dim} columns like params.experts, got {x.shape[1]}")
-    return MixtureOfExperts.from_params(params, x).sample(key)
+    return MixtureOfExperts.from_params(params, x, gate_x=gate_x).sample(key)
 
 
 def simulate(

@@ -139,7 +139,7 @@ def test_fit_reads_r_row_names_missing_values_and_text(fitted, data):
     out, stdout, _ = fitted
     path, x, y, _ = data
     model = json.loads((out / "model.json").read_text())
-    assert model["format"] == 1 and model["package"] == "numpyro-moe" and model["version"] == moe.__version__
+    assert model["format"] == 2 and model["package"] == "numpyro-moe" and model["version"] == moe.__version__
     assert model["columns"] == ["a", "color", "b"]
     assert model["one_hot"] == {"color": ["blue", "red"]}
     assert model["features"] == ["a", "color=red", "b"] and model["target"] == "y"
@@ -357,11 +357,11 @@ def test_predict_errors_name_what_is_wrong(fitted, table, tmp_path):
     future = tmp_path / "future"
     shutil.copytree(out, future)
     model = json.loads((future / "model.json").read_text())
-    (future / "model.json").write_text(json.dumps({**model, "format": 2, "version": "9.0"}))
+    (future / "model.json").write_text(json.dumps({**model, "format": 3, "version": "9.0"}))
     code, _, stderr = _run(["predict", str(future), str(new)])
     assert code == 2
-    assert f"has format version 2 (written by numpyro-moe 9.0); this numpyro-moe ({moe.__version__}) reads " \
-           "format 1: refit with this version" in stderr
+    assert f"has format version 3 (written by numpyro-moe 9.0); this numpyro-moe ({moe.__version__}) reads " \
+           "formats 1, 2 (writes 2): refit with this version" in stderr
     (future / "model.json").write_text("{not json")
     assert "is not valid JSON" in _run(["predict", str(future), str(new)])[2]
     code, _, stderr = _run(["predict", str(out), str(new), "--interval", "1.5"])

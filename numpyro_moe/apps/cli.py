@@ -109,6 +109,7 @@ def _fit(args: argparse.Namespace) -> int:
         out=out,
         link=args.link,
         features=[name.strip() for name in args.features.split(",")] if args.features else None,
+        gate_features=args.gate_features,
         missing=args.missing,
         one_hot=_one_hot(args.one_hot),
         shared_noise=args.shared_noise,
@@ -197,7 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--criterion", choices=CRITERIA, default="bic", help="how k is chosen among several (lower is better)"
     )
     fit.add_argument("--link", default="linear", help="expert link: linear, sigmoid, relu or tanh")
-    fit.add_argument("--features", help="comma-separated feature columns (default: all but the target)")
+    fit.add_argument(
+        "--features",
+        help="comma-separated feature columns of the experts (default: all but the target and the gate features)",
+    )
+    fit.add_argument(
+        "--gate-features",
+        metavar="COL[,COL]",
+        help="columns the gate reads instead of the experts' features (covariates of its own, as flexmix's "
+        "concomitant variables; default: the gate reads the experts' features)",
+    )
     fit.add_argument(
         "--missing",
         choices=MISSING_POLICIES,

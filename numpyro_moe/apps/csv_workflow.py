@@ -26,10 +26,15 @@ from numpyro_moe.apps.tables import CsvData, read_csv
 from numpyro_moe.io import save_result
 from numpyro_moe.simulation import sample_response
 
-__all__ = ["AUTO_EXPERTS", "CRITERIA", "FORMAT", "CsvData", "fit_csv", "format_selection", "read_csv"]
+__all__ = [
+    "AUTO_EXPERTS", "CRITERIA", "FORMAT", "READABLE_FORMATS", "CsvData", "fit_csv", "format_selection", "read_csv",
+    "split_features",
+]
 
-FORMAT = 1
-"""Version of ``model.json``'s layout; `numpyro_moe.apps.predict` reads this version only."""
+FORMAT = 2
+"""Version of ``model.json``'s layout (2: the experts' and the gate's features listed apart)."""
+READABLE_FORMATS = (1, 2)
+"""The layouts `numpyro_moe.apps.predict` reads (1: every feature feeds experts and gate)."""
 AUTO_EXPERTS = (1, 2, 3, 4, 5)
 """The numbers of experts compared by ``--experts auto``."""
 CRITERIA = ("bic", "icl")
@@ -44,13 +49,17 @@ def _standardise(values: np.ndarray, names: list[str]):
     return (values - mean) / scale, mean, scale
 
 
-def _parameter_table(params: MoEParams, feature_names: list[str]) -> str:
+def _parameter_table(params: MoEParams, feature_names: list[str], gate_names: list[str] | None = None) -> str:
+    """parameters.csv: a row per expert, gate, and the noise (and df); with gate covariates the
+    gate rows have their own header line."""
     lines = ["parameter," + ",".join(feature_names) + ",intercept"]
     for i in range(params.num_experts):
         intercept = "" if params.expert_intercepts is None else f"{float(params.expert_intercepts[i]):.6g}"
         lines.append(
             f"expert {i}," + ",".join(f"{float(v):.6g}" for v in params.experts[i]) + f",{intercept}"
         )
+    if gate_names is not None:
+        lines.append("parameter," + ",".join(gate_names) + ",intercept")
     for i in range(params.num_experts):
         intercept = "" if params.gate_intercepts is None else f"{float(params.gate_intercepts[i]):.6g}"
         lines.append(f"gate {i}," + ",".join(f"{float(v):.6g}" for v in params.gates[i]) + f",{intercept}")
@@ -83,19 +92,72 @@ def _candidates(num_experts) -> tuple[tuple[int, ...], bool]:
     return (_positive_int(num_experts, "--experts"),), False
 
 
-def _rows_needed(k: int, d: int) -> tuple[int, int]:
-    # A rough count (expert and gate weights and intercepts per expert): twice as many rows as
-    # parameters keeps every expert's least squares well posed with room to spare.
-    parameters = k * (2 * d + 2)
+def _rows_needed(k: int, d: int, q: int | None = None) -> tuple[int, int]:
+    # A rough count (expert and gate weights and intercepts per expert; q gate covariates when the
+    # gate has its own): twice as many rows as parameters keeps every expert's least squares well
+    # posed with room to spare.
+    parameters = k * (d + (d if q is None else q) + 2)
     return parameters, max(2 * parameters, d + 2)
 
 
-def _too_few_rows(n: int, d: int, k: int) -> ValueError:
-    parameters, needed = _rows_needed(k, d)
+def _too_few_rows(n: int, d: int, k: int, q: int | None = None) -> ValueError:
+    parameters, needed = _rows_needed(k, d, q)
     return ValueError(
         f"DATA: too few rows: {n} rows for {k} experts on {d} features ({parameters} parameters); need at "
         f"least {needed}"
     )
+
+
+def encoded_names(column: str, levels: dict[str, list[str]]) -> list[str]:
+    """The feature names a raw column encodes to: itself, or ``column=level`` per one-hot level
+    but the reference."""
+    if column in levels:
+        return [f"{column}={level}" for level in levels[column][1:]]
+    return [column]
+
+
+def split_features(
+    columns: list[str], levels: dict[str, list[str]], feature_names: list[str], gate_columns: list[str] | None,
+    expert_columns: list[str] | None = None,
+) -> tuple[list[int], list[int] | None]:
+    """Indices into ``feature_names`` (the encoded columns of ``columns``) of the experts'
+    features and of the gate's (None when the gate reads the experts' features)."""
+    position = {name: index for index, name in enumerate(feature_names)}
+    if expert_columns is None:
+        expert_columns = [column for column in columns if column not in (gate_columns or [])]
+    experts = [position[name] for column in expert_columns for name in encoded_names(column, levels)]
+    if gate_columns is None:
+        return experts, None
+    return experts, [position[name] for column in gate_columns for name in encoded_names(column, levels)]
+
+
+def _gate_columns(gate_features, features, target: str) -> list[str] | None:
+    """``--gate-features`` checked: distinct column names, not the target."""
+    if gate_features is None:
+        return None
+    if isinstance(gate_features, str):
+        gate_features = [name.strip() for name in gate_features.split(",") if name.strip()]
+    gate_features = list(gate_features)
+    if not gate_features:
+        raise ValueError("--gate-features: expected at least one column name")
+    repeated = sorted({name for name in gate_features if gate_features.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--gate-features: columns {repeated} are listed more than once")
+    if target in gate_features:
+        raise ValueError(f"--gate-features: the target {target!r} cannot feed the gate")
+    return gate_features
+
+
+def _header(path) -> list[str] | None:
+    """The column names of a CSV file's header row (to check names before reading it), or None
+    when it cannot be read (`read_csv` then says why)."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as file:
+            return [name.strip() for name in next(csv.reader(file), [])]
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
 
 
 def _finite(value):
@@ -142,6 +204,7 @@ def fit_csv(
     criterion: str = "bic",
     link: str = "linear",
     features: list[str] | None = None,
+    gate_features: list[str] | str | None = None,
     missing: str = "error",
     one_hot: str | list[str] = (),
     shared_noise: bool = False,
@@ -164,7 +227,10 @@ def fit_csv(
     experts (a sequence, or ``"auto"`` = `AUTO_EXPERTS`, leaving out those the rows cannot support)
     `numpyro_moe.select_num_experts` fits each and keeps the best by ``criterion`` (``"bic"`` or
     ``"icl"``). ``family="student_t"`` fits robust Student-t experts (``df`` fixed degrees of
-    freedom, or None to estimate them). With ``nuts``, `run_nuts` from the fit.
+    freedom, or None to estimate them). ``gate_features`` (column names) gives the gate covariates
+    of its own (flexmix's concomitant variables): the gate reads those columns, the experts read
+    ``features`` (default: every column but the target and the gate's). With ``nuts``, `run_nuts`
+    from the fit.
 
     Outputs: ``model.json`` (format `FORMAT`: the package version, columns, one-hot levels,
     features, target, standardisation, training ranges, link, noise, number of experts, seed, the
@@ -192,21 +258,43 @@ def fit_csv(
         raise FileExistsError(
             f"--out: {str(out)!r} already exists; choose another folder or pass --overwrite"
         )
-    data = read_csv(path, target=target, features=features, missing=missing, one_hot=one_hot)
-    n, d = data.x.shape
+    gate_columns = _gate_columns(gate_features, features, target)
+    read_features = features
+    if gate_columns is not None:
+        header = _header(path) or []
+        absent = [name for name in gate_columns if name not in header]
+        if header and absent:
+            raise ValueError(
+                f"--gate-features: columns {absent} are not in {str(path)!r}; columns are {[h for h in header if h]}"
+            )
+        if features is not None:
+            read_features = list(features) + [name for name in gate_columns if name not in features]
+    data = read_csv(path, target=target, features=read_features, missing=missing, one_hot=one_hot)
+    expert_index, gate_index = split_features(data.columns, data.levels, data.feature_names, gate_columns, features)
+    if not expert_index:
+        raise ValueError(
+            "--gate-features: every feature column feeds the gate and none is left for the experts; name the "
+            "experts' columns with --features"
+        )
+    expert_names = [data.feature_names[j] for j in expert_index]
+    gate_names = None if gate_index is None else [data.feature_names[j] for j in gate_index]
+    n, d = data.x.shape[0], len(expert_index)
+    q = None if gate_index is None else len(gate_index)
     notes = list(data.notes)
-    supported = [k for k in candidates if n >= _rows_needed(k, d)[1]]
+    supported = [k for k in candidates if n >= _rows_needed(k, d, q)[1]]
     if not auto and len(supported) < len(candidates):
-        raise _too_few_rows(n, d, min(set(candidates) - set(supported)))
+        raise _too_few_rows(n, d, min(set(candidates) - set(supported)), q)
     if not supported:
-        raise _too_few_rows(n, d, candidates[0])
+        raise _too_few_rows(n, d, candidates[0], q)
     if len(supported) < len(candidates):
         left_out = [k for k in candidates if k not in supported]
         notes.append(
             f"--experts auto: k = {', '.join(map(str, left_out))} left out: too few rows ({n}) for them"
         )
     candidates = tuple(supported)
-    x, x_mean, x_scale = _standardise(data.x, data.feature_names)
+    standardised, x_mean, x_scale = _standardise(data.x, data.feature_names)
+    x = standardised[:, expert_index]
+    gate_x = None if gate_index is None else standardised[:, gate_index]
     y, y_mean, y_scale = _standardise(data.y[:, None], [data.target])
     y = y[:, 0]
 
@@ -217,6 +305,8 @@ def fit_csv(
     for note in notes:
         say(note)
     say(f"read {n} rows, {d} feature{'' if d == 1 else 's'} from {path}")
+    if gate_names is not None:
+        say(f"the gate reads {', '.join(gate_names)}; the experts read {', '.join(expert_names)}")
     bars = progress_bars(verbose)
     key = jax.random.key(seed)
     fit_key, nuts_key, check_key = jax.random.split(key, 3)
@@ -230,9 +320,10 @@ def fit_csv(
             "shared_noise": shared_noise,
             "family": family,
             "df": df,
+            "gate_x": gate_x,
             "progress_bar": bars,
         }
-        with column_names_in_warnings(data.feature_names):
+        with column_names_in_warnings(expert_names):
             if len(candidates) == 1:
                 fit = fit_moe(x, y, num_experts=candidates[0], **options)
             else:
@@ -247,7 +338,7 @@ def fit_csv(
             say(format_selection(selection.table, int(selection.num_experts), criterion))
         say(f"fitted {k} {params.link.name} experts")
         save_result(staging / "fit.npz", fit)
-        (staging / "parameters.csv").write_text(_parameter_table(params, data.feature_names))
+        (staging / "parameters.csv").write_text(_parameter_table(params, expert_names, gate_names))
         model = {
             "format": FORMAT,
             "package": "numpyro-moe",
@@ -259,6 +350,8 @@ def fit_csv(
             "columns": data.columns,
             "one_hot": data.levels,
             "features": data.feature_names,
+            "expert_features": expert_names,
+            "gate_features": gate_names,
             "target": data.target,
             "standardization": {
                 "feature_mean": x_mean.tolist(),
@@ -303,7 +396,8 @@ def fit_csv(
         summary = [
             f"data: {path} ({n} rows, features {data.feature_names}, target {data.target!r}), standardised",
             *notes,
-            f"model: {k} experts, link {params.link.name}, {noise}, expert and gate intercepts",
+            f"model: {k} experts, link {params.link.name}, {noise}, expert and gate intercepts"
+            + ("" if gate_names is None else f"; experts on {expert_names}, gate on {gate_names}"),
             (
                 f"fit: {num_starts} EM starts ({', '.join(fit.start_labels)}); start {fit.start} "
                 f"({fit.start_labels[fit.start]}) won; mean log-likelihood per point {fit.log_likelihood:.4f}; "
@@ -314,7 +408,10 @@ def fit_csv(
         if selection is not None:
             summary_table = format_selection(selection.table, int(selection.num_experts), criterion)
             summary.append(summary_table)
-        plot_gates(params, x, data.feature_names, staging / "gate_probabilities.png")
+        if gate_x is None:
+            plot_gates(params, x, expert_names, staging / "gate_probabilities.png")
+        else:
+            plot_gates(params, gate_x, gate_names, staging / "gate_probabilities.png")
         if nuts:
             say(f"NUTS: {num_chains} chains x ({num_warmup} warmup + {num_samples} draws)")
             result = run_nuts(
@@ -325,6 +422,7 @@ def fit_csv(
                 shared_noise=shared_noise,
                 family=family,
                 df=df,
+                gate_x=gate_x,
                 num_chains=num_chains,
                 num_warmup=num_warmup,
                 num_samples=num_samples,
@@ -348,7 +446,7 @@ def fit_csv(
             # A plug-in predictive check: replicated y drawn from the point estimate.
             draws = np.stack(
                 [
-                    np.asarray(sample_response(params, x, key=draw_key))
+                    np.asarray(sample_response(params, x, key=draw_key, gate_x=gate_x))
                     for draw_key in jax.random.split(check_key, 50)
                 ]
             )

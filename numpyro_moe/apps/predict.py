@@ -21,7 +21,7 @@ import numpy as np
 
 import numpyro_moe
 from numpyro_moe import ReliabilityWarning
-from numpyro_moe.apps.csv_workflow import FORMAT
+from numpyro_moe.apps.csv_workflow import FORMAT, READABLE_FORMATS
 from numpyro_moe.apps.tables import read_new_csv
 from numpyro_moe.io import load_result
 
@@ -80,15 +80,22 @@ def read_fit_folder(fit_dir: str | os.PathLike) -> dict:
         raise ValueError(
             f"FIT_DIR: {str(path)!r} has no format version; it was not written by numpyro-moe fit"
         )
-    if model["format"] != FORMAT:
+    if model["format"] not in READABLE_FORMATS:
         raise ValueError(
             f"FIT_DIR: {str(path)!r} has format version {model['format']!r} (written by numpyro-moe "
-            f"{model.get('version', '?')}); this numpyro-moe ({numpyro_moe.__version__}) reads format {FORMAT}: "
-            "refit with this version"
+            f"{model.get('version', '?')}); this numpyro-moe ({numpyro_moe.__version__}) reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))} (writes {FORMAT}): refit with this version"
         )
     absent = [key for key in _KEYS if key not in model]
     if absent:
         raise ValueError(f"FIT_DIR: {str(path)!r} lacks the entries {absent}; refit")
+    model.setdefault("expert_features", model["features"])  # format 1: every feature feeds both
+    model.setdefault("gate_features", None)
+    unknown = sorted(
+        (set(model["expert_features"]) | set(model["gate_features"] or [])) - set(model["features"])
+    )
+    if unknown:
+        raise ValueError(f"FIT_DIR: {str(path)!r} names features {unknown} that its columns do not encode; refit")
     return model
 
 
@@ -184,7 +191,12 @@ def predict_csv(
     rows = np.flatnonzero(data.complete)
     if not rows.size:
         raise ValueError(f"NEW.csv: no row of {str(path)!r} has every feature; nothing to predict")
-    z = (data.x[rows] - np.asarray(standard["feature_mean"])) / np.asarray(standard["feature_scale"])
+    standardised = (data.x[rows] - np.asarray(standard["feature_mean"])) / np.asarray(standard["feature_scale"])
+    position = {name: index for index, name in enumerate(model["features"])}
+    z = standardised[:, [position[name] for name in model["expert_features"]]]
+    gate_z = None
+    if model["gate_features"] is not None:
+        gate_z = standardised[:, [position[name] for name in model["gate_features"]]]
     observed = None if data.y is None else data.y[rows]
     # Rows without the target still get predictions; their log density is dropped below.
     t = None if observed is None else np.nan_to_num((observed - y_mean) / y_scale)
@@ -195,11 +207,11 @@ def predict_csv(
         with xr.open_datatree(posterior, engine="h5netcdf") as tree:
             sizes = tree["posterior"].sizes
             described = f"posterior draws ({sizes['chain']} chains x {sizes['draw']} draws, posterior.nc)"
-            prediction = numpyro_moe.predict(tree, z, key=key, y=t, interval=interval)
+            prediction = numpyro_moe.predict(tree, z, key=key, y=t, gate_x=gate_z, interval=interval)
     else:
         fit = load_result(fit_dir / "fit.npz")
         described = "the point fit (fit.npz)"
-        prediction = numpyro_moe.predict(fit, z, key=key, y=t, interval=interval)
+        prediction = numpyro_moe.predict(fit, z, key=key, y=t, gate_x=gate_z, interval=interval)
     k = int(np.shape(prediction.gate_probabilities)[1])
     columns = ["mean", "lower", "upper", *[f"gate_{i}" for i in range(k)], "outside_training"]
     n = len(data.lines)
