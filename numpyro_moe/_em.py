@@ -459,8 +459,8 @@ def _em_block(
     state, x, gate_x, y, penalty, estimate_df, tol, gate_tol, *, link_function, updates, shared_noise, expert_steps,
     gate_steps, block,
 ):
-    """Up to ``block`` EM iterations; stops once the log-likelihood change is below ``tol`` or
-    the history buffer (``max_iterations``) is full."""
+    """Up to ``block`` EM iterations; stops once the objective's change (log-likelihood plus log
+    prior, per point) is below ``tol`` or the history buffer (``max_iterations``) is full."""
     start = state.iteration
     limit = state.history.shape[-1]
 

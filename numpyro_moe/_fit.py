@@ -96,6 +96,10 @@ class Fit(NamedTuple):
         the points; they sum to 1), or None where not computed.
     entropy
         ``-sum_n sum_i r_ni log r_ni`` of the responsibilities at ``params`` (for ICL), or None.
+    start_objectives
+        (num_starts,) final objective per point of every start, the one EM ranks them by (the
+        log posterior per point when penalised, else the log-likelihood; ``-inf`` if it failed),
+        or None where not computed.
     """
 
     params: MoEParams
@@ -109,6 +113,7 @@ class Fit(NamedTuple):
     start_labels: tuple[str, ...] = ("given",)
     expert_weights: np.ndarray | None = None
     entropy: float | None = None
+    start_objectives: np.ndarray | None = None
 
 
 def check_data(x, y):
@@ -432,8 +437,9 @@ def fit_em(
     converged = count < max_iterations or bool(count > 1 and abs(best_history[-1] - best_history[-2]) < tol)
     if not converged:
         warnings.warn(
-            f"EM hit max_iterations={max_iterations} before the log-likelihood change fell below "
-            f"tol={tol}; the fit may not have converged: raise max_iterations",
+            f"EM hit max_iterations={max_iterations} before the change of its objective per point "
+            f"({'log posterior' if penalized else 'log-likelihood'}) fell below tol={tol}; the fit may "
+            "not have converged: raise max_iterations",
             ReliabilityWarning,
             stacklevel=2,
         )
@@ -455,6 +461,7 @@ def fit_em(
         start_labels=("given",) * len(log_likelihoods),
         expert_weights=weights,
         entropy=float(result.entropy[best]),
+        start_objectives=objectives,
     )
 
 

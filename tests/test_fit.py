@@ -59,8 +59,11 @@ def _assert_fit_record(fit, *, method="em", num_starts=1):
     assert fit.method == method
     assert fit.history.shape == (fit.iterations,)
     assert fit.start_log_likelihoods.shape == (num_starts,)
-    # The best start wins; on a tie (within the EM tolerance, 1e-8) the first of them.
-    assert fit.start == int(np.argmax(fit.start_log_likelihoods >= fit.start_log_likelihoods.max() - 1e-8))
+    # The best start by the objective the fit maximises wins (EM: the log posterior per point, by
+    # default); on a tie (within the EM tolerance, 1e-8) the first of them.
+    ranked = fit.start_objectives if fit.start_objectives is not None else fit.start_log_likelihoods
+    assert ranked.shape == (num_starts,)
+    assert fit.start == int(np.argmax(ranked >= ranked.max() - 1e-8))
     assert fit.log_likelihood == fit.start_log_likelihoods[fit.start]
 
 

@@ -563,7 +563,7 @@ WARNING_CASES = [
                  r"\(3 standard errors",
                  id="given-noise-does-not-fit-y-scale"),
     pytest.param(lambda p: moe.fit_em(p[0][:N_EM], p[1][:N_EM], p[2], max_iterations=2),
-                 r"^EM hit max_iterations=2 before the log-likelihood change fell below tol=1e-08", id="em-cap"),
+                 r"^EM hit max_iterations=2 before the change of its objective per point \(log posterior\) fell below tol=1e-08", id="em-cap"),
     pytest.param(lambda p: moe.fit_em(p[0][:N_EM], p[1][:N_EM], p[2].replace(gates=np.zeros((3, 6))),
                                       fix=("experts",), max_iterations=2),
                  r"^EM hit max_iterations=2 before", id="gating-em-cap"),
