@@ -59,7 +59,10 @@ from numpyro_moe._distribution import MixtureOfExperts
 from numpyro_moe._links import Link
 from numpyro_moe._params import MoEParams
 
-__all__ = ["EMResult", "Penalty", "em_iterations", "flat_penalty", "penalty_from_priors", "split_augmented", "to_augmented"]
+__all__ = [
+    "EMResult", "Penalty", "em_iterations", "flat_penalty", "padded_size", "penalty_from_priors", "split_augmented",
+    "to_augmented",
+]
 
 _RIDGE = 1e-8
 # Degrees of freedom of Student-t experts: the interval the ECM step searches (below 0.5 the t has
@@ -239,12 +242,12 @@ def _joint(experts, gates, noise, x, gate_x, y, link_function, df=None):
     ).component_log_probs(y)
 
 
-def _gate_objective(free, x, targets, loc, precision):
+def _gate_objective(free, x, targets, loc, precision, n):
     """Mean soft-label cross-entropy of gates whose last row is zero, plus their Normal prior's
-    penalty over n (and a tiny ridge)."""
+    penalty, over the n points (padding rows carry no targets), and a tiny ridge."""
     logits = jnp.concatenate([x @ free.T, jnp.zeros((x.shape[0], 1), x.dtype)], axis=1)
-    cross_entropy = -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1))
-    penalty = 0.5 * jnp.sum(precision * (free - loc) ** 2) / x.shape[0]
+    cross_entropy = -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1)) / n
+    penalty = 0.5 * jnp.sum(precision * (free - loc) ** 2) / n
     return cross_entropy + penalty + 0.5 * _RIDGE * jnp.sum(free**2)
 
 
@@ -272,21 +275,22 @@ def _backtrack(objective, point, direction, max_halvings=10, current=None):
     return jnp.where(accepted, point + step * direction, point), accepted
 
 
-def _gate_newton(gates, x, targets, tol, max_steps, loc, precision):
-    """Minimise `_gate_objective` over the free rows by Newton's method with a step search."""
+def _gate_newton(gates, x, targets, tol, max_steps, loc, precision, n):
+    """Minimise `_gate_objective` over the free rows by Newton's method with a step search (n: the
+    number of real points; padding rows are zero in x and in ``targets``, so they add nothing)."""
     free = gates[:-1]
     k1, p = free.shape
     if k1 == 0:  # one expert: the gate is constant
         return gates
-    n = x.shape[0]
+    rows = x.shape[0]
     loc, precision = loc[:-1], precision[:-1]
 
     def step(carry):
         free, _, count = carry
-        logits = jnp.concatenate([x @ free.T, jnp.zeros((n, 1), x.dtype)], axis=1)
+        logits = jnp.concatenate([x @ free.T, jnp.zeros((rows, 1), x.dtype)], axis=1)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
         current = (
-            -jnp.mean(jnp.sum(targets * log_probs, axis=-1))
+            -jnp.sum(targets * log_probs) / n
             + 0.5 * jnp.sum(precision * (free - loc) ** 2) / n
             + 0.5 * _RIDGE * jnp.sum(free**2)
         )
@@ -294,14 +298,14 @@ def _gate_newton(gates, x, targets, tol, max_steps, loc, precision):
         gradient = (probs - targets[:, :-1]).T @ x / n + precision * (free - loc) / n + _RIDGE * free
         # Hessian blocks sum_n (p_ni delta_ij - p_ni p_nj) x_n x_n^T, as two plain matrix
         # products over an (n, (k-1) p) matrix (XLA's CPU einsum of three operands is far slower).
-        weighted = (probs[:, :, None] * x[:, None, :]).reshape(n, k1 * p)
+        weighted = (probs[:, :, None] * x[:, None, :]).reshape(rows, k1 * p)
         diagonal = (weighted.T @ x).reshape(k1, p, p) / n
         hessian = -(weighted.T @ weighted).reshape(k1, p, k1, p) / n
         hessian = hessian + jnp.einsum("iab,ij->iajb", diagonal, jnp.eye(k1, dtype=x.dtype))
         hessian = hessian.reshape(k1 * p, k1 * p) + jnp.diag(precision.reshape(-1) / n + _RIDGE)
         direction = jnp.linalg.solve(hessian, gradient.reshape(-1)).reshape(k1, p)
         new_free, accepted = _backtrack(
-            lambda candidate: _gate_objective(candidate, x, targets, loc, precision),
+            lambda candidate: _gate_objective(candidate, x, targets, loc, precision, n),
             free,
             -direction,
             current=current,
@@ -357,7 +361,7 @@ def _noise_mode(count, squares, penalty_count, inverse, square):
     return jnp.where(square > 0, by_square, by_inverse)
 
 
-def _noise_step(targets, residual, y, shared_noise, penalty: Penalty, precisions=None):
+def _noise_step(targets, residual, y, shared_noise, penalty: Penalty, n, precisions=None):
     """The noise M-step: the responsibility-weighted mean squared residual, pooled or per expert
     (an expert with no responsibility keeps the pooled value), moved by the noise prior to the
     mode of the penalised objective; floored far below any real noise. Student-t experts weight
@@ -366,7 +370,7 @@ def _noise_step(targets, residual, y, shared_noise, penalty: Penalty, precisions
     k = targets.shape[1]
     first = lambda leaf: leaf[0]  # noqa: E731  (a shared noise has one prior: the first entry's)
     pooled = _noise_mode(
-        jnp.asarray(y.shape[0], y.dtype), jnp.sum(squares),
+        n, jnp.sum(squares),
         first(penalty.noise_count), first(penalty.noise_inverse), first(penalty.noise_square),
     )
     if shared_noise:
@@ -378,7 +382,7 @@ def _noise_step(targets, residual, y, shared_noise, penalty: Penalty, precisions
         )
         usable = (weight > 1e-12) | (penalty.noise_count > 0) | (penalty.noise_inverse > 0)
         scale = jnp.where(usable, own, pooled)
-    return jnp.maximum(scale, jnp.sqrt(1e-24 * jnp.mean(y**2) + 1e-300))
+    return jnp.maximum(scale, jnp.sqrt(1e-24 * jnp.sum(y**2) / n + 1e-300))
 
 
 def _df_step(targets, precisions, df, penalty: Penalty):
@@ -415,23 +419,28 @@ def _df_step(targets, precisions, df, penalty: Penalty):
 
 
 def _em_step(
-    state: _State, x, gate_x, y, penalty, estimate_df, link_function, updates, shared_noise, expert_steps, gate_tol,
+    state: _State, x, gate_x, y, mask, penalty, estimate_df, link_function, updates, shared_noise, expert_steps, gate_tol,
     gate_steps,
 ):
     update_experts, update_gates, update_noise = updates
     df = state.df
     joint = _joint(state.experts, state.gates, state.noise, x, gate_x, y, link_function, df)
     pointwise = logsumexp(joint, axis=-1)
+    n = jnp.sum(mask)  # the real points; padding rows (mask 0) have no responsibility
     # Fixed degrees of freedom have no prior in the penalty (zero power and rate): no term here.
-    log_likelihood = jnp.mean(pointwise) + log_prior(state.experts, state.gates, state.noise, penalty, df) / y.shape[0]
-    targets = jnp.exp(joint - pointwise[:, None])
+    log_likelihood = (
+        jnp.sum(mask * pointwise) + log_prior(state.experts, state.gates, state.noise, penalty, df)
+    ) / n
+    targets = jnp.exp(joint - pointwise[:, None]) * mask[:, None]
     precisions = None
     if df is not None:  # Student-t experts: the E-step's expected precisions u_ni (old parameters)
         standardized = (y[:, None] - link_function(x @ state.experts.T)) / state.noise
         precisions = (df + 1.0) / (df + standardized**2)
     gates = state.gates
     if update_gates:
-        gates = _gate_newton(gates, gate_x, targets, gate_tol, gate_steps, penalty.gate_loc, penalty.gate_precision)
+        gates = _gate_newton(
+            gates, gate_x, targets, gate_tol, gate_steps, penalty.gate_loc, penalty.gate_precision, n
+        )
     experts = state.experts
     if update_experts:
         experts = _expert_gauss_newton(
@@ -441,7 +450,7 @@ def _em_step(
     noise = state.noise
     if update_noise:
         noise = _noise_step(
-            targets, y[:, None] - link_function(x @ experts.T), y, shared_noise, penalty, precisions
+            targets, y[:, None] - link_function(x @ experts.T), y, shared_noise, penalty, n, precisions
         )
     if df is not None:  # a traced switch: fixed and estimated degrees of freedom share one program
         df = jnp.where(estimate_df, _df_step(targets, precisions, df, penalty), df)
@@ -456,7 +465,7 @@ def _em_step(
     static_argnames=("link_function", "updates", "shared_noise", "expert_steps", "gate_steps", "block"),
 )
 def _em_block(
-    state, x, gate_x, y, penalty, estimate_df, tol, gate_tol, *, link_function, updates, shared_noise, expert_steps,
+    state, x, gate_x, y, mask, penalty, estimate_df, tol, gate_tol, *, link_function, updates, shared_noise, expert_steps,
     gate_steps, block,
 ):
     """Up to ``block`` EM iterations; stops once the objective's change (log-likelihood plus log
@@ -469,7 +478,7 @@ def _em_block(
 
     def body(state):
         return _em_step(
-            state, x, gate_x, y, penalty, estimate_df, link_function, updates, shared_noise, expert_steps, gate_tol,
+            state, x, gate_x, y, mask, penalty, estimate_df, link_function, updates, shared_noise, expert_steps, gate_tol,
             gate_steps,
         )
 
@@ -477,16 +486,47 @@ def _em_block(
 
 
 @partial(jax.jit, static_argnames=("link_function",))
-def _final(experts, gates, noise, df, x, gate_x, y, penalty, *, link_function):
-    """Mean log-likelihood per point, (n, k) responsibilities' column sums and their entropy."""
+def _final(experts, gates, noise, df, x, gate_x, y, mask, penalty, *, link_function):
+    """Mean log-likelihood per point, (n, k) responsibilities' column sums and their entropy,
+    over the real points (mask 1)."""
     joint = _joint(experts, gates, noise, x, gate_x, y, link_function, df)
     pointwise = logsumexp(joint, axis=-1)
     log_responsibilities = joint - pointwise[:, None]
-    responsibilities = jnp.exp(log_responsibilities)
+    responsibilities = jnp.exp(log_responsibilities) * mask[:, None]
     entropy = -jnp.sum(responsibilities * jnp.where(responsibilities > 0, log_responsibilities, 0.0))
-    log_likelihood = jnp.mean(pointwise)
-    objective = log_likelihood + log_prior(experts, gates, noise, penalty, df) / y.shape[0]
+    n = jnp.sum(mask)
+    log_likelihood = jnp.sum(mask * pointwise) / n
+    objective = log_likelihood + log_prior(experts, gates, noise, penalty, df) / n
     return log_likelihood, objective, jnp.sum(responsibilities, axis=0), entropy
+
+
+def padded_size(n: int) -> int:
+    """The smallest size m 2^e >= n with m in 4..7 (at least 16): at most 25% padding, and one
+    compiled EM program serves every n of a size class."""
+    if n <= 16:
+        return 16
+    exponent = int(n).bit_length() - 3  # n / 2^exponent lies in [4, 8)
+    return next(m << exponent for m in (4, 5, 6, 7, 8) if m << exponent >= n)
+
+
+def _padded(x, gate_x, y):
+    """``x``, ``gate_x``, ``y`` with zero rows appended up to `padded_size`, and the (rows,) mask
+    of the real points (host-side padding: nothing is compiled for the new n)."""
+    n = x.shape[0]
+    rows = padded_size(n)
+    dtype = x.dtype
+    mask = np.zeros(rows, dtype)
+    mask[:n] = 1.0
+
+    def pad(values):
+        values = np.asarray(values, dtype)
+        if rows == n:
+            return jnp.asarray(values)
+        return jnp.asarray(np.concatenate([values, np.zeros((rows - n, *values.shape[1:]), dtype)]))
+
+    same = gate_x is x
+    x, y = pad(x), pad(y)
+    return x, (x if same else pad(gate_x)), y, jnp.asarray(mask)
 
 
 def em_iterations(
@@ -544,9 +584,12 @@ def em_iterations(
     )
     final = partial(_final, link_function=link.function)
     if batched:
-        run = jax.vmap(run, in_axes=(0, None, None, None, None, None, None, None))
-        final = jax.vmap(final, in_axes=(0, 0, 0, 0, None, None, None, None))
+        run = jax.vmap(run, in_axes=(0, None, None, None, None, None, None, None, None))
+        final = jax.vmap(final, in_axes=(0, 0, 0, 0, None, None, None, None, None))
     gate_x = x if gate_x is None else gate_x.astype(dtype)
+    # Padding to a size of a coarse ladder: EM's programs compile once per structure and size
+    # class, not for every n (padding rows are zero and masked out).
+    x, gate_x, y, mask = _padded(x, gate_x, y)
     tol_array = jnp.asarray(tol, dtype)
     gate_tol = jnp.asarray(1e-9 if dtype == jnp.float64 else 1e-5, dtype)
     bar = None
@@ -556,7 +599,7 @@ def em_iterations(
         bar = tqdm(total=max_iterations, desc=progress, leave=False)
     while True:
         before = int(np.max(np.asarray(state.iteration)))
-        state = run(state, x, gate_x, y, penalty, jnp.asarray(estimate_df), tol_array, gate_tol)
+        state = run(state, x, gate_x, y, mask, penalty, jnp.asarray(estimate_df), tol_array, gate_tol)
         iterations = np.asarray(state.iteration)
         after = int(np.max(iterations))
         if bar is not None:
@@ -568,7 +611,7 @@ def em_iterations(
     if bar is not None:
         bar.close()
     log_likelihood, objective, weights, entropy = final(
-        state.experts, state.gates, state.noise, state.df, x, gate_x, y, penalty
+        state.experts, state.gates, state.noise, state.df, x, gate_x, y, mask, penalty
     )
     return EMResult(
         state.experts, state.gates, state.noise, np.asarray(log_likelihood), np.asarray(objective),

@@ -29,6 +29,7 @@ from numpyro_moe._distribution import MixtureOfExperts
 from numpyro_moe._em import (
     DF_BOUNDS,
     DF_START,
+    EMResult,
     em_iterations,
     flat_penalty,
     penalty_from_priors,
@@ -251,7 +252,7 @@ def random_starts(
     return MoEParams(
         experts,
         jnp.zeros((num_starts, num_experts, gate_dim), x.dtype),
-        jnp.full((num_starts, num_experts), jnp.std(y)),
+        jnp.full((num_starts, num_experts), float(np.std(np.asarray(y)))),  # host: nothing compiled per n
         zeros if intercepts else None,
         zeros if intercepts else None,
         link,
@@ -300,6 +301,74 @@ def resolvable_tol(tol: float, dtype) -> float:
     float64 needs 6).
     """
     return max(tol, 8 * float(jnp.finfo(dtype).eps))
+
+
+class _EMRun(NamedTuple):
+    """Every start's EM result (`em_iterations`), their final parameters stacked, and the settings
+    the fits read back."""
+
+    result: EMResult
+    params: MoEParams
+    tol: float
+    intercepts: bool
+    dim: int
+    estimate_df: bool
+
+
+def _em_all(
+    x, y, init, *, gate_x, fix, shared_noise, penalized, priors, family, df, max_iterations, tol, progress_bar
+) -> _EMRun:
+    """EM from every start of ``init`` on checked data (see `fit_em`)."""
+    starts = as_starts(init, x.shape[1], gate_dim=_gate_dim(x, gate_x))
+    _first(starts).expert_means(x[:2])  # the link maps arrays elementwise, or a ValueError naming it
+    fix = check_fix(fix)
+    tol = resolvable_tol(check_positive(tol, "tol"), x.dtype)
+    intercepts = starts.has_intercepts
+    num_experts, dim = starts.experts.shape[1:]
+    gate_dim = starts.gates.shape[-1]
+    family, df = check_family(family, df, num_experts)
+    estimate_df = family == "student_t" and df is None and "noise" not in fix
+    degrees = starting_df(starts.df, family, df, starts.experts.shape[:2], x.dtype, clip=estimate_df)
+    if penalized:
+        chosen = resolve_priors(priors)
+        penalty = penalty_from_priors(
+            chosen, num_experts, dim, intercepts=intercepts, dtype=x.dtype, estimate_df=estimate_df,
+            gate_dim=gate_dim,
+        )
+        if not priors:
+            _check_default_scale(y)
+    else:
+        if priors:
+            raise ValueError("priors: given with penalized=False, which fits no priors; drop one of them")
+        penalty = flat_penalty(num_experts, dim + int(intercepts), x.dtype, gate_dim + int(intercepts))
+    noise = _starting_noise(starts, x, y)
+    if shared_noise:  # a shared model starts from one noise, so its first step is an EM step
+        noise = jnp.broadcast_to(jnp.sqrt(jnp.mean(noise**2, axis=-1, keepdims=True)), noise.shape)
+    experts, gates = to_augmented(starts, intercepts)
+    # Host-side (NumPy) columns of ones: nothing is compiled for a new n.
+    ones = np.ones((x.shape[0], 1), x.dtype)
+    design = np.concatenate([np.asarray(x), ones], axis=1) if intercepts else x
+    gate_design = None
+    if gate_x is not None:
+        gate_design = np.concatenate([np.asarray(gate_x), ones], axis=1) if intercepts else gate_x
+    result = em_iterations(
+        experts,
+        gates,
+        noise,
+        design,
+        y,
+        penalty=penalty,
+        link=starts.link,
+        fix=fix if estimate_df or degrees is None else (*fix, "df"),
+        shared_noise=shared_noise,
+        max_iterations=max_iterations,
+        tol=tol,
+        progress="EM" if progress_bar else None,
+        df=degrees,
+        gate_x=gate_design,
+    )
+    params = split_augmented(result.experts, result.gates, result.noise, intercepts, starts.link, result.df)
+    return _EMRun(result, params, tol, intercepts, dim, estimate_df)
 
 
 def fit_em(
@@ -378,53 +447,12 @@ def fit_em(
     """
     x, y = check_data(x, y)
     gate_x = check_gate_x(gate_x, x.shape[0])
-    starts = as_starts(init, x.shape[1], gate_dim=_gate_dim(x, gate_x))
-    _first(starts).expert_means(x[:2])  # the link maps arrays elementwise, or a ValueError naming it
-    fix = check_fix(fix)
     max_iterations = check_positive_int(max_iterations, "max_iterations")
-    tol = resolvable_tol(check_positive(tol, "tol"), x.dtype)
-    intercepts = starts.has_intercepts
-    num_experts, dim = starts.experts.shape[1:]
-    gate_dim = starts.gates.shape[-1]
-    family, df = check_family(family, df, num_experts)
-    estimate_df = family == "student_t" and df is None and "noise" not in fix
-    degrees = starting_df(starts.df, family, df, starts.experts.shape[:2], x.dtype, clip=estimate_df)
-    if penalized:
-        chosen = resolve_priors(priors)
-        penalty = penalty_from_priors(
-            chosen, num_experts, dim, intercepts=intercepts, dtype=x.dtype, estimate_df=estimate_df,
-            gate_dim=gate_dim,
-        )
-        if not priors:
-            _check_default_scale(y)
-    else:
-        if priors:
-            raise ValueError("priors: given with penalized=False, which fits no priors; drop one of them")
-        penalty = flat_penalty(num_experts, dim + int(intercepts), x.dtype, gate_dim + int(intercepts))
-    noise = _starting_noise(starts, x, y)
-    if shared_noise:  # a shared model starts from one noise, so its first step is an EM step
-        noise = jnp.broadcast_to(jnp.sqrt(jnp.mean(noise**2, axis=-1, keepdims=True)), noise.shape)
-    experts, gates = to_augmented(starts, intercepts)
-    design = jnp.concatenate([x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1) if intercepts else x
-    gate_design = None
-    if gate_x is not None:
-        gate_design = jnp.concatenate([gate_x, jnp.ones((x.shape[0], 1), x.dtype)], axis=1) if intercepts else gate_x
-    result = em_iterations(
-        experts,
-        gates,
-        noise,
-        design,
-        y,
-        penalty=penalty,
-        link=starts.link,
-        fix=fix if estimate_df or degrees is None else (*fix, "df"),
-        shared_noise=shared_noise,
-        max_iterations=max_iterations,
-        tol=tol,
-        progress="EM" if progress_bar else None,
-        df=degrees,
-        gate_x=gate_design,
+    run = _em_all(
+        x, y, init, gate_x=gate_x, fix=fix, shared_noise=shared_noise, penalized=penalized, priors=priors,
+        family=family, df=df, max_iterations=max_iterations, tol=tol, progress_bar=progress_bar,
     )
+    result, tol, intercepts, dim, estimate_df = run.result, run.tol, run.intercepts, run.dim, run.estimate_df
     experts, gates, noise, history, iterations = (
         result.experts, result.gates, result.noise, result.history, result.iterations
     )
@@ -443,10 +471,7 @@ def fit_em(
             ReliabilityWarning,
             stacklevel=2,
         )
-    params = split_augmented(
-        experts[best], gates[best], noise[best], intercepts, starts.link,
-        None if result.df is None else result.df[best],
-    )
+    params = jax.tree_util.tree_map(lambda leaf: leaf[best], run.params)
     weights = np.asarray(result.weights[best]) / x.shape[0]
     _check_weights(weights, x.shape[0], dim + int(intercepts) + 1 + int(estimate_df))
     return Fit(
@@ -467,14 +492,15 @@ def fit_em(
 
 def _check_default_scale(y) -> None:
     """Warn when the default priors (made for a standardised y) meet a y far from that scale."""
-    spread, centre = float(jnp.std(y)), float(jnp.mean(y))
+    values = np.asarray(y)  # on the host: nothing compiled for a new n
+    spread, centre = float(np.std(values)), float(np.mean(values))
     if not 0.1 <= spread <= 10 or abs(centre) > 10 * max(spread, 1e-12):
         warnings.warn(
             f"y: mean {centre:.3g} and sd {spread:.3g}, while the default priors of penalised EM are "
             "made for a standardised y (mean 0, sd 1); standardise x and y, pass priors= on your "
             "scale, or pass penalized=False",
             ReliabilityWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -611,6 +637,8 @@ def fit_moe(
     df=None,
     gate_x=None,
     num_starts: int = 5,
+    num_finalists: int | None = None,
+    screen_iterations: int = 10,
     estimate_options: dict | None = None,
     max_iterations: int = 500,
     tol: float = 1e-8,
@@ -642,6 +670,13 @@ def fit_moe(
     num_starts
         EM starts in all: the tensor estimate (when k <= d; its gate first fitted by EM with the
         experts fixed) and ``num_starts - 1`` `random_starts`.
+    num_finalists, screen_iterations
+        Short-EM starts (Biernacki, Celeux and Govaert 2003, "Choosing starting values for the EM
+        algorithm"): with ``num_finalists`` set below ``num_starts``, every start first runs
+        ``screen_iterations`` EM iterations, and only the ``num_finalists`` best by the objective
+        (and the tensor start, always) continue to convergence, so many starts cost little and
+        none waits for the slowest. None (the default): every start runs to convergence.
+        ``start_labels`` and the per-start figures of the result describe the finalists.
     estimate_options
         Options of `estimate_experts` (e.g. ``noise``, ``num_power_restarts``, ``method``).
     max_iterations, tol
@@ -661,6 +696,9 @@ def fit_moe(
     num_experts = check_num_experts(num_experts, x.shape[1], require_k_le_d=False)
     family, df = check_family(family, df, num_experts)
     num_starts = check_positive_int(num_starts, "num_starts")
+    if num_finalists is not None:
+        num_finalists = check_positive_int(num_finalists, "num_finalists")
+    screen_iterations = check_positive_int(screen_iterations, "screen_iterations")
     max_iterations = check_positive_int(max_iterations, "max_iterations")
     tol = check_positive(tol, "tol")
     if estimate_options is not None and not isinstance(estimate_options, dict):
@@ -689,7 +727,10 @@ def fit_moe(
         # matter when it is used alone (estimate_experts warns then), not here.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ReliabilityWarning)
-            estimate = estimate_experts(x, y, num_experts=num_experts, link=link, key=tensor_key, **options)
+            # Host arrays take the moments' staging path: fixed-size chunks, nothing compiled per n.
+            estimate = estimate_experts(
+                np.asarray(x), np.asarray(y), num_experts=num_experts, link=link, key=tensor_key, **options
+            )
             start = estimate.to_params(intercepts=intercepts)
             if gate_x is not None:  # a uniform gate over the gate's own covariates
                 start = start.replace(gates=jnp.zeros((num_experts, gate_x.shape[1]), x.dtype))
@@ -713,4 +754,20 @@ def fit_moe(
             )
         )
         labels += ["random"] * count
+    if num_finalists is not None and num_finalists < len(labels):
+        starts, labels = _screened(x, y, starts, labels, num_finalists, screen_iterations, em_options)
     return fit_em(x, y, starts, **em_options)._replace(start_labels=tuple(labels))
+
+
+def _screened(x, y, starts: list, labels: list[str], keep: int, iterations: int, em_options: dict):
+    """The short-EM screen: ``iterations`` EM iterations from every start, then the ``keep`` best by
+    the objective, and the tensor start, as stacked starts for the full EM, with their labels."""
+    options = {name: value for name, value in em_options.items() if name not in ("max_iterations", "progress_bar")}
+    with warnings.catch_warnings():  # the full EM says what matters about the data
+        warnings.simplefilter("ignore", ReliabilityWarning)
+        run = _em_all(x, y, starts, fix=(), max_iterations=iterations, progress_bar=False, **options)
+    objectives = np.where(np.isfinite(run.result.objective), run.result.objective, -np.inf)
+    order = [int(index) for index in np.argsort(-objectives, kind="stable")]
+    chosen = sorted(set(order[:keep]) | {index for index, label in enumerate(labels) if label == "tensor"})
+    finalists = jax.tree_util.tree_map(lambda leaf: leaf[np.asarray(chosen)], run.params)
+    return finalists, [labels[index] for index in chosen]
