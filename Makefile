@@ -35,5 +35,9 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 DOCS_EXECUTE=true TUTORIAL_FIGURES=$(CURDIR)/build/tutorial-figures \
 		$(VENV)/bin/python -m mkdocs build --strict
 
+# The README's results section (and its figure) from benchmarks/results/*.csv.
+bench-results: $(STAMP)
+	$(VENV)/bin/python benchmarks/make_results.py --figure
+
 clean:
 	rm -rf $(VENV) .pytest_cache site build

@@ -64,8 +64,23 @@ def cli_reference() -> str:
     return "\n".join(lines)
 
 
+def _make_results():
+    """benchmarks/make_results.py, which writes the README's results section from the CSVs."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "make_results.py"
+    spec = importlib.util.spec_from_file_location("make_results", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def on_files(files, config):
     files.append(File.generated(config, "cli.md", content=cli_reference()))
+    results = _make_results()
+    files.append(File.generated(config, "results.md", content=results.docs_page()))
+    if results.FIGURE.exists():
+        files.append(File.generated(config, "real_data.png", abs_src_path=str(results.FIGURE)))
     return files
 
 

@@ -89,3 +89,24 @@ def test_every_tutorial_and_page_is_rendered(site):
         assert "import numpyro_moe" in text(page), f"{script.name}'s code is missing from its page"
     assert "make test" in text(site / "index.html")
     assert "Penalised EM" in text(site / "maths" / "index.html")
+
+
+def test_readme_results_section_is_what_the_csvs_give():
+    """The README's results section is generated (benchmarks/make_results.py) and up to date."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "make_results.py"), "--check"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        "| motorcycle | 100 / 33 | 3 | least squares | 1 | -5.054 | 1426 |"
+        in (ROOT / "README.md").read_text()
+    )
+
+
+def test_results_page_is_rendered_with_its_figure(site):
+    page = text(site / "results" / "index.html")
+    assert "flexmix (k by BIC)" in page and "-4.062" in page
+    assert (site / "real_data.png").is_file()
