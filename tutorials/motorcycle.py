@@ -48,7 +48,7 @@ FIGURES.mkdir(parents=True, exist_ok=True)
 
 def save_figure(figure, name):
     """Write a matplotlib figure or an ArviZ PlotCollection to FIGURES/NAME.png."""
-    figure.savefig(FIGURES / f"{name}.png", dpi=90)
+    figure.savefig(FIGURES / f"{name}.png", dpi=90, bbox_inches="tight")
 
 
 # The benchmark's data and results live in the repository's benchmarks/ folder.
