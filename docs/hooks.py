@@ -1,15 +1,11 @@
-"""MkDocs hooks: the command-line reference page, generated from the parser's own help, and a
-narrow filter for docstrings known to break the numpy docstring layout."""
+"""MkDocs hooks: the command-line reference page, generated from the parser's own help, and the
+results page."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import io
-import logging
 import os
-import re
 from pathlib import Path
 
 from mkdocs.structure.files import File
@@ -82,53 +78,3 @@ def on_files(files, config):
     if results.FIGURE.exists():
         files.append(File.generated(config, "real_data.png", abs_src_path=str(results.FIGURE)))
     return files
-
-
-# Docstrings whose prose follows the Parameters section without a section header of its own
-# (numpydoc puts such text under "Notes"): griffe reads each of its lines as a parameter and warns,
-# which `mkdocs build --strict` turns into errors. The fix belongs in those docstrings; until then
-# griffe's warnings are dropped for these objects only (located by their source span, so the list
-# stays right while the files change), and every other docstring still fails the strict build.
-KNOWN_DOCSTRING_LAYOUT_ISSUES = [
-    "numpyro_moe._distribution:MixtureOfExperts",
-    "numpyro_moe._model:params_to_sites",
-    "numpyro_moe._model:init_to_params",
-]
-_LOCATION = re.compile(r"^(?:griffe: )?(?P<path>[\w./-]+\.py):(?P<line>\d+): ")
-
-
-def _source_spans(names: list[str]) -> dict[str, list[range]]:
-    spans: dict[str, list[range]] = {}
-    for name in names:
-        module_name, _, attribute = name.partition(":")
-        module = importlib.import_module(module_name)
-        obj = getattr(module, attribute, None)
-        if obj is None:  # renamed or removed: nothing left to excuse
-            continue
-        lines, first = inspect.getsourcelines(obj)
-        path = Path(inspect.getsourcefile(obj)).as_posix()
-        spans.setdefault(path, []).append(range(first, first + len(lines)))
-    return spans
-
-
-class _KnownDocstringIssues(logging.Filter):
-    def __init__(self, spans: dict[str, list[range]]):
-        super().__init__()
-        self.spans = spans
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        match = _LOCATION.match(record.getMessage())
-        if match is None:
-            return True
-        line = int(match["line"])
-        for path, ranges in self.spans.items():
-            if path.endswith("/" + match["path"]) and any(line in span for span in ranges):
-                return False
-        return True
-
-
-def on_config(config):
-    logger = logging.getLogger("mkdocs.plugins.griffe")
-    if not any(isinstance(existing, _KnownDocstringIssues) for existing in logger.filters):
-        logger.addFilter(_KnownDocstringIssues(_source_spans(KNOWN_DOCSTRING_LAYOUT_ISSUES)))
-    return config

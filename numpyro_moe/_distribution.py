@@ -42,6 +42,8 @@ class MixtureOfExperts(dist.MixtureSameFamily):
     validate_args
         Check the arguments' constraints (NumPyro's ``validate_args``).
 
+    Notes
+    -----
     The batch shape is the broadcast of the arguments without their last axis; the event shape
     is (). ``mean`` and ``variance`` are the mixture's; ``log_prob`` is the marginal log-density
     with the expert summed out by logsumexp. With Student-t experts an expert's mean exists only

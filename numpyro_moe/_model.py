@@ -422,6 +422,8 @@ def params_to_sites(params, *, prefix: str = "", shared_noise: bool = False) -> 
         Whether the model's ``noise`` site is shared (shape (), the mean of the k noises) or one per
         expert (shape (k,), `moe_priors`' default).
 
+    Notes
+    -----
     A record with degrees of freedom (Student-t experts) also gives the ``df`` site (k,), which a
     model with fixed degrees of freedom does not have (conditioning on it or starting it is then a
     no-op).
@@ -519,6 +521,8 @@ def init_to_params(site=None, params=None, *, prefix: str = "", values: dict | N
     values
         Starting values of the model's other sites, by name (as ``init_to_value``).
 
+    Notes
+    -----
     Every sample site of `moe_priors` starts at its value, the noise in the shape the model
     declares (shared: the mean of the k noises); a site in ``values`` at that value; any other
     latent site falls back to NumPyro's ``init_to_uniform``. Conditioned sites are left to the model.
