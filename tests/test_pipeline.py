@@ -195,3 +195,24 @@ def test_bad_arguments_name_the_argument(small, kwargs, error, match):
     options = {"num_experts": 2, "key": jax.random.key(0), **kwargs}
     with pytest.raises(error, match=match):
         moe.fit_moe(x, y, **options)
+
+
+def test_short_em_screening_keeps_the_best_starts_and_the_tensor_start(small):
+    # Eight starts run 5 EM iterations; the two best by the objective, and the tensor start, run
+    # to convergence (Biernacki, Celeux and Govaert 2003).
+    x, y, _ = small
+    screened = moe.fit_moe(
+        x, y, num_experts=2, key=jax.random.key(11), num_starts=8, num_finalists=2, screen_iterations=5, intercepts=True
+    )
+    assert "tensor" in screened.start_labels and 2 <= len(screened.start_labels) <= 3
+    assert screened.start_objectives.shape == (len(screened.start_labels),)
+    assert screened.converged
+    # The screen discards only starts that were behind: the screened fit is as good as running
+    # all eight to convergence (both reach the optimum here).
+    full = moe.fit_moe(x, y, num_experts=2, key=jax.random.key(11), num_starts=8, intercepts=True)
+    assert len(full.start_labels) == 8
+    assert screened.history[-1] >= full.history[-1] - 1e-6
+    with pytest.raises(ValueError, match="num_finalists"):
+        moe.fit_moe(x, y, num_experts=2, key=jax.random.key(11), num_finalists=0)
+    with pytest.raises(ValueError, match="screen_iterations"):
+        moe.fit_moe(x, y, num_experts=2, key=jax.random.key(11), num_finalists=1, screen_iterations=0)
