@@ -11,6 +11,19 @@ Shapes are instead asserted explicitly in the tests.
 
 from __future__ import annotations
 
+import os
+
 import numpyro
+import pytest
 
 numpyro.enable_x64()
+
+
+@pytest.fixture(autouse=True)
+def keep_xla_flags(monkeypatch):
+    # The command line (demo, fit, models) sets XLA_FLAGS (host device count) for the process:
+    # every test gets it back as it was.
+    if "XLA_FLAGS" in os.environ:
+        monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"])
+    else:
+        monkeypatch.delenv("XLA_FLAGS", raising=False)

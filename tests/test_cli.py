@@ -51,14 +51,6 @@ def _file(method: str) -> str:
     return method.replace("+", "_") + ".npz"
 
 
-@pytest.fixture(autouse=True)
-def keep_xla_flags(monkeypatch):
-    # `numpyro-moe demo` sets XLA_FLAGS (host device count) for the process: restore it after.
-    if "XLA_FLAGS" in os.environ:
-        monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"])
-    else:
-        monkeypatch.delenv("XLA_FLAGS", raising=False)
-
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):

@@ -4,22 +4,19 @@ the metrics, choosing k and the CLI's fit folder."""
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
 import pytest
+from cli_helpers import run_cli
 from numpyro.infer.util import log_density
 
 import numpyro_moe as moe
 from numpyro_moe import MixtureOfExperts, MoEParams, metrics
-from numpyro_moe.apps.cli import main
 from numpyro_moe.simulation import sample_response
 
 numpyro.enable_x64()
@@ -85,7 +82,7 @@ def test_penalized_em_with_gate_covariates_reaches_the_mode_of_the_models_poster
     assert em.converged and np.all(np.diff(em.history) >= -1e-12)
     sites = moe.params_to_sites(em)
     assert sites["gates"].shape == (1, 2)
-    kwargs = dict(num_experts=2, intercepts=True, gate_x=z)
+    kwargs = {"num_experts": 2, "intercepts": True, "gate_x": z}
     gradient = jax.grad(lambda s: log_density(moe.moe_regression, (x, y), kwargs, s)[0])(sites)
     assert max(float(jnp.max(jnp.abs(value))) for value in gradient.values()) < 1e-3
 
@@ -204,20 +201,7 @@ def test_nuts_takes_the_gate_covariates(data, fits):
 # --- The CLI: --gate-features in the fit folder, and predict -----------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def keep_xla_flags(monkeypatch):
-    # `numpyro-moe fit` sets XLA_FLAGS (host device count) for the process: restore it after.
-    if "XLA_FLAGS" in os.environ:
-        monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"])
-    else:
-        monkeypatch.delenv("XLA_FLAGS", raising=False)
 
-
-def _run(args):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(args)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _write(path, x, z, y, *, target=True):
@@ -237,14 +221,14 @@ def test_cli_fits_and_predicts_with_gate_features(tmp_path, data):
     _write(train, x[:800], z[:800], y[:800])
     _write(new, held_x[:200], held_z[:200], held_y[:200])
     out = tmp_path / "fit"
-    code, stdout, stderr = _run(
+    code, _, stderr = run_cli(
         ["fit", str(train), "--target", "y", "--gate-features", "z1,z2", "--experts", "3", "--out", str(out), "--quiet"]
     )
     assert code == 0, stderr
     model = json.loads((out / "model.json").read_text())
     assert model["gate_features"] == ["z1", "z2"] and model["expert_features"] == ["x1", "x2", "x3"]
     assert "parameter,z1,z2,intercept" in (out / "parameters.csv").read_text()
-    code, _, stderr = _run(["predict", str(out), str(new), "--out", str(tmp_path / "p.csv"), "--point", "--quiet"])
+    code, _, stderr = run_cli(["predict", str(out), str(new), "--out", str(tmp_path / "p.csv"), "--point", "--quiet"])
     assert code == 0, stderr
     with open(tmp_path / "p.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
@@ -260,13 +244,13 @@ def test_cli_fits_and_predicts_with_gate_features(tmp_path, data):
     density = np.mean([float(r["log_density"]) for r in rows]) + np.log(10.0)  # back to y's units
     assert density > 0.3
     # Bad input: an unknown gate feature; a new file without a gate column.
-    code, _, stderr = _run(["fit", str(train), "--target", "y", "--gate-features", "w", "--out", str(tmp_path / "f2")])
+    code, _, stderr = run_cli(["fit", str(train), "--target", "y", "--gate-features", "w", "--out", str(tmp_path / "f2")])
     assert code == 2 and "--gate-features: columns ['w'] are not in" in stderr
-    code, _, stderr = _run(["fit", str(train), "--target", "y", "--gate-features", "y", "--out", str(tmp_path / "f3")])
+    code, _, stderr = run_cli(["fit", str(train), "--target", "y", "--gate-features", "y", "--out", str(tmp_path / "f3")])
     assert code == 2 and "--gate-features: the target 'y' cannot feed the gate" in stderr
     lacking = tmp_path / "lacking.csv"
     with open(new, newline="") as source, open(lacking, "w", newline="") as target:
         table = list(csv.reader(source))
         csv.writer(target).writerows([row[:4] + row[5:] for row in table])  # drop z2
-    code, _, stderr = _run(["predict", str(out), str(lacking), "--out", str(tmp_path / "q.csv")])
+    code, _, stderr = run_cli(["predict", str(out), str(lacking), "--out", str(tmp_path / "q.csv")])
     assert code == 2 and "z2" in stderr

@@ -1,7 +1,6 @@
 """The ready-made models (repository models/, installed as `numpyro_moe.models`): registry, data,
 model definitions, runs by name (``python -m numpyro_moe.models`` and ``numpyro-moe models``)."""
 
-import os
 import re
 
 import jax
@@ -16,15 +15,6 @@ import numpyro_moe as moe
 from numpyro_moe import MixtureOfExperts, MoEParams
 from numpyro_moe._model import default_priors
 from numpyro_moe.apps.cli import main as cli_main
-
-
-@pytest.fixture(autouse=True)
-def keep_xla_flags(monkeypatch):
-    # The models' main sets XLA_FLAGS (host device count) for the process: restore it after.
-    if "XLA_FLAGS" in os.environ:
-        monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"])
-    else:
-        monkeypatch.delenv("XLA_FLAGS", raising=False)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,9 @@ One fit (k = 1 and 2 compared) serves the whole module; the other fits reuse its
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import math
-import os
 import shutil
 
 import arviz as az
@@ -20,10 +17,10 @@ import jax
 import numpy as np
 import pytest
 import xarray as xr
+from cli_helpers import run_cli
 
 import numpyro_moe as moe
 from numpyro_moe import Fit, ReliabilityWarning
-from numpyro_moe.apps.cli import main
 from numpyro_moe.apps.predict import OUTSIDE_MARGIN, predict_csv
 from numpyro_moe.io import load_result
 
@@ -33,21 +30,7 @@ DROPPED_LINES = [5, 50, 200]
 ROWS = np.arange(100, 140)
 
 
-@pytest.fixture(autouse=True)
-def keep_xla_flags(monkeypatch):
-    # `numpyro-moe fit` sets XLA_FLAGS (host device count) for the process: restore it after.
-    if "XLA_FLAGS" in os.environ:
-        monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"])
-    else:
-        monkeypatch.delenv("XLA_FLAGS", raising=False)
 
-
-def _run(args):
-    """``main(args)`` with its stdout and stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(args)
-    return code, out.getvalue(), err.getvalue()
 
 
 def _read(path):
@@ -101,7 +84,7 @@ FIT = ["--target", "y", "--one-hot", "color", "--missing", "drop", "--starts", "
 def fitted(data, tmp_path_factory):
     path, _, _, _ = data
     out = tmp_path_factory.mktemp("fit") / "result"
-    code, stdout, stderr = _run(["fit", str(path), *FIT, "--experts", "1-2", "--out", str(out)])
+    code, stdout, stderr = run_cli(["fit", str(path), *FIT, "--experts", "1-2", "--out", str(out)])
     assert code == 0, stderr
     return out, stdout, stderr
 
@@ -197,7 +180,7 @@ def _direct(source, model, x, y, seed=0):
 def test_predict_point_fit_in_original_units_matches_the_library(fitted, table, tmp_path):
     out, _, _ = fitted
     new, x, y = _new_csv(tmp_path / "new.csv", table, ROWS)
-    code, stdout, stderr = _run(["predict", str(out), str(new), "--seed", "3"])
+    code, stdout, stderr = run_cli(["predict", str(out), str(new), "--seed", "3"])
     assert code == 0 and stderr == ""
     written = tmp_path / "new-predictions.csv"  # the default: beside the new file
     header, lines = _read(written)
@@ -229,10 +212,10 @@ def test_predict_point_fit_in_original_units_matches_the_library(fitted, table, 
     ]
     # Never overwritten without --overwrite.
     before = written.read_text()
-    code, _, stderr = _run(["predict", str(out), str(new)])
+    code, _, stderr = run_cli(["predict", str(out), str(new)])
     assert code == 2 and stderr.startswith("numpyro-moe predict: error: --out: ") and "--overwrite" in stderr
     assert written.read_text() == before
-    assert _run(["predict", str(out), str(new), "--overwrite", "--seed", "3", "--quiet"])[1:] == ("", "")
+    assert run_cli(["predict", str(out), str(new), "--overwrite", "--seed", "3", "--quiet"])[1:] == ("", "")
     assert written.read_text() == before  # same seed, same predictions
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new-predictions.csv", "new.csv"]
 
@@ -261,7 +244,7 @@ def test_predict_uses_the_posterior_draws_unless_point(fitted, table, tmp_path):
     out, _, _ = fitted
     folder = _posterior_folder(out, tmp_path)
     new, x, y = _new_csv(tmp_path / "new.csv", table, ROWS)
-    code, stdout, stderr = _run(["predict", str(folder), str(new), "--out", str(tmp_path / "p.csv")])
+    code, stdout, stderr = run_cli(["predict", str(folder), str(new), "--out", str(tmp_path / "p.csv")])
     assert code == 0 and stderr == ""
     assert "from posterior draws (2 chains x 30 draws, posterior.nc)" in stdout
     header, lines = _read(tmp_path / "p.csv")
@@ -274,7 +257,7 @@ def test_predict_uses_the_posterior_draws_unless_point(fitted, table, tmp_path):
     np.testing.assert_allclose(_column(lines, header, "log_density"),
                                direct.log_density - math.log(standard["target_scale"]), rtol=1e-10)
     # --point: the point fit, though the folder has draws.
-    code, stdout, _ = _run(["predict", str(folder), str(new), "--out", str(tmp_path / "q.csv"), "--point"])
+    code, stdout, _ = run_cli(["predict", str(folder), str(new), "--out", str(tmp_path / "q.csv"), "--point"])
     assert code == 0 and "from the point fit (fit.npz)" in stdout
     point = _direct(load_result(folder / "fit.npz"), model, x, y)
     header, lines = _read(tmp_path / "q.csv")
@@ -288,7 +271,7 @@ def test_predict_flags_rows_outside_the_training_inputs(fitted, table, tmp_path)
     out, _, _ = fitted
     # Rows 3 and 7 move a far beyond its training range (+100 = 12 training sd).
     new, _, _ = _new_csv(tmp_path / "far.csv", table, ROWS, target=False, shift=ROWS[[3, 7]])
-    code, stdout, stderr = _run(["predict", str(out), str(new), "--quiet"])
+    code, stdout, stderr = run_cli(["predict", str(out), str(new), "--quiet"])
     assert code == 0 and stdout == ""
     assert stderr == (
         "numpyro-moe predict: warning: 2 of 40 rows lie outside the training inputs (lines 5, 9; columns ['a']: "
@@ -315,13 +298,13 @@ def test_predict_missing_values_leave_empty_rows(fitted, table, tmp_path):
     fields[1] = "NA"  # b is missing on line 3
     text[2] = ",".join(fields)
     new.write_text("\n".join(text) + "\n")
-    code, _, stderr = _run(["predict", str(out), str(new)])
+    code, _, stderr = run_cli(["predict", str(out), str(new)])
     assert code == 2
     assert stderr == (
         "numpyro-moe predict: error: NEW.csv: 1 of 41 rows has missing values (column 'b': 1 row; line 3); pass "
         "--missing drop to leave their predictions empty\n"
     )
-    code, stdout, _ = _run(["predict", str(out), str(new), "--missing", "drop"])
+    code, stdout, _ = run_cli(["predict", str(out), str(new), "--missing", "drop"])
     assert code == 0 and "predicted 40 rows" in stdout
     _, lines = _read(tmp_path / "gaps-predictions.csv")
     assert len(lines) == 41 and set(lines[1]) == {""} and all(lines[i][0] for i in (0, 2, 3))
@@ -333,38 +316,38 @@ def test_predict_errors_name_what_is_wrong(fitted, table, tmp_path):
     # A column the model needs is absent.
     lacking = tmp_path / "lacking.csv"
     lacking.write_text("a,y\n1,2\n")
-    code, _, stderr = _run(["predict", str(out), str(lacking)])
+    code, _, stderr = run_cli(["predict", str(out), str(lacking)])
     assert code == 2 and stderr.startswith("numpyro-moe predict: error: NEW.csv: ")
     assert "lacks the columns ['color', 'b'] that the model needs" in stderr
     # A level the model never saw.
     unseen = tmp_path / "unseen.csv"
     unseen.write_text("a,b,color\n40,3,red\n41,3,green\n")
-    code, _, stderr = _run(["predict", str(out), str(unseen)])
+    code, _, stderr = run_cli(["predict", str(out), str(unseen)])
     assert code == 2 and "column 'color': 1 row hold levels not seen in training ['green'] (lines 3)" in stderr
     # Not a fit folder: missing, empty, or an older folder without model.json.
-    code, _, stderr = _run(["predict", str(tmp_path / "nowhere"), str(new)])
+    code, _, stderr = run_cli(["predict", str(tmp_path / "nowhere"), str(new)])
     assert code == 2 and stderr.startswith("numpyro-moe predict: error: FIT_DIR: no such folder")
     empty = tmp_path / "empty"
     empty.mkdir()
-    code, _, stderr = _run(["predict", str(empty), str(new)])
+    code, _, stderr = run_cli(["predict", str(empty), str(new)])
     assert code == 2 and "FIT_DIR: " in stderr and "is not a fit folder of numpyro-moe fit: it has no model.json" in stderr
     older = tmp_path / "older"
     older.mkdir()
     shutil.copy(out / "fit.npz", older / "fit.npz")
-    code, _, stderr = _run(["predict", str(older), str(new)])
+    code, _, stderr = run_cli(["predict", str(older), str(new)])
     assert code == 2 and "made by an older numpyro-moe; refit with this version" in stderr
     # Another format version.
     future = tmp_path / "future"
     shutil.copytree(out, future)
     model = json.loads((future / "model.json").read_text())
     (future / "model.json").write_text(json.dumps({**model, "format": 3, "version": "9.0"}))
-    code, _, stderr = _run(["predict", str(future), str(new)])
+    code, _, stderr = run_cli(["predict", str(future), str(new)])
     assert code == 2
     assert f"has format version 3 (written by numpyro-moe 9.0); this numpyro-moe ({moe.__version__}) reads " \
            "formats 1, 2 (writes 2): refit with this version" in stderr
     (future / "model.json").write_text("{not json")
-    assert "is not valid JSON" in _run(["predict", str(future), str(new)])[2]
-    code, _, stderr = _run(["predict", str(out), str(new), "--interval", "1.5"])
+    assert "is not valid JSON" in run_cli(["predict", str(future), str(new)])[2]
+    code, _, stderr = run_cli(["predict", str(out), str(new), "--interval", "1.5"])
     assert code == 2 and "--interval: expected a probability in (0, 1), got 1.5" in stderr
     # No prediction file was written by any of these.
     assert not any(p.name.endswith("-predictions.csv") for p in tmp_path.iterdir())
@@ -374,7 +357,7 @@ def test_fit_quiet_prints_nothing_and_names_its_folder(data, fitted, tmp_path, m
     path, _, _, _ = data
     monkeypatch.chdir(tmp_path)
     # One k: no table; the default folder keeps k in its name. Same shapes as the module's fit.
-    assert _run(["fit", str(path), *FIT, "--experts", "2", "--quiet"]) == (0, "", "")
+    assert run_cli(["fit", str(path), *FIT, "--experts", "2", "--quiet"]) == (0, "", "")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-moe-k2"]
     model = json.loads((tmp_path / "train-moe-k2" / "model.json").read_text())
     assert model["selection"] is None and model["num_experts"] == 2
@@ -382,12 +365,12 @@ def test_fit_quiet_prints_nothing_and_names_its_folder(data, fitted, tmp_path, m
 
 def test_fit_flags_and_errors(data, tmp_path):
     path, _, _, _ = data
-    code, _, stderr = _run(["fit", str(path), "--target", "y", "--missing", "drop", "--out", str(tmp_path / "o")])
+    code, _, stderr = run_cli(["fit", str(path), "--target", "y", "--missing", "drop", "--out", str(tmp_path / "o")])
     assert code == 2 and stderr.startswith("numpyro-moe fit: error: DATA: columns ['color'] hold text")
     assert "--one-hot color" in stderr
-    code, _, stderr = _run(["fit", str(path), *FIT, "--experts", "3-1", "--out", str(tmp_path / "o")])
+    code, _, stderr = run_cli(["fit", str(path), *FIT, "--experts", "3-1", "--out", str(tmp_path / "o")])
     assert code == 2 and "--experts: expected auto, K, A-B or K1,K2,... (integers >= 1), got '3-1'" in stderr
-    code, _, stderr = _run(["fit", str(path), "--target", "y", "--one-hot", "color", "--out", str(tmp_path / "o")])
+    code, _, stderr = run_cli(["fit", str(path), "--target", "y", "--one-hot", "color", "--out", str(tmp_path / "o")])
     assert code == 2 and "pass --missing drop to leave those rows out" in stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -399,7 +382,7 @@ def test_fit_with_nuts_then_predict_from_the_posterior(data, table, tmp_path):
     # above with draws written the same way.
     path, _, _, _ = data
     out = tmp_path / "nuts"
-    code, _, stderr = _run(["fit", str(path), *FIT, "--experts", "2", "--nuts", "--chains", "2", "--num-warmup",
+    code, _, stderr = run_cli(["fit", str(path), *FIT, "--experts", "2", "--nuts", "--chains", "2", "--num-warmup",
                             "30", "--num-draws", "30", "--out", str(out), "--quiet"])
     assert code == 0, stderr
     assert stderr == "" or all(line.startswith("numpyro-moe fit: warning: ") for line in stderr.splitlines())
@@ -408,7 +391,7 @@ def test_fit_with_nuts_then_predict_from_the_posterior(data, table, tmp_path):
                                                                                  "draws": 30}
     assert model["nuts"]["divergences"] >= 0 and model["nuts"]["min_ess_bulk"] > 0
     new, x, y = _new_csv(tmp_path / "new.csv", table, ROWS)
-    code, stdout, _ = _run(["predict", str(out), str(new)])
+    code, stdout, _ = run_cli(["predict", str(out), str(new)])
     assert code == 0 and "from posterior draws (2 chains x 30 draws, posterior.nc)" in stdout
     header, lines = _read(tmp_path / "new-predictions.csv")
     with xr.open_datatree(out / "posterior.nc", engine="h5netcdf") as tree:
