@@ -149,6 +149,41 @@ class MixtureDesign(NamedTuple):
         _, log_det = np.linalg.slogdet(np.asarray(self.unmixing))
         return jnp.sum(_coordinate_log_density(s, *self._parameters()), axis=-1) + log_det
 
+    def score_tensors(self, x):
+        """The score functions ``S_2`` (n, d, d) and ``S_3`` (n, d, d, d) at x (n, d), in the
+        units of x: O(d^3) per row, for checks on small d (the moment passes never form them)."""
+        s = (jnp.asarray(x) - self.center) @ self.unmixing
+        psi1, psi2, psi3 = design_scores(s, *self._parameters())
+        delta2 = psi2 - psi1 * psi1
+        delta3 = psi3 - psi1**3 - 3 * psi1 * delta2
+        eye = jnp.eye(s.shape[1])
+        s2 = psi1[:, :, None] * psi1[:, None, :] + delta2[:, :, None] * eye
+        pairs = jnp.einsum("ni,ij,nk->nijk", delta2, eye, psi1)
+        s3 = (
+            jnp.einsum("ni,nj,nk->nijk", psi1, psi1, psi1)
+            + pairs + pairs.transpose(0, 1, 3, 2) + pairs.transpose(0, 3, 2, 1)
+            + jnp.einsum("ni,ij,jk->nijk", delta3, eye, eye)
+        )
+        # Back to x: S_m(x) = S_m(s) contracted with ds/dx = unmixing^T on every index.
+        b = jnp.asarray(self.unmixing)
+        return (
+            jnp.einsum("nij,ai,bj->nab", s2, b, b),
+            jnp.einsum("nijk,ai,bj,ck->nabc", s3, b, b, b),
+        )
+
+    def sample(self, key, num_samples: int):
+        """Draw ``num_samples`` rows of x (n, d) from the design."""
+        component_key, noise_key = jax.random.split(key)
+        d = self.means.shape[0]
+        components = jax.random.categorical(
+            component_key, jnp.asarray(self.log_weights), shape=(num_samples, d)
+        )
+        rows = jnp.arange(d)
+        s = jnp.asarray(self.means)[rows, components] + jnp.asarray(self.scales)[rows, components] * (
+            jax.random.normal(noise_key, (num_samples, d))
+        )
+        return jnp.asarray(self.center) + s @ jnp.linalg.inv(jnp.asarray(self.unmixing))
+
     def _parameters(self):
         return tuple(jnp.asarray(value) for value in (self.log_weights, self.means, self.scales))
 
@@ -206,29 +241,33 @@ def _fast_ica(z, num_iterations):
     return rotation
 
 
-@partial(jax.jit, static_argnames=("num_components", "num_iterations"))
-def _fit_coordinate(centres, counts, num_components, num_iterations):
-    """EM for a 1-d Gaussian mixture of ``num_components`` on a histogram (bin ``centres`` and
-    ``counts``, (B,)); returns its parameters and log-likelihood. Started at equal weights,
-    means at the quantiles, a common sd."""
+@partial(jax.jit, static_argnames=("max_components", "num_iterations"))
+def _fit_coordinate(centres, counts, num_components, max_components, num_iterations):
+    """EM for a 1-d Gaussian mixture of ``num_components`` (traced; the other slots of
+    ``max_components`` stay empty, so every count shares one compilation) on a histogram (bin
+    ``centres`` and ``counts``, (B,)); returns its parameters and log-likelihood. Started at
+    equal weights, means at the quantiles, a common sd."""
     total = counts.sum()
     mean = counts @ centres / total
     spread = jnp.sqrt(counts @ (centres - mean) ** 2 / total)
     cumulative = jnp.cumsum(counts) / total
-    probabilities = (jnp.arange(num_components) + 0.5) / num_components
+    slots = jnp.arange(max_components)
+    active = slots < num_components
+    probabilities = jnp.minimum((slots + 0.5) / num_components, 1.0)
     means = centres[jnp.minimum(jnp.searchsorted(cumulative, probabilities), centres.shape[0] - 1)]
-    scales = jnp.full(num_components, spread / num_components)
-    log_weights = jnp.full(num_components, -jnp.log(num_components))
+    means = jnp.where(active, means, 0.0)
+    scales = jnp.where(active, spread / num_components, 1.0)
+    log_weights = jnp.where(active, -jnp.log(num_components), -jnp.inf)
 
     def step(state, _):
         log_weights, means, scales = state
         terms = _component_log_terms(centres[:, None], log_weights, means, scales)[:, 0]
         responsibilities = counts[:, None] * jnp.exp(terms - logsumexp(terms, axis=-1, keepdims=True))
         mass = responsibilities.sum(0) + 1e-12
-        means = (responsibilities.T @ centres) / mass
+        means = jnp.where(active, (responsibilities.T @ centres) / mass, 0.0)
         variance = jnp.sum(responsibilities * (centres[:, None] - means) ** 2, axis=0) / mass
-        scales = jnp.sqrt(jnp.maximum(variance, MIN_SCALE**2))
-        return (jnp.log(mass / total), means, scales), None
+        scales = jnp.where(active, jnp.sqrt(jnp.maximum(variance, MIN_SCALE**2)), 1.0)
+        return (jnp.where(active, jnp.log(mass / total), -jnp.inf), means, scales), None
 
     (log_weights, means, scales), _ = jax.lax.scan(
         step, (log_weights, means, scales), None, length=num_iterations
@@ -268,25 +307,22 @@ def fit_mixture_design(
         # EM runs on each coordinate's histogram: its cost does not grow with the rows, and bins
         # of width range / HISTOGRAM_BINS (about 0.01 sd) are far narrower than MIN_SCALE.
         centres, counts = (jnp.asarray(value) for value in _histograms(s, HISTOGRAM_BINS))
-        best = None
-        for components in range(1, max_components + 1):
-            fitted = jax.vmap(lambda c, w, m=components: _fit_coordinate(c, w, m, EM_ITERATIONS))(centres, counts)
-            bic = -2 * fitted[3] + (3 * components - 1) * np.log(count)
-            padding = max_components - components
-            log_weights, means, scales = (
-                jnp.pad(fitted[0], ((0, 0), (0, padding)), constant_values=-jnp.inf),
-                jnp.pad(fitted[1], ((0, 0), (0, padding))),
-                jnp.pad(fitted[2], ((0, 0), (0, padding)), constant_values=1.0),
-            )
-            candidate = (bic, log_weights, means, scales, jnp.full(d, components))
-            if best is None:
-                best = candidate
-            else:
-                better = bic < best[0]
-                best = tuple(
-                    jnp.where(better[:, None] if new.ndim == 2 else better, new, old)
-                    for new, old in zip(candidate, best, strict=True)
-                )
+        counts_tried = jnp.arange(1, max_components + 1)
+        fit_all = jax.vmap(  # over the component counts, then over the coordinates
+            jax.vmap(
+                lambda c, w, m: _fit_coordinate(c, w, m, max_components, EM_ITERATIONS),
+                in_axes=(0, 0, None),
+            ),
+            in_axes=(None, None, 0),
+        )
+        log_weights, means, scales, log_likelihood = fit_all(centres, counts, counts_tried)  # (C, d, ...)
+        bic = -2 * log_likelihood + (3 * counts_tried[:, None] - 1) * np.log(count)
+        choice = jnp.argmin(bic, axis=0)  # (d,)
+        columns = jnp.arange(d)
+        best = (
+            None, log_weights[choice, columns], means[choice, columns], scales[choice, columns],
+            counts_tried[choice],
+        )
         _, log_weights, means, scales, num_components = (np.asarray(value) for value in best)
         unmixing = standardization.whitening @ np.asarray(rotation).T
     return MixtureDesign(
