@@ -25,7 +25,9 @@ random starts, and from the truth (the oracle). "optimum" counts the fits whose 
 is within 1e-4 per point of the oracle's (or above it).
 
 Usage: python benchmarks/real_designs.py [--quick] [--seeds N] [--sizes 2000 20000 200000]
-Writes benchmarks/results/real_designs.csv and .txt (``_quick`` with --quick).
+[--em-max-n 20000] [--designs ...]; or --bias [--bias-seeds 3] for the cross-term table alone.
+Writes benchmarks/results/real_designs.csv and .txt (``_quick`` with --quick;
+real_designs_bias.txt with --bias).
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def bimodal_density(d: int):
     return MixtureDesign(np.zeros(d), np.eye(d), log_weights, means, scales, np.full(d, 2))
 
 
-def make_data(jax, name: str, n: int, seed: int):
+def make_data(jax, name: str, n: int, seed: int, gate_scale: float = 2.0):
     from numpyro_moe import MoEParams
     from numpyro_moe.simulation import sample_response, true_params
 
@@ -105,7 +107,9 @@ def make_data(jax, name: str, n: int, seed: int):
     x, covariance = draw_design(name, n, rng)
     values, vectors = np.linalg.eigh(covariance)
     whitening = (vectors / np.sqrt(values)) @ vectors.T  # z = x W: a . z = (W a) . x
-    standard = true_params(key=jax.random.key(seed), dim=x.shape[1], num_experts=NUM_EXPERTS, noise=0.1)
+    standard = true_params(
+        key=jax.random.key(seed), dim=x.shape[1], num_experts=NUM_EXPERTS, noise=0.1, gate_scale=gate_scale
+    )
     truth = MoEParams(
         np.asarray(standard.experts) @ whitening, np.asarray(standard.gates) @ whitening,
         np.asarray(standard.noise), link="linear",
@@ -114,7 +118,7 @@ def make_data(jax, name: str, n: int, seed: int):
     return x, y, truth
 
 
-def run_case(jax, name: str, n: int, seed: int) -> list[dict]:
+def run_case(jax, name: str, n: int, seed: int, with_em: bool = True) -> list[dict]:
     import numpyro_moe as moe
     from numpyro_moe.metrics import expert_error
 
@@ -136,12 +140,14 @@ def run_case(jax, name: str, n: int, seed: int) -> list[dict]:
         start = time.perf_counter()
         estimate = moe.estimate_experts(x, y, num_experts=NUM_EXPERTS, key=key, design=design)
         record(f"tensor ({label})", estimate.experts, time.perf_counter() - start)
-        if label == "oracle design":
+        if label == "oracle design" or not with_em:
             continue
         start = time.perf_counter()
         gated = moe.fit_em(x, y, estimate.to_params(), fix=("experts",), **em)
         fit = moe.fit_em(x, y, gated.params, **em)
         record(f"EM from tensor ({label})", fit.params.experts, time.perf_counter() - start, fit.log_likelihood)
+    if not with_em:
+        return rows
     for label, count in (("EM, 1 random start", 1), ("EM, best of 5 random", 5)):
         start = time.perf_counter()
         starts = moe.random_starts(x, y, num_experts=NUM_EXPERTS, num_starts=count, key=jax.random.fold_in(key, count))
@@ -151,6 +157,32 @@ def run_case(jax, name: str, n: int, seed: int) -> list[dict]:
     fit = moe.fit_em(x, y, truth, **em)
     record("EM from truth (oracle)", fit.params.experts, time.perf_counter() - start, fit.log_likelihood)
     return rows
+
+
+def cross_term_bias(jax, seeds: int) -> str:
+    """The bias that the true density's scores leave: the gate's cross terms. ``bimodal`` design
+    (its density is in the fitted family), gate scales 1, 2, 4, n = 2.5e5 and 1e6: sampling
+    error halves from one to the other, a bias does not."""
+    import numpyro_moe as moe
+    from numpyro_moe.metrics import expert_error
+
+    lines = [f"{'gate scale':>10}{'n':>9}  {'gaussian':>9}{'mixture':>9}{'oracle design':>14}   (median over {seeds} seeds)"]
+    for gate_scale in (1.0, 2.0, 4.0):
+        for n in (250_000, 1_000_000):
+            errors = {"gaussian": [], "mixture": [], "oracle": []}
+            for seed in range(seeds):
+                x, y, truth = make_data(jax, "bimodal", n, seed, gate_scale)
+                for label, design in (("gaussian", "gaussian"), ("mixture", "mixture"), ("oracle", bimodal_density(8))):
+                    estimate = moe.estimate_experts(
+                        x, y, num_experts=NUM_EXPERTS, key=jax.random.key(20_000 + seed), design=design
+                    )
+                    errors[label].append(expert_error(estimate.experts, truth.experts))
+            medians = {label: np.median(values) for label, values in errors.items()}
+            lines.append(
+                f"{gate_scale:>10.1f}{n:>9}  {medians['gaussian']:>9.4f}{medians['mixture']:>9.4f}{medians['oracle']:>14.4f}"
+            )
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
 
 
 def summarise(rows: list[dict]) -> str:
@@ -184,7 +216,18 @@ def main():
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=DESIGNS)
+    parser.add_argument("--em-max-n", type=int, default=20_000, help="run the EM fits only up to this n")
+    parser.add_argument("--bias", action="store_true", help="only the cross-term bias table (bimodal, n up to 1e6)")
+    parser.add_argument("--bias-seeds", type=int, default=3)
     args = parser.parse_args()
+    if args.bias:
+        jax = _setup()
+        text = "cross-term bias (bimodal design, k=3, d=8, linear, noise 0.1): expert error\n" + cross_term_bias(
+            jax, args.bias_seeds
+        )
+        print(text)
+        (HERE / "results" / "real_designs_bias.txt").write_text(text + "\n")
+        return
     sizes = args.sizes or ((2000, 20_000) if args.quick else (2000, 20_000, 200_000))
     seeds = args.seeds or (2 if args.quick else 5)
     jax = _setup()
@@ -196,7 +239,7 @@ def main():
     for n in sizes:
         for name in args.designs:
             for seed in range(seeds):
-                rows += run_case(jax, name, n, seed)
+                rows += run_case(jax, name, n, seed, with_em=n <= args.em_max_n)
             print(f"done {name} n={n} ({time.perf_counter() - begin:.0f} s)", flush=True)
             with open(out / f"real_designs{suffix}.csv", "w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -204,7 +247,7 @@ def main():
                 writer.writerows(rows)
     text = (
         f"real_designs: k={NUM_EXPERTS}, linear experts, noise 0.1, gate scale 2, seeds 0..{seeds - 1}, "
-        f"sizes {sizes}; EM = fit_em(penalized=False, max_iterations={EM_ITERATIONS}); "
+        f"sizes {sizes}; EM (n <= {args.em_max_n}) = fit_em(penalized=False, max_iterations={EM_ITERATIONS}); "
         f"optimum = log-likelihood within {OPTIMUM_TOLERANCE} per point of EM from the truth\n\n"
         + summarise(rows)
         + f"\ntotal {time.perf_counter() - begin:.0f} s\n"
