@@ -127,12 +127,13 @@ def run_case(jax, name: str, n: int, seed: int, with_em: bool = True) -> list[di
     rows = []
 
     def record(method, experts, seconds, log_likelihood=float("nan")):
-        rows.append(dict(
-            design=name, n=n, seed=seed, method=method, expert_error=expert_error(experts, truth.experts),
-            log_likelihood=log_likelihood, seconds=seconds,
-        ))
+        rows.append({
+            "design": name, "n": n, "seed": seed, "method": method,
+            "expert_error": expert_error(experts, truth.experts), "log_likelihood": log_likelihood,
+            "seconds": seconds,
+        })
 
-    em = dict(penalized=False, max_iterations=EM_ITERATIONS)
+    em = {"penalized": False, "max_iterations": EM_ITERATIONS}
     designs = {"gaussian": "gaussian", "mixture": "mixture"}
     if name == "bimodal":
         designs["oracle design"] = bimodal_density(x.shape[1])
