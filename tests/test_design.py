@@ -150,6 +150,18 @@ def test_auto_picks_the_mixture_on_skewed_inputs():
     assert estimate.diagnostics.gaussianity_pvalue < 1e-6
 
 
+def test_streamed_chunks_give_the_in_memory_estimate():
+    """The design is fitted on the same rows and the passes sum the same terms, whatever the
+    chunking: equal to rounding."""
+    x, y, _ = _lognormal_data(2, 6_000, d=4, k=2)
+    key = jax.random.PRNGKey(1)
+    in_memory = estimate_experts(x, y, num_experts=2, key=key, design="mixture", chunk_size=1024)
+    chunks = [(x[start : start + 700], y[start : start + 700]) for start in range(0, len(x), 700)]
+    streamed = estimate_experts(chunks, num_experts=2, key=key, design="mixture", chunk_size=1024)
+    assert streamed.diagnostics.design == "mixture"
+    np.testing.assert_allclose(streamed.experts, in_memory.experts, atol=1e-8)
+
+
 def test_auto_keeps_the_gaussian_path_on_gaussian_inputs():
     data = simulation.simulate(key=jax.random.PRNGKey(3), num_samples=20_000, dim=5, num_experts=2)
     key = jax.random.PRNGKey(4)
