@@ -19,6 +19,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from numpyro_moe._design import (
+    AUTO_MIN_SAMPLES,
     DESIGNS,
     GAUSSIANITY_LEVEL,
     MixtureDesign,
@@ -111,7 +112,8 @@ class ExpertDiagnostics(NamedTuple):
         tensors) or ``"mixture"`` (a fitted `MixtureDesign`); see `estimate_experts`.
     gaussianity_pvalue
         Bonferroni p-value of the columns' Jarque-Bera tests of normality (from the same rows as
-        ``skewness``); ``design="auto"`` keeps the Gaussian path when it is at least 0.01.
+        ``skewness``); ``design="auto"`` keeps the Gaussian path when it is at least 0.01 (or
+        n < 20,000).
     """
 
     t2_eigenvalues: np.ndarray
@@ -288,7 +290,9 @@ def estimate_experts(
         take one streamed pass each (O(n d^2), dense eigensolver), and the Gaussian path's bias
         on skewed, heavy-tailed or multimodal inputs goes (what remains is measured in
         ``benchmarks/real_designs.py``). ``"auto"``: ``"mixture"`` when the columns'
-        Jarque-Bera tests reject normality at level 0.01 (Bonferroni), else ``"gaussian"``.
+        Jarque-Bera tests reject normality at level 0.01 (Bonferroni) and n >= 20,000 (below
+        that the design's scores, noisier than the Hermite tensors, cost more than the Gaussian
+        path's bias, as measured), else ``"gaussian"``.
         A fitted `MixtureDesign` (in the units of x) is used as given. The choice is in
         ``diagnostics.design``, the test's p-value in ``diagnostics.gaussianity_pvalue``.
 
@@ -359,7 +363,8 @@ def estimate_experts(
     moment = second_moment(source, transforms, standardize, chunk_size, probes, precision)
     pvalue = gaussianity_pvalue(moment.skewness, moment.excess_kurtosis, moment.stats.shape_count)
     design_model = design if isinstance(design, MixtureDesign) else None
-    if design == "mixture" or (design == "auto" and pvalue < GAUSSIANITY_LEVEL):
+    automatic = design == "auto" and pvalue < GAUSSIANITY_LEVEL and moment.stats.count >= AUTO_MIN_SAMPLES
+    if design == "mixture" or automatic:
         rows = sample_rows(source, moment.stats.count)
         design_model = fit_mixture_design(rows, moment.standardization)
     if design_model is None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from numpyro_moe import estimate_experts, metrics, simulation
-from numpyro_moe._design import MixtureDesign, design_scores, fit_mixture_design, gaussianity_pvalue
+from numpyro_moe._design import AUTO_MIN_SAMPLES, MixtureDesign, design_scores, fit_mixture_design, gaussianity_pvalue
 from numpyro_moe._second_moment import Standardization
 
 
@@ -143,11 +143,16 @@ def test_mixture_design_beats_the_gaussian_path_on_skewed_inputs():
     assert mixture_error < 0.5 * gaussian_error
 
 
-def test_auto_picks_the_mixture_on_skewed_inputs():
-    x, y, _ = _lognormal_data(0, 5_000, d=4, k=2)
-    estimate = estimate_experts(x, y, num_experts=2, key=jax.random.PRNGKey(0), design="auto")
+@pytest.mark.filterwarnings("ignore::numpyro_moe.ReliabilityWarning")  # design choice only
+def test_auto_picks_the_mixture_on_skewed_inputs_from_enough_rows():
+    x, y, _ = _lognormal_data(0, AUTO_MIN_SAMPLES, d=4, k=2)
+    key = jax.random.PRNGKey(0)
+    estimate = estimate_experts(x, y, num_experts=2, key=key, design="auto")
     assert estimate.diagnostics.design == "mixture"
     assert estimate.diagnostics.gaussianity_pvalue < 1e-6
+    fewer = estimate_experts(x[:-1], y[:-1], num_experts=2, key=key, design="auto")
+    assert fewer.diagnostics.design == "gaussian"
+    assert fewer.diagnostics.gaussianity_pvalue < 1e-6
 
 
 def test_streamed_chunks_give_the_in_memory_estimate():
