@@ -25,7 +25,7 @@ random starts, and from the truth (the oracle). "optimum" counts the fits whose 
 is within 1e-4 per point of the oracle's (or above it).
 
 Usage: python benchmarks/real_designs.py [--quick] [--seeds N] [--sizes 2000 20000 200000]
-[--em-max-n 20000] [--designs ...]; or --bias [--bias-seeds 3] for the cross-term table alone.
+[--em-max-n 20000] [--designs ...] [--tag NAME]; or --bias [--bias-seeds 3] for the cross-term table alone.
 Writes benchmarks/results/real_designs.csv and .txt (``_quick`` with --quick;
 real_designs_bias.txt with --bias).
 """
@@ -217,6 +217,7 @@ def main():
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--sizes", type=int, nargs="+", default=None)
     parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=DESIGNS)
+    parser.add_argument("--tag", default="", help="appended to the output files' names")
     parser.add_argument("--em-max-n", type=int, default=20_000, help="run the EM fits only up to this n")
     parser.add_argument("--bias", action="store_true", help="only the cross-term bias table (bimodal, n up to 1e6)")
     parser.add_argument("--bias-seeds", type=int, default=3)
@@ -232,7 +233,7 @@ def main():
     sizes = args.sizes or ((2000, 20_000) if args.quick else (2000, 20_000, 200_000))
     seeds = args.seeds or (2 if args.quick else 5)
     jax = _setup()
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + args.tag
     out = HERE / "results"
     out.mkdir(exist_ok=True)
     rows = []

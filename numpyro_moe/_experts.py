@@ -284,7 +284,7 @@ def estimate_experts(
         The input density whose score functions replace the Gaussian Hermite tensors in T2 and
         T3 (Stein's identity for any density: Janzamin, Sedghi and Anandkumar 2014).
         ``"gaussian"`` (the default, the ICML 2019 method): x is taken to be Gaussian.
-        ``"mixture"``: a density is fitted to x (on at most 2^15 rows spread over the data, one
+        ``"mixture"``: a density is fitted to x (on at most 2^16 rows spread over the data, one
         more read): independent components (FastICA) of the standardised x, each a 1-d
         Gaussian mixture of 1 to 4 components chosen by BIC (`MixtureDesign`); T2 and T3 then
         take one streamed pass each (O(n d^2), dense eigensolver), and the Gaussian path's bias
