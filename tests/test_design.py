@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from numpyro_moe import estimate_experts, metrics, simulation
-from numpyro_moe._design import AUTO_MIN_SAMPLES, MixtureDesign, design_scores, fit_mixture_design, gaussianity_pvalue
+from numpyro_moe._design import (
+    AUTO_MIN_SAMPLES,
+    MixtureDesign,
+    design_scores,
+    fit_mixture_design,
+    gaussianity_pvalue,
+)
 from numpyro_moe._second_moment import Standardization
 
 
