@@ -18,6 +18,17 @@ import jax
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from numpyro_moe._design import (
+    AUTO_MIN_SAMPLES,
+    DESIGNS,
+    GAUSSIANITY_LEVEL,
+    MixtureDesign,
+    design_second_moment,
+    design_third_moment,
+    fit_mixture_design,
+    gaussianity_pvalue,
+    sample_rows,
+)
 from numpyro_moe._landscape import landscape_experts
 from numpyro_moe._links import Link, resolve_link
 from numpyro_moe._moments import DEFAULT_CHUNK_SIZE, as_data_source, resolve_chunk_size, whitened_third_moment
@@ -96,6 +107,13 @@ class ExpertDiagnostics(NamedTuple):
     precision
         The dtype of pass 1's per-chunk d x d products: ``"float64"``, ``"mixed"`` (float32
         products summed in float64) or ``"float32"`` (JAX without x64); see `estimate_experts`.
+    design
+        The input density whose score functions the moments used: ``"gaussian"`` (the Hermite
+        tensors) or ``"mixture"`` (a fitted `MixtureDesign`); see `estimate_experts`.
+    gaussianity_pvalue
+        Bonferroni p-value of the columns' Jarque-Bera tests of normality (from the same rows as
+        ``skewness``); ``design="auto"`` keeps the Gaussian path when it is at least 0.01 (or
+        n < 20,000).
     """
 
     t2_eigenvalues: np.ndarray
@@ -110,6 +128,8 @@ class ExpertDiagnostics(NamedTuple):
     decomposition_change: float = 0.0
     method: str = "tensor"
     precision: str = "float64"
+    design: str = "gaussian"
+    gaussianity_pvalue: float = float("nan")
 
 
 class ExpertEstimate(NamedTuple):
@@ -200,6 +220,7 @@ def estimate_experts(
     eigensolver: str = "auto",
     landscape_options: dict | None = None,
     precision: str = "auto",
+    design: str | MixtureDesign = "gaussian",
 ) -> ExpertEstimate:
     """Estimate the experts of a mixture of experts by the tensor method of moments.
 
@@ -259,6 +280,21 @@ def estimate_experts(
         for offsets the shifts left) stays below a tenth of the sampling error 1/sqrt(n),
         checked after pass 1 (else pass 1 runs again in float64). Without JAX's x64 mode
         everything is float32. The choice is in ``diagnostics.precision``.
+    design
+        The input density whose score functions replace the Gaussian Hermite tensors in T2 and
+        T3 (Stein's identity for any density: Janzamin, Sedghi and Anandkumar 2014).
+        ``"gaussian"`` (the default, the ICML 2019 method): x is taken to be Gaussian.
+        ``"mixture"``: a density is fitted to x (on at most 2^16 rows spread over the data, one
+        more read): independent components (FastICA) of the standardised x, each a 1-d
+        Gaussian mixture of 1 to 4 components chosen by BIC (`MixtureDesign`); T2 and T3 then
+        take one streamed pass each (O(n d^2), dense eigensolver), and the Gaussian path's bias
+        on skewed, heavy-tailed or multimodal inputs goes (what remains is measured in
+        ``benchmarks/real_designs.py``). ``"auto"``: ``"mixture"`` when the columns'
+        Jarque-Bera tests reject normality at level 0.01 (Bonferroni) and n >= 20,000 (below
+        that the design's scores, noisier than the Hermite tensors, cost more than the Gaussian
+        path's bias, as measured), else ``"gaussian"``.
+        A fitted `MixtureDesign` (in the units of x) is used as given. The choice is in
+        ``diagnostics.design``, the test's p-value in ``diagnostics.gaussianity_pvalue``.
 
     Returns
     -------
@@ -278,8 +314,8 @@ def estimate_experts(
     ------
     ValueError
         For k > d (the experts cannot be linearly independent: fit by EM from several random
-        starts instead), too few samples, non-finite data, a constant y, or an unknown link or
-        method.
+        starts instead), too few samples, non-finite data, a constant y, or an unknown link,
+        method or design.
     TypeError
         For ``y=None`` with an array ``x``, or non-numeric data.
     """
@@ -291,9 +327,13 @@ def estimate_experts(
         raise ValueError(f"eigensolver: expected one of {EIGENSOLVERS}, got {eigensolver!r}")
     if decomposition not in DECOMPOSITIONS:
         raise ValueError(f"decomposition: expected one of {DECOMPOSITIONS}, got {decomposition!r}")
+    if not isinstance(design, MixtureDesign) and (not isinstance(design, str) or design not in DESIGNS):
+        raise ValueError(f"design: expected one of {DESIGNS} or a fitted MixtureDesign, got {design!r}")
     link = resolve_link(link)
     key = check_key(key)
     if method == "landscape":
+        if design != "gaussian":
+            raise ValueError("design: method='landscape' supports only design='gaussian'")
         return _landscape_estimate(x, y, num_experts, link, noise, key, standardize, landscape_options)
     if landscape_options is not None:
         raise ValueError("landscape_options: only used with method='landscape'")
@@ -316,8 +356,27 @@ def estimate_experts(
 
     transforms = output_transforms(link, 0.0)
     probes = random_probes(key, source.dim, num_experts, eigensolver)
+    if not (isinstance(design, str) and design == "gaussian"):
+        if eigensolver == "randomized":
+            raise ValueError("eigensolver: the design-aware moments use the dense eigensolver; pass 'auto' or 'dense'")
+        probes = None
     moment = second_moment(source, transforms, standardize, chunk_size, probes, precision)
-    warn_design(moment)
+    pvalue = gaussianity_pvalue(moment.skewness, moment.excess_kurtosis, moment.stats.shape_count)
+    design_model = design if isinstance(design, MixtureDesign) else None
+    automatic = design == "auto" and pvalue < GAUSSIANITY_LEVEL and moment.stats.count >= AUTO_MIN_SAMPLES
+    if design == "mixture" or automatic:
+        rows = sample_rows(source, moment.stats.count)
+        design_model = fit_mixture_design(rows, moment.standardization)
+    if design_model is None:
+        warn_design(moment)
+    else:
+        if design_model.center.shape != (source.dim,) or design_model.unmixing.shape != (source.dim, source.dim):
+            raise ValueError(f"design: expected a MixtureDesign for {source.dim} columns like x")
+        t2 = design_second_moment(
+            source, transforms, design_model, moment.stats, chunk_size, moment.standardization
+        )
+        eigenvalues, eigenvectors = np.linalg.eigh(t2)
+        moment = moment._replace(eigenvalues=eigenvalues[::-1], eigenvectors=eigenvectors[:, ::-1])
     noise_source = "given"
     if noise is None:
         noise, noise_source = estimate_noise(moment.stats, link), "moments"
@@ -349,9 +408,14 @@ def estimate_experts(
     whiten = basis / scales  # M
     standardization = moment.standardization
     projection = standardization.whitening @ whiten
-    tensor = whitened_third_moment(
-        source, transforms, standardization.mean, projection, whiten.T @ whiten, moment.stats, chunk_size,
-    ) / transforms.c3
+    if design_model is None:
+        tensor = whitened_third_moment(
+            source, transforms, standardization.mean, projection, whiten.T @ whiten, moment.stats, chunk_size,
+        ) / transforms.c3
+    else:
+        tensor = design_third_moment(
+            source, transforms, design_model, moment.stats, chunk_size, standardization, whiten
+        ) / transforms.c3
     result = decompose_symmetric_tensor(
         tensor, num_experts, key=key, method=decomposition, num_restarts=num_power_restarts,
         num_iterations=num_power_iterations,
@@ -398,6 +462,8 @@ def estimate_experts(
         num_samples=int(moment.stats.count),
         decomposition_change=change,
         precision=moment.stats.precision,
+        design="gaussian" if design_model is None else "mixture",
+        gaussianity_pvalue=pvalue,
     )
     return ExpertEstimate(experts, weights, np.asarray(noise), intercepts, diagnostics, standardization, link)
 

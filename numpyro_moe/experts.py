@@ -2,6 +2,7 @@
 AISTATS 2020 expert loss. `estimate_experts` (in the top-level namespace) is the entry point.
 """
 
+from numpyro_moe._design import MixtureDesign, fit_mixture_design
 from numpyro_moe._experts import (
     ExpertDiagnostics,
     ExpertEstimate,
@@ -20,6 +21,7 @@ __all__ = [
     "ExpertEstimate",
     "FourthOrderTransform",
     "LandscapeResult",
+    "MixtureDesign",
     "NumExpertsSuggestion",
     "OutputTransforms",
     "Standardization",
@@ -27,6 +29,7 @@ __all__ = [
     "bootstrap_standard_errors",
     "decompose_symmetric_tensor",
     "estimate_experts",
+    "fit_mixture_design",
     "fourth_order_transform",
     "landscape_experts",
     "output_transforms",
