@@ -639,6 +639,7 @@ def fit_moe(
     num_starts: int = 5,
     num_finalists: int | None = None,
     screen_iterations: int = 10,
+    design: str = "gaussian",
     estimate_options: dict | None = None,
     max_iterations: int = 500,
     tol: float = 1e-8,
@@ -677,6 +678,10 @@ def fit_moe(
         (and the tensor start, always) continue to convergence, so many starts cost little and
         none waits for the slowest. None (the default): every start runs to convergence.
         ``start_labels`` and the per-start figures of the result describe the finalists.
+    design
+        The input design the moment estimate assumes (`estimate_experts`): ``"gaussian"`` (the
+        default), ``"mixture"`` (score functions of a density fitted to x, for non-Gaussian
+        inputs) or ``"auto"`` (the mixture where a normality test rejects and n >= 20,000).
     estimate_options
         Options of `estimate_experts` (e.g. ``noise``, ``num_power_restarts``, ``method``).
     max_iterations, tol
@@ -706,7 +711,7 @@ def fit_moe(
             f"estimate_options: expected a dict of estimate_experts options, got {type(estimate_options).__name__}"
         )
     options = dict(estimate_options or {})
-    taken = sorted(set(options) & {"num_experts", "key", "link"})
+    taken = sorted(set(options) & {"num_experts", "key", "link", "design"})
     if taken:
         raise ValueError(f"estimate_options: {taken} are set by fit_moe's own arguments; pass them there")
     tensor_key, random_key = jax.random.split(key)
@@ -729,7 +734,8 @@ def fit_moe(
             warnings.simplefilter("ignore", ReliabilityWarning)
             # Host arrays take the moments' staging path: fixed-size chunks, nothing compiled per n.
             estimate = estimate_experts(
-                np.asarray(x), np.asarray(y), num_experts=num_experts, link=link, key=tensor_key, **options
+                np.asarray(x), np.asarray(y), num_experts=num_experts, link=link, key=tensor_key, design=design,
+                **options,
             )
             start = estimate.to_params(intercepts=intercepts)
             if gate_x is not None:  # a uniform gate over the gate's own covariates

@@ -104,6 +104,7 @@ def select_num_experts(
     df=None,
     gate_x=None,
     num_starts: int = 5,
+    design: str = "gaussian",
     estimate_options: dict | None = None,
     max_iterations: int = 500,
     tol: float = 1e-8,
@@ -121,7 +122,7 @@ def select_num_experts(
         The k to try (distinct positive integers).
     criterion
         ``"bic"`` (default) or ``"icl"``; the lowest wins.
-    link, intercepts, shared_noise, penalized, priors, family, df, gate_x, num_starts,
+    link, intercepts, shared_noise, penalized, priors, family, df, gate_x, num_starts, design,
     estimate_options, max_iterations, tol, progress_bar
         As in `fit_moe`, for every k. With ``gate_x`` (covariates of the gate's own) the gate's
         parameters are counted over its q columns; with ``family="student_t"`` (robust Student-t
@@ -161,6 +162,7 @@ def select_num_experts(
                 df=df,
                 gate_x=gate_x,
                 num_starts=num_starts,
+                design=design,
                 estimate_options=estimate_options,
                 max_iterations=max_iterations,
                 tol=tol,

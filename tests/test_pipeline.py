@@ -216,3 +216,13 @@ def test_short_em_screening_keeps_the_best_starts_and_the_tensor_start(small):
         moe.fit_moe(x, y, num_experts=2, key=jax.random.key(11), num_finalists=0)
     with pytest.raises(ValueError, match="screen_iterations"):
         moe.fit_moe(x, y, num_experts=2, key=jax.random.key(11), num_finalists=1, screen_iterations=0)
+
+
+def test_fit_moe_passes_the_design_to_the_moment_estimate(small):
+    x, y, _ = small
+    fit = moe.fit_moe(x, y, num_experts=2, key=jax.random.key(11), num_starts=2, intercepts=True, design="mixture")
+    assert fit.start_labels == ("tensor", "random") and fit.converged
+    with pytest.raises(ValueError, match=r"estimate_options: \['design'\] are set by fit_moe's own arguments"):
+        moe.fit_moe(x, y, num_experts=2, key=jax.random.key(11), estimate_options={"design": "auto"})
+    with pytest.raises(ValueError, match="design"):
+        moe.fit_moe(x, y, num_experts=2, key=jax.random.key(11), design="uniform")
