@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -89,7 +88,6 @@ def _fit(args: argparse.Namespace) -> int:
 
     numpyro.set_host_device_count(max(args.chains, 1))
     numpyro.enable_x64()
-    from pathlib import Path
 
     from numpyro_moe.apps.csv_workflow import fit_csv
 
@@ -285,40 +283,9 @@ def _models(args: argparse.Namespace) -> int:
     return models_main(args.models_args, prog="numpyro-moe models")
 
 
-CACHE_VARIABLE = "NUMPYRO_MOE_CACHE"
-
-
-def compilation_cache_dir() -> Path | None:
-    """Where the command line keeps JAX's persistent compilation cache: ``$NUMPYRO_MOE_CACHE``
-    when set to a path, none when it is ``0``/``off``/``false``/``no``, else
-    ``$XDG_CACHE_HOME/numpyro-moe/jax`` (``~/.cache/numpyro-moe/jax``)."""
-    setting = os.environ.get(CACHE_VARIABLE, "").strip()
-    if setting.lower() in ("0", "off", "false", "no"):
-        return None
-    if setting:
-        return Path(setting).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "numpyro-moe" / "jax"
-
-
-def _use_compilation_cache() -> None:
-    """Keep compiled programs between runs: a second ``numpyro-moe`` process loads what an
-    earlier one compiled (the EM and prediction programs for the same model structure and data
-    size) instead of compiling it again."""
-    path = compilation_cache_dir()
-    if path is None:
-        return
-    import jax
-
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``numpyro-moe`` console script."""
     args = build_parser().parse_args(argv)
-    if args.command != "models":
-        _use_compilation_cache()
     try:
         if args.command == "models":
             return args.run(args)

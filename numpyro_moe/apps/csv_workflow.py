@@ -21,7 +21,7 @@ import numpyro_moe
 from numpyro_moe import MoEParams, fit_moe, run_nuts
 from numpyro_moe.apps.folders import output_folder
 from numpyro_moe.apps.messages import column_names_in_warnings, progress_bars
-from numpyro_moe.apps.plots import plot_gates, plot_trace, save_plot
+from numpyro_moe.apps.plots import plot_gates, plot_predictive_check, plot_trace, save_plot
 from numpyro_moe.apps.tables import CsvData, read_csv
 from numpyro_moe.io import save_result
 from numpyro_moe.simulation import sample_response
@@ -240,8 +240,6 @@ def fit_csv(
     DataTree), ``summary.csv`` (``az.summary``) and ``trace.png``. ``numpyro-moe predict`` reads
     the folder.
     """
-    import arviz as az
-
     candidates, auto = _candidates(num_experts)
     if criterion not in CRITERIA:
         raise ValueError(f"--criterion: expected one of {list(CRITERIA)}, got {criterion!r}")
@@ -413,6 +411,8 @@ def fit_csv(
         else:
             plot_gates(params, gate_x, gate_names, staging / "gate_probabilities.png")
         if nuts:
+            import arviz as az  # only here: its import alone takes seconds
+
             say(f"NUTS: {num_chains} chains x ({num_warmup} warmup + {num_samples} draws)")
             result = run_nuts(
                 x,
@@ -450,10 +450,7 @@ def fit_csv(
                     for draw_key in jax.random.split(check_key, 50)
                 ]
             )
-            check = az.from_dict(
-                {"posterior_predictive": {"y": draws[None]}, "observed_data": {"y": y}}, dims={"y": ["obs"]}
-            )
-            save_plot(az.plot_ppc_dist(check, backend="matplotlib"), staging / "ppc.png")
+            plot_predictive_check(y, draws, staging / "ppc.png")
             summary.append("parameters (standardised units): see parameters.csv")
         (staging / "summary.txt").write_text("\n".join(summary) + "\n")
     # The data line, the notes and the selection table were said on the way.

@@ -8,7 +8,7 @@ import numpy as np
 
 from numpyro_moe import MoEParams
 
-__all__ = ["MAX_TRACE_PANELS", "plot_gates", "plot_trace", "save_plot"]
+__all__ = ["MAX_TRACE_PANELS", "plot_gates", "plot_predictive_check", "plot_trace", "save_plot"]
 
 MAX_TRACE_PANELS = 60
 
@@ -31,6 +31,34 @@ def plot_gates(params: MoEParams, x: np.ndarray, feature_names: list[str], path:
     axes[0, 0].set_ylabel("P(expert | x)")
     axes[0, -1].legend(markerscale=4, fontsize="small")
     figure.suptitle("Gate probabilities against the inputs")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_predictive_check(observed: np.ndarray, replicated: np.ndarray, path: Path) -> None:
+    """Density of the observed y (n,) against that of each replicate (draws, n), as histograms
+    on shared bins: the point fit's predictive check, drawn without ArviZ (whose import alone
+    takes seconds) because a point fit has no posterior to show."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    observed = np.asarray(observed, dtype=float)
+    replicated = np.asarray(replicated, dtype=float)
+    edges = np.histogram_bin_edges(np.concatenate([observed, replicated.ravel()]), bins=60)
+    centres = (edges[:-1] + edges[1:]) / 2
+    densities = np.stack([np.histogram(draw, bins=edges, density=True)[0] for draw in replicated])
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot(centres, densities.T, color="C0", alpha=0.15, linewidth=0.8)
+    axis.plot([], [], color="C0", alpha=0.5, label=f"replicated y ({len(replicated)} draws from the fit)")
+    axis.plot(centres, densities.mean(axis=0), color="C0", linestyle="--", label="mean of the replicates")
+    axis.plot(centres, np.histogram(observed, bins=edges, density=True)[0], color="black", label="observed y")
+    axis.set_xlabel("y (standardised)")
+    axis.set_ylabel("density")
+    axis.legend(fontsize="small")
+    figure.suptitle("Predictive check of the point fit")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
