@@ -1195,7 +1195,7 @@ def test_compare_num_experts_ranks_the_candidates_by_loo(data, monkeypatch):
     # options reach the step they belong to.
     assert [fit["num_experts"] for fit in fits] == [1, 2]
     expected = {"link": "linear", "intercepts": False, "num_starts": 3, "shared_noise": False, "priors": None,
-                "family": "normal", "df": None}
+                "family": "normal", "df": None, "gate_x": None}
     assert all(fit["kwargs"] == expected for fit in fits)
     assert [run["init"] for run in runs] == [fit["fit"] for fit in fits]
     assert all(run["kwargs"] == {"num_chains": 2, "num_samples": 50, "shared_noise": False} for run in runs)
