@@ -320,7 +320,7 @@ def _em_all(
 ) -> _EMRun:
     """EM from every start of ``init`` on checked data (see `fit_em`)."""
     starts = as_starts(init, x.shape[1], gate_dim=_gate_dim(x, gate_x))
-    _first(starts).expert_means(x[:2])  # the link maps arrays elementwise, or a ValueError naming it
+    _first(starts).expert_means(np.asarray(x)[:2])  # the link maps arrays elementwise, or a ValueError naming it
     fix = check_fix(fix)
     tol = resolvable_tol(check_positive(tol, "tol"), x.dtype)
     intercepts = starts.has_intercepts

@@ -29,7 +29,15 @@ class ReliabilityWarning(UserWarning):
 
 def _as_float_array(value, name: str) -> jax.Array:
     try:
-        array = jnp.asarray(value)
+        if isinstance(value, jax.Array | jax.core.Tracer):
+            array = jnp.asarray(value)
+        else:
+            # Host data: put on the device as it is (jnp.asarray compiles a staging program for
+            # every new shape; device_put compiles nothing).
+            host = np.asarray(value)
+            if host.dtype.kind not in "biufc":
+                raise TypeError(f"dtype {host.dtype}")
+            array = jax.device_put(host)
     except (TypeError, ValueError) as error:
         dtype = getattr(value, "dtype", None)
         given = type(value).__name__ + (f" of dtype {dtype}" if dtype is not None else "")

@@ -53,15 +53,26 @@ def test_padding_rows_change_nothing(data, intercepts):
     assert fit.entropy == pytest.approx(entropy, rel=1e-10)
 
 
-def test_a_new_n_in_the_same_size_class_compiles_no_em_program(data):
+def test_a_new_n_in_the_same_size_class_compiles_nothing(data):
     x, y, truth = data
     moe.fit_em(x[:400], y[:400], truth, max_iterations=30)  # compiles EM for the class of 448 rows
     with count_compilations() as compiled:
         for n in (399, 410, 420):
             moe.fit_em(x[:n], y[:n], truth, max_iterations=30)
-    programs = collections.Counter(compiled)
-    assert not [name for name in programs if any(program in name for program in EM_PROGRAMS)], programs
+    # Nothing at all: EM's programs are the size class's, and the per-n work (validation, the
+    # response's spread, the padding) runs on the host.
+    assert compiled == [], collections.Counter(compiled)
     # A new size class compiles them (the counter sees EM's programs at all).
     with count_compilations() as compiled:
         moe.fit_em(x[:300], y[:300], truth, max_iterations=30)
     assert any(program in name for name in compiled for program in EM_PROGRAMS), compiled
+
+
+def test_the_whole_fit_at_a_new_n_compiles_nothing(data):
+    # fit_moe: the moment estimate (fixed-size chunks), the gate-only EM and joint EM from several
+    # starts; measured 0.42 s at a new n against 0.47 s repeated (d = 5, k = 3, n = 1800 -> 1900).
+    x, y, _ = data
+    moe.fit_moe(x[:400], y[:400], num_experts=2, key=jax.random.key(23), num_starts=2)
+    with count_compilations() as compiled:
+        moe.fit_moe(x[:410], y[:410], num_experts=2, key=jax.random.key(23), num_starts=2)
+    assert compiled == [], collections.Counter(compiled)
