@@ -183,11 +183,12 @@ def check_params(
     expected_gate_dim = d if gate_dim is None else gate_dim
     if len(gates_shape) != 2 or gates_shape[0] != k or (k > 1 and gates_shape[1] != expected_gate_dim):
         inputs = "x" if gate_dim is None else "gate_x"
+        # Only the width is off, and no gate_x was given: a record fitted with gate covariates.
+        width_only = gate_dim is None and len(gates_shape) == 2 and gates_shape[0] == k
+        hint = "; a gate with covariates of its own needs gate_x" if width_only else ""
         raise ValueError(
             f"{name}: expected gates of shape ({k}, {expected_gate_dim}) (all k gate rows, the last zero; "
-            f"one column per column of {inputs}), got gates {gates_shape} with experts {experts_shape}"
-            + ("; a gate with covariates of its own needs gate_x" if gate_dim is None and len(gates_shape) == 2
-               and gates_shape[0] == k else "")
+            f"one column per column of {inputs}), got gates {gates_shape} with experts {experts_shape}{hint}"
         )
     for field in ("expert_intercepts", "gate_intercepts"):
         intercepts = getattr(value, field)
