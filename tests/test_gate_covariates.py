@@ -254,3 +254,14 @@ def test_cli_fits_and_predicts_with_gate_features(tmp_path, data):
         csv.writer(target).writerows([row[:4] + row[5:] for row in table])  # drop z2
     code, _, stderr = run_cli(["predict", str(out), str(lacking), "--out", str(tmp_path / "q.csv")])
     assert code == 2 and "z2" in stderr
+
+
+def test_an_expert_estimate_starts_a_gate_on_its_own_covariates(data):
+    # The estimate's uniform gate is widened to the gate's q covariates; EM over the gate alone
+    # (the ICML 2019 second stage) then fits it on z.
+    x, z, y, held_x, held_z, held_y = data
+    estimate = moe.estimate_experts(x, y, num_experts=3, key=jax.random.key(12))
+    gated = moe.fit_em(x, y, estimate, gate_x=z, fix=("experts",))
+    assert gated.params.gates.shape == (3, 2)
+    np.testing.assert_array_equal(gated.params.experts, estimate.to_params().experts)
+    assert metrics.gating_error(gated, TRUTH, held_x, gate_x=held_z) < 0.1  # measured 0.019 (experts 0.19 off)
