@@ -259,7 +259,7 @@ def test_cli_fits_and_predicts_with_gate_features(tmp_path, data):
 def test_an_expert_estimate_starts_a_gate_on_its_own_covariates(data):
     # The estimate's uniform gate is widened to the gate's q covariates; EM over the gate alone
     # (the ICML 2019 second stage) then fits it on z.
-    x, z, y, held_x, held_z, held_y = data
+    x, z, y, held_x, held_z, _ = data
     estimate = moe.estimate_experts(x, y, num_experts=3, key=jax.random.key(12))
     gated = moe.fit_em(x, y, estimate, gate_x=z, fix=("experts",))
     assert gated.params.gates.shape == (3, 2)
