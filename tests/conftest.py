@@ -27,13 +27,3 @@ def keep_xla_flags(monkeypatch):
         monkeypatch.setenv("XLA_FLAGS", os.environ["XLA_FLAGS"])
     else:
         monkeypatch.delenv("XLA_FLAGS", raising=False)
-
-
-# The longest files start first: under pytest-xdist's ``--dist loadfile`` a file runs whole on one
-# worker, and a long file collected last (the tutorials sort late) leaves the other worker idle.
-_LONG_FILES = ("test_tutorials.py", "test_readme.py", "test_docs.py", "test_compilation_cache.py")
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: index for index, name in enumerate(_LONG_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(_LONG_FILES)))
