@@ -129,7 +129,7 @@ def check_data(x, y):
     return x.astype(dtype), y.astype(dtype)
 
 
-def _gate_dim(x, gate_x) -> int | None:
+def _gate_dim(gate_x) -> int | None:
     """The gate's number of inputs to check records against: None when it reads x."""
     return None if gate_x is None else gate_x.shape[1]
 
@@ -319,7 +319,7 @@ def _em_all(
     x, y, init, *, gate_x, fix, shared_noise, penalized, priors, family, df, max_iterations, tol, progress_bar
 ) -> _EMRun:
     """EM from every start of ``init`` on checked data (see `fit_em`)."""
-    starts = as_starts(init, x.shape[1], gate_dim=_gate_dim(x, gate_x))
+    starts = as_starts(init, x.shape[1], gate_dim=_gate_dim(gate_x))
     _first(starts).expert_means(np.asarray(x)[:2])  # the link maps arrays elementwise, or a ValueError naming it
     fix = check_fix(fix)
     tol = resolvable_tol(check_positive(tol, "tol"), x.dtype)
@@ -572,7 +572,7 @@ def fit_map(
     learning_rate = check_positive(learning_rate, "learning_rate")
     tol = check_positive(tol, "tol")
     gate_x = check_gate_x(gate_x, x.shape[0])
-    starts = as_starts(init, x.shape[1], gate_dim=_gate_dim(x, gate_x))
+    starts = as_starts(init, x.shape[1], gate_dim=_gate_dim(gate_x))
     if starts.experts.shape[0] != 1:
         raise ValueError(
             f"init: fit_map takes one start, got {starts.experts.shape[0]}; run fit_em for several"
