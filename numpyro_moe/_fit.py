@@ -453,9 +453,7 @@ def fit_em(
         family=family, df=df, max_iterations=max_iterations, tol=tol, progress_bar=progress_bar,
     )
     result, tol, intercepts, dim, estimate_df = run.result, run.tol, run.intercepts, run.dim, run.estimate_df
-    experts, gates, noise, history, iterations = (
-        result.experts, result.gates, result.noise, result.history, result.iterations
-    )
+    history, iterations = result.history, result.iterations
     objectives = np.where(np.isfinite(result.objective), result.objective, -np.inf)
     log_likelihoods = np.where(np.isfinite(objectives), result.log_likelihood, -np.inf)
     # Starts that reach the same optimum (within the convergence tolerance) tie: the first wins.
