@@ -3,7 +3,7 @@ what they promise: every public name in the API reference, every command in the 
 every tutorial rendered.
 
 The tutorials are rendered without being run here (mkdocs-jupyter ``execute: false``, the default
-unless DOCS_EXECUTE is set): tests/test_tutorials.py already runs each one end to end, and running
+unless DOCS_EXECUTE is set): tests/test_tutorial_<name>.py already runs each one end to end, and running
 them twice would cost CI minutes for no extra check. `make docs` runs them for the published site.
 """
 

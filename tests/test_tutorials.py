@@ -1,57 +1,7 @@
-"""Every tutorial script runs top to bottom at smoke size and writes the figures it names.
+"""The tutorials' shared rules: percent scripts, no stored notebooks, and one test file each
+(``tests/test_tutorial_<name>.py`` runs it at smoke size, see ``tests/tutorial_runner.py``)."""
 
-The tutorials are jupytext percent scripts (``tutorials/*.py``): plain Python that a review can
-read, which jupytext or mkdocs-jupyter turn into notebooks. Each one saves its figures through
-``save_figure(figure, "name")`` into ``$TUTORIAL_FIGURES/<tutorial>/name.png``; the test reads
-those names from the script's text, so a figure that stops being written fails here.
-"""
-
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-TUTORIALS = sorted((ROOT / "tutorials").glob("*.py"))
-SAVED = re.compile(r"save_figure\(\s*[^\n]+?,\s*\"([\w-]+)\"\s*\)")
-
-
-def figure_names(path: Path) -> list[str]:
-    return SAVED.findall(path.read_text())
-
-
-@pytest.mark.parametrize("path", TUTORIALS, ids=[path.stem for path in TUTORIALS])
-def test_tutorial_runs_at_smoke_size_and_writes_its_figures(path, tmp_path):
-    names = figure_names(path)
-    assert names, f'{path.name} saves no figure (expected save_figure(figure, "name") calls)'
-    environment = {
-        **os.environ,
-        "CI": "true",  # the tutorials' smoke switch: small n, few draws
-        "MPLBACKEND": "Agg",
-        "TUTORIAL_FIGURES": str(tmp_path),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    }
-    # Run in tutorials/, as a notebook runs in its own folder (the real-data tutorial finds
-    # benchmarks/data from there); the tutorials write nothing but their figures.
-    result = subprocess.run(
-        [sys.executable, str(path)],
-        check=False,
-        cwd=path.parent,
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, f"{path.name} failed:\n{result.stderr[-4000:]}"
-    written = tmp_path / path.stem
-    for name in names:
-        figure = written / f"{name}.png"
-        assert figure.is_file(), f"{path.name} did not write {figure.name}"
-        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{figure.name} is not a PNG"
-        assert figure.stat().st_size > 5_000, f"{figure.name} is nearly empty"
+from tutorial_runner import ROOT, TUTORIALS
 
 
 def test_tutorials_are_percent_scripts():
@@ -63,3 +13,10 @@ def test_tutorials_are_percent_scripts():
     assert not list((ROOT / "tutorials").glob("*.ipynb")), (
         "the .py scripts are the source: keep no .ipynb beside them"
     )
+
+
+def test_every_tutorial_has_its_test_file():
+    for path in TUTORIALS:
+        test_file = ROOT / "tests" / f"test_tutorial_{path.stem}.py"
+        assert test_file.is_file(), f"{path.name} is run by no test: add {test_file.name} (see tests/tutorial_runner.py)"
+        assert f'run_tutorial("{path.stem}"' in test_file.read_text(), f"{test_file.name} does not run {path.name}"

@@ -1,0 +1,7 @@
+"""tutorials/workflow.py runs top to bottom at smoke size and writes its figures."""
+
+from tutorial_runner import run_tutorial
+
+
+def test_workflow_tutorial_runs_and_writes_its_figures(tmp_path):
+    run_tutorial("workflow", tmp_path)
