@@ -367,7 +367,15 @@ def _noise_step(targets, residual, y, shared_noise, penalty: Penalty, n, precisi
     mode of the penalised objective; floored far below any real noise. Student-t experts weight
     each square by the point's expected precision (``precisions``, (n, k) u_ni) too."""
     squares = targets * residual**2 if precisions is None else targets * precisions * residual**2
-    k = targets.shape[1]
+    return noise_from_sums(
+        jnp.sum(targets, axis=0), jnp.sum(squares, axis=0), n, jnp.sum(y**2), shared_noise, penalty
+    )
+
+
+def noise_from_sums(weight, squares, n, y_squares, shared_noise, penalty: Penalty):
+    """`_noise_step` from its sums: ``weight`` (k,) sum_n r_ni, ``squares`` (k,) the weighted
+    squared residuals of each expert, ``n`` points and ``y_squares`` = sum_n y_n^2."""
+    k = weight.shape[0]
     first = lambda leaf: leaf[0]  # noqa: E731  (a shared noise has one prior: the first entry's)
     pooled = _noise_mode(
         n, jnp.sum(squares),
@@ -376,13 +384,10 @@ def _noise_step(targets, residual, y, shared_noise, penalty: Penalty, n, precisi
     if shared_noise:
         scale = jnp.full(k, pooled)
     else:
-        weight = jnp.sum(targets, axis=0)
-        own = _noise_mode(
-            weight, jnp.sum(squares, axis=0), penalty.noise_count, penalty.noise_inverse, penalty.noise_square
-        )
+        own = _noise_mode(weight, squares, penalty.noise_count, penalty.noise_inverse, penalty.noise_square)
         usable = (weight > 1e-12) | (penalty.noise_count > 0) | (penalty.noise_inverse > 0)
         scale = jnp.where(usable, own, pooled)
-    return jnp.maximum(scale, jnp.sqrt(1e-24 * jnp.sum(y**2) / n + 1e-300))
+    return jnp.maximum(scale, jnp.sqrt(1e-24 * y_squares / n + 1e-300))
 
 
 def _df_step(targets, precisions, df, penalty: Penalty):
@@ -395,6 +400,12 @@ def _df_step(targets, precisions, df, penalty: Penalty):
     """
     weight = jnp.sum(targets, axis=0)  # n_i
     pooled = jnp.sum(targets * (jnp.log(precisions) - precisions), axis=0)  # sum_n r_ni (log u - u)
+    return df_from_sums(weight, pooled, df, penalty)
+
+
+def df_from_sums(weight, pooled, df, penalty: Penalty):
+    """`_df_step` from its sums: ``weight`` (k,) sum_n r_ni and ``pooled`` (k,)
+    sum_n r_ni (log u_ni - u_ni)."""
     half = (df + 1.0) / 2.0
     constant = weight * (1.0 + digamma(half) - jnp.log(half)) + pooled
 

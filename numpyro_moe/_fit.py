@@ -49,7 +49,10 @@ from numpyro_moe._model import (
     resolve_priors,
     sites_to_params,
 )
+from numpyro_moe._moments import as_data_source
 from numpyro_moe._params import MoEParams
+from numpyro_moe._streamed import DataSummary, StreamedData, starting_noise, streamed_em, summarize
+from numpyro_moe._streamed import streamed as as_streamed
 from numpyro_moe._validation import (
     ReliabilityWarning,
     check_design,
@@ -127,6 +130,40 @@ def check_data(x, y):
     y = check_response(y, x.shape[0])
     dtype = jnp.result_type(float)
     return x.astype(dtype), y.astype(dtype)
+
+
+def _is_out_of_core(x) -> bool:
+    """A NumPy memmap or a Dask array: data read chunk by chunk rather than loaded."""
+    return isinstance(x, np.memmap) or type(x).__module__.split(".")[0] == "dask"
+
+
+def stream_data(x, y, streamed: bool | None, chunk_size: int | None, gate_x) -> StreamedData | None:
+    """The chunk source of data fitted out of core, or None for data fitted in memory.
+
+    ``streamed=None`` streams chunk sources (``y=None``: ``x`` a re-iterable of ``(x_chunk,
+    y_chunk)`` pairs), NumPy memmaps and Dask arrays, and keeps other arrays in memory.
+    """
+    if streamed is not None and not isinstance(streamed, bool):
+        raise TypeError(f"streamed: expected True, False or None, got {type(streamed).__name__}")
+    if chunk_size is not None:
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+    if y is None:
+        if streamed is False:
+            raise ValueError("streamed: False needs arrays x and y; with y=None, x is a chunk source, read streamed")
+    elif streamed is False or (streamed is None and not (_is_out_of_core(x) or _is_out_of_core(y))):
+        return None
+    if gate_x is not None:
+        raise ValueError(
+            "gate_x: streamed (out-of-core) EM reads the gate's inputs from x; fit gate covariates in memory "
+            "(streamed=False)"
+        )
+    return as_streamed(as_data_source(x, y, chunk_size=chunk_size), chunk_size)
+
+
+def _pilot(data: StreamedData) -> np.ndarray:
+    """The first two rows of the first chunk, in JAX's default float dtype."""
+    first, _ = next(iter(data.source.chunks()))
+    return np.asarray(first[:2], jnp.result_type(float))
 
 
 def _gate_dim(gate_x) -> int | None:
@@ -244,19 +281,25 @@ def random_starts(
     num_experts = check_positive_int(num_experts, "num_experts")
     num_starts = check_positive_int(num_starts, "num_starts")
     family, df = check_family(family, df, num_experts)
-    dim = x.shape[1]
-    experts = jax.random.normal(key, (num_starts, num_experts, dim), x.dtype)
+    gate_dim = x.shape[1] if gate_x is None else gate_x.shape[1]
+    # sd(y) on the host: nothing compiled per n.
+    return _random_params(key, num_starts, num_experts, x.shape[1], gate_dim, float(np.std(np.asarray(y))), link,
+                          intercepts, family, df)
+
+
+def _random_params(key, num_starts, num_experts, dim, gate_dim, y_std, link, intercepts, family, df) -> MoEParams:
+    dtype = jnp.result_type(float)
+    experts = jax.random.normal(key, (num_starts, num_experts, dim), dtype)
     experts = experts / jnp.linalg.norm(experts, axis=-1, keepdims=True)
-    zeros = jnp.zeros((num_starts, num_experts), x.dtype)
-    gate_dim = dim if gate_x is None else gate_x.shape[1]
+    zeros = jnp.zeros((num_starts, num_experts), dtype)
     return MoEParams(
         experts,
-        jnp.zeros((num_starts, num_experts, gate_dim), x.dtype),
-        jnp.full((num_starts, num_experts), float(np.std(np.asarray(y)))),  # host: nothing compiled per n
+        jnp.zeros((num_starts, num_experts, gate_dim), dtype),
+        jnp.full((num_starts, num_experts), y_std, dtype),
         zeros if intercepts else None,
         zeros if intercepts else None,
         link,
-        starting_df(None, family, df, (num_starts, num_experts), x.dtype),
+        starting_df(None, family, df, (num_starts, num_experts), dtype),
     )
 
 
@@ -316,35 +359,55 @@ class _EMRun(NamedTuple):
 
 
 def _em_all(
-    x, y, init, *, gate_x, fix, shared_noise, penalized, priors, family, df, max_iterations, tol, progress_bar
+    x, y, init, *, gate_x, fix, shared_noise, penalized, priors, family, df, max_iterations, tol, progress_bar,
+    data: StreamedData | None = None, summary: DataSummary | None = None,
 ) -> _EMRun:
-    """EM from every start of ``init`` on checked data (see `fit_em`)."""
-    starts = as_starts(init, x.shape[1], gate_dim=_gate_dim(gate_x))
-    _first(starts).expert_means(np.asarray(x)[:2])  # the link maps arrays elementwise, or a ValueError naming it
+    """EM from every start of ``init`` on checked data, or over the chunks of ``data`` (with its
+    ``summary``) when streamed (see `fit_em`)."""
+    dim = x.shape[1] if data is None else data.source.dim
+    starts = as_starts(init, dim, gate_dim=_gate_dim(gate_x))
+    # The link maps arrays elementwise, or a ValueError naming it.
+    _first(starts).expert_means(np.asarray(x)[:2] if data is None else _pilot(data))
     fix = check_fix(fix)
-    tol = resolvable_tol(check_positive(tol, "tol"), x.dtype)
+    dtype = jnp.result_type(float) if data is not None else x.dtype
+    tol = resolvable_tol(check_positive(tol, "tol"), dtype)
     intercepts = starts.has_intercepts
     num_experts, dim = starts.experts.shape[1:]
     gate_dim = starts.gates.shape[-1]
     family, df = check_family(family, df, num_experts)
     estimate_df = family == "student_t" and df is None and "noise" not in fix
-    degrees = starting_df(starts.df, family, df, starts.experts.shape[:2], x.dtype, clip=estimate_df)
+    degrees = starting_df(starts.df, family, df, starts.experts.shape[:2], dtype, clip=estimate_df)
     if penalized:
         chosen = resolve_priors(priors)
         penalty = penalty_from_priors(
-            chosen, num_experts, dim, intercepts=intercepts, dtype=x.dtype, estimate_df=estimate_df,
+            chosen, num_experts, dim, intercepts=intercepts, dtype=dtype, estimate_df=estimate_df,
             gate_dim=gate_dim,
         )
         if not priors:
-            _check_default_scale(y)
+            if data is None:
+                values = np.asarray(y)  # on the host: nothing compiled for a new n
+                _check_default_scale(float(np.mean(values)), float(np.std(values)))
+            else:
+                _check_default_scale(summary.y_mean, summary.y_std)
     else:
         if priors:
             raise ValueError("priors: given with penalized=False, which fits no priors; drop one of them")
-        penalty = flat_penalty(num_experts, dim + int(intercepts), x.dtype, gate_dim + int(intercepts))
-    noise = _starting_noise(starts, x, y)
+        penalty = flat_penalty(num_experts, dim + int(intercepts), dtype, gate_dim + int(intercepts))
+    experts, gates = to_augmented(starts, intercepts)
+    if data is None:
+        noise = _starting_noise(starts, x, y)
+    else:
+        noise = starting_noise(data, experts, starts.noise, summary, starts.link, intercepts)
     if shared_noise:  # a shared model starts from one noise, so its first step is an EM step
         noise = jnp.broadcast_to(jnp.sqrt(jnp.mean(noise**2, axis=-1, keepdims=True)), noise.shape)
-    experts, gates = to_augmented(starts, intercepts)
+    if data is not None:
+        result = streamed_em(
+            data, experts, gates, noise, summary=summary, penalty=penalty, link=starts.link, intercepts=intercepts,
+            fix=fix if estimate_df or degrees is None else (*fix, "df"), shared_noise=shared_noise,
+            max_iterations=max_iterations, tol=tol, df=degrees, progress="EM (streamed)" if progress_bar else None,
+        )
+        params = split_augmented(result.experts, result.gates, result.noise, intercepts, starts.link, result.df)
+        return _EMRun(result, params, tol, intercepts, dim, estimate_df)
     # Host-side (NumPy) columns of ones: nothing is compiled for a new n.
     ones = np.ones((x.shape[0], 1), x.dtype)
     design = np.concatenate([np.asarray(x), ones], axis=1) if intercepts else x
@@ -386,6 +449,8 @@ def fit_em(
     max_iterations: int = 500,
     tol: float = 1e-8,
     progress_bar: bool = False,
+    streamed: bool | None = None,
+    chunk_size: int | None = None,
 ) -> Fit:
     """EM for the mixture of experts from one start or several; the best fit wins.
 
@@ -399,7 +464,9 @@ def fit_em(
     ----------
     x, y
         (n, d) inputs and (n,) responses; computed in JAX's default float dtype (float32 input
-        is promoted to float64 when x64 mode is on).
+        is promoted to float64 when x64 mode is on). For data read chunk by chunk (see
+        ``streamed``): a NumPy memmap or a Dask array, or ``y=None`` and ``x`` a re-iterable of
+        ``(x_chunk, y_chunk)`` pairs (a list, or a callable returning an iterator).
     init
         The start(s) (see `as_starts`): `MoEParams` (its link is the fit's), an expert estimate
         (gates start at zero, a uniform gate), a `Fit`, `random_starts`, or a list of these, run
@@ -437,6 +504,13 @@ def fit_em(
         hits the cap warns (`ReliabilityWarning`).
     progress_bar
         Show a progress bar (updated every 20 iterations).
+    streamed, chunk_size
+        Out-of-core EM: every iteration reads the data in blocks of ``chunk_size`` rows (None: about
+        16 MB of x per block), so memory stays flat in n; each iteration takes one Newton step on
+        the gate and one Gauss-Newton step per expert with a step search, two passes over the data
+        (a generalised EM with the same fixed points; see ``numpyro_moe._streamed``). None (the
+        default) streams chunk sources, NumPy memmaps and Dask arrays and fits other arrays in
+        memory; True streams any data. The gate reads x when streamed (no ``gate_x``).
 
     Returns
     -------
@@ -445,12 +519,20 @@ def fit_em(
         point and never decreases (up to rounding); the best objective wins among starts.
         An expert carrying fewer points than it has parameters warns (`ReliabilityWarning`).
     """
-    x, y = check_data(x, y)
-    gate_x = check_gate_x(gate_x, x.shape[0])
+    data = stream_data(x, y, streamed, chunk_size, gate_x)
+    summary = None
+    if data is None:
+        x, y = check_data(x, y)
+        gate_x = check_gate_x(gate_x, x.shape[0])
+        num_points = x.shape[0]
+    else:
+        summary = summarize(data)
+        num_points = summary.num_samples
     max_iterations = check_positive_int(max_iterations, "max_iterations")
     run = _em_all(
         x, y, init, gate_x=gate_x, fix=fix, shared_noise=shared_noise, penalized=penalized, priors=priors,
-        family=family, df=df, max_iterations=max_iterations, tol=tol, progress_bar=progress_bar,
+        family=family, df=df, max_iterations=max_iterations, tol=tol, progress_bar=progress_bar, data=data,
+        summary=summary,
     )
     result, tol, intercepts, dim, estimate_df = run.result, run.tol, run.intercepts, run.dim, run.estimate_df
     history, iterations = result.history, result.iterations
@@ -470,8 +552,8 @@ def fit_em(
             stacklevel=2,
         )
     params = jax.tree_util.tree_map(lambda leaf: leaf[best], run.params)
-    weights = np.asarray(result.weights[best]) / x.shape[0]
-    _check_weights(weights, x.shape[0], dim + int(intercepts) + 1 + int(estimate_df))
+    weights = np.asarray(result.weights[best]) / num_points
+    _check_weights(weights, num_points, dim + int(intercepts) + 1 + int(estimate_df))
     return Fit(
         params=params,
         log_likelihood=float(log_likelihoods[best]),
@@ -488,10 +570,8 @@ def fit_em(
     )
 
 
-def _check_default_scale(y) -> None:
+def _check_default_scale(centre: float, spread: float) -> None:
     """Warn when the default priors (made for a standardised y) meet a y far from that scale."""
-    values = np.asarray(y)  # on the host: nothing compiled for a new n
-    spread, centre = float(np.std(values)), float(np.mean(values))
     if not 0.1 <= spread <= 10 or abs(centre) > 10 * max(spread, 1e-12):
         warnings.warn(
             f"y: mean {centre:.3g} and sd {spread:.3g}, while the default priors of penalised EM are "
@@ -642,13 +722,17 @@ def fit_moe(
     max_iterations: int = 500,
     tol: float = 1e-8,
     progress_bar: bool = False,
+    streamed: bool | None = None,
+    chunk_size: int | None = None,
 ) -> Fit:
     """Fit a mixture of experts: the tensor estimate and random starts, joint EM, best wins.
 
     Parameters
     ----------
     x, y
-        (n, d) inputs and (n,) responses.
+        (n, d) inputs and (n,) responses; or data read chunk by chunk (a NumPy memmap, a Dask
+        array, or ``y=None`` and ``x`` a re-iterable of ``(x_chunk, y_chunk)`` pairs; see
+        ``streamed``).
     num_experts
         k. For k > d the tensor method cannot apply and every start is random.
     key
@@ -686,17 +770,28 @@ def fit_moe(
         EM limits (see `fit_em`), for the gate-only and the joint EM.
     progress_bar
         Show progress bars.
+    streamed, chunk_size
+        Out of core (see `fit_em`): the moments, the gate EM and the joint EM all read the data
+        in blocks of ``chunk_size`` rows, so memory stays flat in n. None (the default) streams
+        chunk sources, NumPy memmaps and Dask arrays.
 
     Returns
     -------
     Fit
         ``start_labels`` says which start is the tensor estimate's.
     """
-    x, y = check_data(x, y)
-    gate_x = check_gate_x(gate_x, x.shape[0])
+    data = stream_data(x, y, streamed, chunk_size, gate_x)
+    summary = None
+    if data is None:
+        x, y = check_data(x, y)
+        gate_x = check_gate_x(gate_x, x.shape[0])
+        dim = x.shape[1]
+    else:
+        summary = summarize(data)
+        dim = data.source.dim
     link = resolve_link(link)
     key = check_key(key)
-    num_experts = check_num_experts(num_experts, x.shape[1], require_k_le_d=False)
+    num_experts = check_num_experts(num_experts, dim, require_k_le_d=False)
     family, df = check_family(family, df, num_experts)
     num_starts = check_positive_int(num_starts, "num_starts")
     if num_finalists is not None:
@@ -723,17 +818,20 @@ def fit_moe(
         max_iterations=max_iterations,
         tol=tol,
         progress_bar=progress_bar,
+        streamed=data is not None,
+        chunk_size=None if data is None else data.chunk_size,
     )
     starts, labels = [], []
-    if num_experts <= x.shape[1]:
+    if num_experts <= dim:
         # The estimate is a start that EM refines: its own reliability notes (design, eigen-gap)
         # matter when it is used alone (estimate_experts warns then), not here.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ReliabilityWarning)
-            # Host arrays take the moments' staging path: fixed-size chunks, nothing compiled per n.
+            # Host arrays take the moments' staging path: fixed-size chunks, nothing compiled per n
+            # (and streamed data are read the same way).
             estimate = estimate_experts(
-                np.asarray(x), np.asarray(y), num_experts=num_experts, link=link, key=tensor_key, design=design,
-                **options,
+                *((np.asarray(x), np.asarray(y)) if data is None else (x, y)), num_experts=num_experts, link=link,
+                key=tensor_key, design=design, **options,
             )
             start = estimate.to_params(intercepts=intercepts)
             if gate_x is not None:  # a uniform gate over the gate's own covariates
@@ -743,33 +841,34 @@ def fit_moe(
         labels.append("tensor")
     if num_starts > len(starts):
         count = num_starts - len(starts)
-        starts.append(
-            random_starts(
-                x,
-                y,
-                num_experts=num_experts,
-                num_starts=count,
-                key=random_key,
-                link=link,
-                intercepts=intercepts,
-                family=family,
-                df=df,
-                gate_x=gate_x,
+        if data is None:
+            randoms = random_starts(
+                x, y, num_experts=num_experts, num_starts=count, key=random_key, link=link, intercepts=intercepts,
+                family=family, df=df, gate_x=gate_x,
             )
-        )
+        else:
+            randoms = _random_params(
+                random_key, count, num_experts, dim, dim, summary.y_std, link, intercepts, family, df
+            )
+        starts.append(randoms)
         labels += ["random"] * count
     if num_finalists is not None and num_finalists < len(labels):
-        starts, labels = _screened(x, y, starts, labels, num_finalists, screen_iterations, em_options)
+        starts, labels = _screened(x, y, starts, labels, num_finalists, screen_iterations, em_options, data, summary)
     return fit_em(x, y, starts, **em_options)._replace(start_labels=tuple(labels))
 
 
-def _screened(x, y, starts: list, labels: list[str], keep: int, iterations: int, em_options: dict):
+def _screened(
+    x, y, starts: list, labels: list[str], keep: int, iterations: int, em_options: dict, data, summary
+):
     """The short-EM screen: ``iterations`` EM iterations from every start, then the ``keep`` best by
     the objective, and the tensor start, as stacked starts for the full EM, with their labels."""
-    options = {name: value for name, value in em_options.items() if name not in ("max_iterations", "progress_bar")}
+    dropped = ("max_iterations", "progress_bar", "streamed", "chunk_size")
+    options = {name: value for name, value in em_options.items() if name not in dropped}
     with warnings.catch_warnings():  # the full EM says what matters about the data
         warnings.simplefilter("ignore", ReliabilityWarning)
-        run = _em_all(x, y, starts, fix=(), max_iterations=iterations, progress_bar=False, **options)
+        run = _em_all(
+            x, y, starts, fix=(), max_iterations=iterations, progress_bar=False, data=data, summary=summary, **options
+        )
     objectives = np.where(np.isfinite(run.result.objective), run.result.objective, -np.inf)
     order = [int(index) for index in np.argsort(-objectives, kind="stable")]
     chosen = sorted(set(order[:keep]) | {index for index, label in enumerate(labels) if label == "tensor"})
