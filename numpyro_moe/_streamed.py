@@ -216,24 +216,37 @@ def _first_chunk(
     return tuple(total + part for total, part in zip(totals, sums, strict=True))
 
 
-def _candidate_losses(experts, gates, noise, df, gate_steps, expert_steps, x, y, mask, link_function):
+def _candidate_losses(
+    experts, gates, noise, df, gate_steps, expert_steps, x, y, mask, link_function, update_gates, update_experts
+):
     """The gate's cross-entropy at each candidate gate (T,) and each expert's weighted squared
-    residuals at each candidate (T, k), with the responsibilities of the current parameters."""
+    residuals at each candidate (T, k), with the responsibilities of the current parameters
+    (zeros for a block that is held fixed)."""
     _, _, r, u = _responsibilities(experts, gates, noise, df, x, y, mask, link_function)
-    log_p = jax.nn.log_softmax(jnp.einsum("np,tkp->ntk", x, gate_steps), axis=-1)
-    gate_losses = -jnp.einsum("nk,ntk->t", r, log_p)
-    w = r if u is None else r * u
-    means = link_function(jnp.einsum("np,tkp->ntk", x, expert_steps))
-    expert_losses = jnp.einsum("nk,ntk->tk", w, (y[:, None, None] - means) ** 2)
+    size, k = expert_steps.shape[:2]
+    gate_losses = jnp.zeros(size, x.dtype)
+    if update_gates:
+        log_p = jax.nn.log_softmax(jnp.einsum("np,tkp->ntk", x, gate_steps), axis=-1)
+        gate_losses = -jnp.einsum("nk,ntk->t", r, log_p)
+    expert_losses = jnp.zeros((size, k), x.dtype)
+    if update_experts:
+        w = r if u is None else r * u
+        means = link_function(jnp.einsum("np,tkp->ntk", x, expert_steps))
+        expert_losses = jnp.einsum("nk,ntk->tk", w, (y[:, None, None] - means) ** 2)
     return gate_losses, expert_losses
 
 
-@partial(jax.jit, static_argnames=("link_function", "intercepts"))
-def _second_chunk(totals, x, y, rows, experts, gates, noise, df, gate_steps, expert_steps, *, link_function, intercepts):
+@partial(jax.jit, static_argnames=("link_function", "intercepts", "update_gates", "update_experts"))
+def _second_chunk(
+    totals, x, y, rows, experts, gates, noise, df, gate_steps, expert_steps, *, link_function, intercepts,
+    update_gates, update_experts,
+):
     design = _design(x, rows, intercepts)
     mask = _mask(x, rows)
     parts = jax.vmap(
-        lambda a, w, s, nu, gc, ec: _candidate_losses(a, w, s, nu, gc, ec, design, y, mask, link_function)
+        lambda a, w, s, nu, gc, ec: _candidate_losses(
+            a, w, s, nu, gc, ec, design, y, mask, link_function, update_gates, update_experts
+        )
     )(experts, gates, noise, df, gate_steps, expert_steps)
     return tuple(total + part for total, part in zip(totals, parts, strict=True))
 
@@ -347,11 +360,17 @@ def _first_pass(data: StreamedData, experts, gates, noise, df, link: Link, inter
     return _Sums(*(jnp.asarray(total, dtype) for total in totals))
 
 
-def _second_pass(data: StreamedData, experts, gates, noise, df, gate_steps, expert_steps, link: Link, intercepts):
+def _second_pass(
+    data: StreamedData, experts, gates, noise, df, gate_steps, expert_steps, link: Link, intercepts, update_gates,
+    update_experts,
+):
     count, k = experts.shape[:2]
     dtype = experts.dtype
     size = len(_STEPS)
-    kernel = partial(_second_chunk, link_function=link.function, intercepts=intercepts)
+    kernel = partial(
+        _second_chunk, link_function=link.function, intercepts=intercepts, update_gates=update_gates,
+        update_experts=update_experts,
+    )
     totals = _accumulate(
         kernel,
         lambda: (jnp.zeros((count, size), dtype), jnp.zeros((count, size, k), dtype)),
@@ -430,7 +449,8 @@ def streamed_em(
         expert_candidates = experts[:, None] + steps[None, :, None, None] * expert_direction[:, None]
         if update_gates or update_experts:
             gate_losses, expert_losses = _second_pass(
-                data, experts, gates, noise, degrees, gate_candidates, expert_candidates, link, intercepts
+                data, experts, gates, noise, degrees, gate_candidates, expert_candidates, link, intercepts,
+                update_gates, update_experts,
             )
         else:
             gate_losses = jnp.zeros((count, len(_STEPS)), dtype)
