@@ -221,6 +221,7 @@ def estimate_experts(
     landscape_options: dict | None = None,
     precision: str = "auto",
     design: str | MixtureDesign = "gaussian",
+    devices=None,
 ) -> ExpertEstimate:
     """Estimate the experts of a mixture of experts by the tensor method of moments.
 
@@ -295,6 +296,12 @@ def estimate_experts(
         path's bias, as measured), else ``"gaussian"``.
         A fitted `MixtureDesign` (in the units of x) is used as given. The choice is in
         ``diagnostics.design``, the test's p-value in ``diagnostics.gaussianity_pvalue``.
+    devices
+        Split every chunk by rows over several devices (one mesh axis, see
+        ``numpyro_moe._moments``): ``"all"`` (every device of this process), a number (the
+        first that many) or a list of devices; None (the default) uses JAX's default device.
+        Under ``jax.distributed`` each process passes its own rows and the sums are added across
+        the processes, so every process gets the estimate of all the rows.
 
     Returns
     -------
@@ -344,7 +351,7 @@ def estimate_experts(
     if noise is not None:
         noise = check_positive(noise, "noise")
     _check_source(x, y)
-    source = as_data_source(x, y, chunk_size=chunk_size)
+    source = as_data_source(x, y, chunk_size=chunk_size, devices=devices)
     chunk_size = resolve_chunk_size(chunk_size, source.dim, source.num_samples)
     num_experts = check_positive_int(num_experts, "num_experts")
     if num_experts > source.dim:

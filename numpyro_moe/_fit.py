@@ -137,27 +137,34 @@ def _is_out_of_core(x) -> bool:
     return isinstance(x, np.memmap) or type(x).__module__.split(".")[0] == "dask"
 
 
-def stream_data(x, y, streamed: bool | None, chunk_size: int | None, gate_x) -> StreamedData | None:
+def stream_data(x, y, streamed: bool | None, chunk_size: int | None, gate_x, devices=None) -> StreamedData | None:
     """The chunk source of data fitted out of core, or None for data fitted in memory.
 
     ``streamed=None`` streams chunk sources (``y=None``: ``x`` a re-iterable of ``(x_chunk,
-    y_chunk)`` pairs), NumPy memmaps and Dask arrays, and keeps other arrays in memory.
+    y_chunk)`` pairs), NumPy memmaps and Dask arrays, data split over ``devices``, and every
+    process's rows under ``jax.distributed``, and keeps other arrays in memory.
     """
     if streamed is not None and not isinstance(streamed, bool):
         raise TypeError(f"streamed: expected True, False or None, got {type(streamed).__name__}")
     if chunk_size is not None:
         chunk_size = check_positive_int(chunk_size, "chunk_size")
+    spread = devices is not None or jax.process_count() > 1
+    if streamed is False and spread:
+        raise ValueError(
+            "streamed: False fits in memory on one device; data over several devices or processes are streamed "
+            "(pass streamed=None)"
+        )
     if y is None:
         if streamed is False:
             raise ValueError("streamed: False needs arrays x and y; with y=None, x is a chunk source, read streamed")
-    elif streamed is False or (streamed is None and not (_is_out_of_core(x) or _is_out_of_core(y))):
+    elif streamed is False or (streamed is None and not (spread or _is_out_of_core(x) or _is_out_of_core(y))):
         return None
     if gate_x is not None:
         raise ValueError(
             "gate_x: streamed (out-of-core) EM reads the gate's inputs from x; fit gate covariates in memory "
             "(streamed=False)"
         )
-    return as_streamed(as_data_source(x, y, chunk_size=chunk_size), chunk_size)
+    return as_streamed(as_data_source(x, y, chunk_size=chunk_size, devices=devices), chunk_size)
 
 
 def _pilot(data: StreamedData) -> np.ndarray:
@@ -451,6 +458,7 @@ def fit_em(
     progress_bar: bool = False,
     streamed: bool | None = None,
     chunk_size: int | None = None,
+    devices=None,
 ) -> Fit:
     """EM for the mixture of experts from one start or several; the best fit wins.
 
@@ -511,6 +519,11 @@ def fit_em(
         (a generalised EM with the same fixed points; see ``numpyro_moe._streamed``). None (the
         default) streams chunk sources, NumPy memmaps and Dask arrays and fits other arrays in
         memory; True streams any data. The gate reads x when streamed (no ``gate_x``).
+    devices
+        Split every chunk by rows over several devices, as `estimate_experts` does (``"all"``, a
+        number, or a list of devices; None: JAX's default device); implies streamed EM. Under
+        ``jax.distributed`` each process passes its own rows, the sums of every pass are added
+        across the processes, and every process returns the fit of all the rows.
 
     Returns
     -------
@@ -519,7 +532,7 @@ def fit_em(
         point and never decreases (up to rounding); the best objective wins among starts.
         An expert carrying fewer points than it has parameters warns (`ReliabilityWarning`).
     """
-    data = stream_data(x, y, streamed, chunk_size, gate_x)
+    data = stream_data(x, y, streamed, chunk_size, gate_x, devices)
     summary = None
     if data is None:
         x, y = check_data(x, y)
@@ -724,6 +737,7 @@ def fit_moe(
     progress_bar: bool = False,
     streamed: bool | None = None,
     chunk_size: int | None = None,
+    devices=None,
 ) -> Fit:
     """Fit a mixture of experts: the tensor estimate and random starts, joint EM, best wins.
 
@@ -774,13 +788,16 @@ def fit_moe(
         Out of core (see `fit_em`): the moments, the gate EM and the joint EM all read the data
         in blocks of ``chunk_size`` rows, so memory stays flat in n. None (the default) streams
         chunk sources, NumPy memmaps and Dask arrays.
+    devices
+        Split the data by rows over several devices in every pass (the moments and both EMs; see
+        `fit_em`); under ``jax.distributed`` each process passes its own rows.
 
     Returns
     -------
     Fit
         ``start_labels`` says which start is the tensor estimate's.
     """
-    data = stream_data(x, y, streamed, chunk_size, gate_x)
+    data = stream_data(x, y, streamed, chunk_size, gate_x, devices)
     summary = None
     if data is None:
         x, y = check_data(x, y)
@@ -804,7 +821,7 @@ def fit_moe(
             f"estimate_options: expected a dict of estimate_experts options, got {type(estimate_options).__name__}"
         )
     options = dict(estimate_options or {})
-    taken = sorted(set(options) & {"num_experts", "key", "link", "design"})
+    taken = sorted(set(options) & {"num_experts", "key", "link", "design", "devices"})
     if taken:
         raise ValueError(f"estimate_options: {taken} are set by fit_moe's own arguments; pass them there")
     tensor_key, random_key = jax.random.split(key)
@@ -820,6 +837,7 @@ def fit_moe(
         progress_bar=progress_bar,
         streamed=data is not None,
         chunk_size=None if data is None else data.chunk_size,
+        devices=devices,
     )
     starts, labels = [], []
     if num_experts <= dim:
@@ -831,7 +849,7 @@ def fit_moe(
             # (and streamed data are read the same way).
             estimate = estimate_experts(
                 *((np.asarray(x), np.asarray(y)) if data is None else (x, y)), num_experts=num_experts, link=link,
-                key=tensor_key, design=design, **options,
+                key=tensor_key, design=design, devices=devices, **options,
             )
             start = estimate.to_params(intercepts=intercepts)
             if gate_x is not None:  # a uniform gate over the gate's own covariates
@@ -862,7 +880,7 @@ def _screened(
 ):
     """The short-EM screen: ``iterations`` EM iterations from every start, then the ``keep`` best by
     the objective, and the tensor start, as stacked starts for the full EM, with their labels."""
-    dropped = ("max_iterations", "progress_bar", "streamed", "chunk_size")
+    dropped = ("max_iterations", "progress_bar", "streamed", "chunk_size", "devices")
     options = {name: value for name, value in em_options.items() if name not in dropped}
     with warnings.catch_warnings():  # the full EM says what matters about the data
         warnings.simplefilter("ignore", ReliabilityWarning)

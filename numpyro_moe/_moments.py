@@ -18,6 +18,16 @@ Data come as arrays or as a re-iterable source of ``(x_chunk, y_chunk)`` pairs; 
 into blocks of ``chunk_size`` rows, filled across the user's chunks, the last one zero-padded
 (the kernels mask the padding rows), so each pass compiles once; the sums stay on the device
 between blocks.
+
+Several devices and hosts, on JAX's own machinery. With ``devices`` (`data_mesh`), every block is
+split by rows over a one-axis `jax.sharding.Mesh` (``NamedSharding(mesh, P("rows"))``) and the
+compiled kernels run on all of them at once: XLA partitions each block's products and all-reduces
+the sums, which come back replicated. Under ``jax.distributed`` (several processes, one per host),
+each process passes its own rows: it streams them through its own devices, and every pass's
+totals, a few d x d arrays, are summed across the processes
+(`jax.experimental.multihost_utils.process_allgather`); the pilot rows that set the shifts are
+process 0's, broadcast to all, so every process computes the same sums, the same estimate and the
+same fit.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from numpyro_moe._transforms import OutputTransforms
 
@@ -39,6 +51,7 @@ __all__ = [
     "resolve_chunk_size",
     "FirstPass",
     "as_data_source",
+    "data_mesh",
     "first_pass",
     "p2_sketch",
     "pilot_rows",
@@ -67,21 +80,51 @@ class DataSource(NamedTuple):
     """Re-iterable ``(x_chunk, y_chunk)`` pairs with known dimension.
 
     ``chunks()`` returns a fresh iterator each call; ``dim`` is d; ``num_samples`` is n if
-    known up front (arrays), else None.
+    known up front (arrays), else None (under ``jax.distributed``: this process's rows);
+    ``mesh`` the devices each block is split over by rows (None: JAX's default device).
     """
 
     chunks: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]
     dim: int
     num_samples: int | None
+    mesh: Mesh | None = None
 
 
-def as_data_source(x, y=None, *, chunk_size: int | None = DEFAULT_CHUNK_SIZE) -> DataSource:
+def data_mesh(devices) -> Mesh | None:
+    """The one-axis (``"rows"``) mesh of ``devices``: None (JAX's default device, no mesh),
+    ``"all"`` (every device of this process), a positive int (the first that many), or a
+    sequence of this process's `jax.Device` objects."""
+    if devices is None:
+        return None
+    local = jax.local_devices()
+    if isinstance(devices, str):
+        if devices != "all":
+            raise ValueError(f"devices: expected None, 'all', a number of devices or a list of devices, got {devices!r}")
+        chosen = local
+    elif isinstance(devices, int | np.integer) and not isinstance(devices, bool):
+        if not 1 <= devices <= len(local):
+            raise ValueError(f"devices: expected 1 to {len(local)} (the devices of this process), got {devices}")
+        chosen = local[: int(devices)]
+    else:
+        try:
+            chosen = list(devices)
+        except TypeError:
+            raise TypeError(
+                f"devices: expected None, 'all', a number of devices or a list of devices, got {type(devices).__name__}"
+            ) from None
+        if not chosen or not all(device in local for device in chosen):
+            raise ValueError(f"devices: expected a non-empty list of this process's devices {local}, got {chosen}")
+    return Mesh(np.asarray(chosen), ("rows",))
+
+
+def as_data_source(x, y=None, *, chunk_size: int | None = DEFAULT_CHUNK_SIZE, devices=None) -> DataSource:
     """Wrap arrays ``x`` (n, d), ``y`` (n,), or chunks, as a `DataSource`.
 
     With ``y=None``, ``x`` must be a re-iterable of ``(x_chunk, y_chunk)`` pairs (a list, or a
     zero-argument callable returning an iterator): the estimator reads the data twice, so a
-    one-shot generator is refused.
+    one-shot generator is refused. ``devices``: see `data_mesh`.
     """
+    mesh = data_mesh(devices)
     if y is not None:
         # Validate shapes without copying: the data are read chunk by chunk, so memory does not
         # grow with n; NaN and inf are counted inside the compiled pass (see `first_pass`).
@@ -104,7 +147,7 @@ def as_data_source(x, y=None, *, chunk_size: int | None = DEFAULT_CHUNK_SIZE) ->
             kind = np.result_type(getattr(value, "dtype", None) or np.asarray(value[:1]).dtype).kind
             if kind not in "fiub":
                 raise TypeError(f"{name}: expected a real numeric array, got dtype {value.dtype}")
-        return DataSource(array_chunks, x_shape[1], n)
+        return DataSource(array_chunks, x_shape[1], n, mesh)
 
     if callable(x):
         factory = x
@@ -125,7 +168,7 @@ def as_data_source(x, y=None, *, chunk_size: int | None = DEFAULT_CHUNK_SIZE) ->
         for index, pair in enumerate(factory()):
             yield _check_chunk(pair, f"chunk {index}", dim)
 
-    return DataSource(checked_chunks, dim, None)
+    return DataSource(checked_chunks, dim, None, mesh)
 
 
 def _check_chunk(pair, where: str, dim):
@@ -161,6 +204,16 @@ def _blocks(source: DataSource, chunk_size: int, *, x_dtype=None, shift=None, pr
     """
     default = np.dtype(jnp.result_type(float))
     x_dtype = default if x_dtype is None or projection is not None else np.dtype(x_dtype)
+    mesh = source.mesh
+    if mesh is not None:  # blocks split evenly over the devices
+        chunk_size = -(-chunk_size // mesh.size) * mesh.size
+        by_rows, by_rows_2d = NamedSharding(mesh, P("rows")), NamedSharding(mesh, P("rows", None))
+
+    def place(xb, yb):
+        if mesh is None:
+            return jax.device_put(xb, may_alias=True), jax.device_put(yb, may_alias=True)
+        return jax.device_put(xb, by_rows_2d), jax.device_put(yb, by_rows)
+
     if projection is not None:
         projection = np.asarray(projection, np.float64)
         offset = 0.0 if shift is None else np.asarray(shift, np.float64) @ projection
@@ -174,7 +227,7 @@ def _blocks(source: DataSource, chunk_size: int, *, x_dtype=None, shift=None, pr
     def emit():  # the current staging buffers as a block, zero-padded after ``filled`` rows
         xb, yb = ring[slot]
         xb[filled:], yb[filled:] = 0, 0
-        return jax.device_put(xb, may_alias=True), jax.device_put(yb, may_alias=True), filled
+        return (*place(xb, yb), filled)
 
     for x_chunk, y_chunk in source.chunks():
         if isinstance(x_chunk, jax.Array):
@@ -193,6 +246,8 @@ def _blocks(source: DataSource, chunk_size: int, *, x_dtype=None, shift=None, pr
                 if rows < chunk_size:
                     xb = jnp.pad(xb, ((0, chunk_size - rows), (0, 0)))
                     yb = jnp.pad(yb, (0, chunk_size - rows))
+                if mesh is not None:
+                    xb, yb = place(xb, yb)
                 yield xb, yb, rows
             continue
         x_chunk, y_chunk = np.asarray(x_chunk), np.asarray(y_chunk)
@@ -250,7 +305,18 @@ def _accumulate(kernel, zeros, blocks, *args):
         if index % _FLUSH_EVERY == 0:
             host, device = _add_host(host, device), zeros()
             in_flight.clear()
-    return _add_host(host, device)
+    return _across_processes(_add_host(host, device))
+
+
+def _across_processes(totals: list[np.ndarray]) -> list[np.ndarray]:
+    """Under ``jax.distributed``, every process's totals summed (each process streamed its own
+    rows); one process: the totals as they are."""
+    if jax.process_count() == 1:
+        return totals
+    from jax.experimental import multihost_utils
+
+    gathered = multihost_utils.process_allgather([np.asarray(total, np.float64) for total in totals])
+    return [np.asarray(part, np.float64).sum(axis=0) for part in gathered]
 
 
 def _add_host(host, device):
@@ -302,7 +368,21 @@ PILOT_ROWS = 4096
 
 
 def pilot_rows(source: DataSource, rows: int = PILOT_ROWS) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``rows`` rows of the data (float64 NumPy), across chunks if needed."""
+    """The first ``rows`` rows of the data (float64 NumPy), across chunks if needed (under
+    ``jax.distributed``: process 0's, the same in every process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        pilot_x, pilot_y = _local_pilot_rows(source, rows)
+        # Every process sends arrays of process 0's shape; process 0's values are kept.
+        count = int(multihost_utils.broadcast_one_to_all(np.asarray(len(pilot_y))))
+        if jax.process_index() != 0:
+            pilot_x, pilot_y = np.zeros((count, source.dim)), np.zeros(count)
+        return tuple(np.asarray(part) for part in multihost_utils.broadcast_one_to_all((pilot_x, pilot_y)))
+    return _local_pilot_rows(source, rows)
+
+
+def _local_pilot_rows(source: DataSource, rows: int) -> tuple[np.ndarray, np.ndarray]:
     xs, ys, count = [], [], 0
     for x_chunk, y_chunk in source.chunks():
         take = min(rows - count, len(x_chunk))
