@@ -1,0 +1,7 @@
+"""tutorials/scale.py runs top to bottom at smoke size and writes its figures."""
+
+from tutorial_runner import run_tutorial
+
+
+def test_scale_tutorial_runs_and_writes_its_figures(tmp_path):
+    run_tutorial("scale", tmp_path)
