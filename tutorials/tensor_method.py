@@ -57,7 +57,7 @@ def label_sizes(axis):
     axis.set_xticks(sizes, [f"{n:,}" for n in sizes])
     axis.xaxis.set_minor_formatter(plt.NullFormatter())
     low, high = axis.get_ylim()
-    ticks = [value for value in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0) if low <= value <= high]
+    ticks = [value for value in (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0) if low <= value <= high]
     axis.set_yticks(ticks, [f"{value:g}" for value in ticks])
     axis.yaxis.set_minor_formatter(plt.NullFormatter())
 
