@@ -67,8 +67,10 @@ x_all, y_all, truth = simulate(key=jax.random.key(1), num_samples=moment_samples
 x_test, y_test = sample_data(truth, key=jax.random.key(2), num_samples=5_000)
 x, y = x_all[:num_rows], y_all[:num_rows]
 estimate = moe.estimate_experts(x_all, y_all, num_experts=3, key=jax.random.key(3))
-print(f"tensor estimate from {moment_samples:,} rows: expert error {expert_error(estimate, truth):.4f}, "
-      f"eigen-gap {estimate.diagnostics.eigen_gap:.1f} x noise floor")
+print(
+    f"tensor estimate from {moment_samples:,} rows: expert error {expert_error(estimate, truth):.4f}, "
+    f"eigen-gap {estimate.diagnostics.eigen_gap:.1f} x noise floor"
+)
 print(f"the gate is learnt on the first {num_rows:,} rows; held-out set: {len(y_test):,} rows")
 
 # %% [markdown]
@@ -90,8 +92,15 @@ rows = []
 
 
 def record(label, fit, seconds):
-    rows.append((label, expert_error(fit, truth), gating_error(fit, truth, x_test),
-                 heldout_log_likelihood(fit, x_test, y_test), seconds))
+    rows.append(
+        (
+            label,
+            expert_error(fit, truth),
+            gating_error(fit, truth, x_test),
+            heldout_log_likelihood(fit, x_test, y_test),
+            seconds,
+        )
+    )
     return fit
 
 
@@ -102,9 +111,11 @@ def timed(function, *args, **kwargs):
 
 
 em_fixed = record("EM, experts fixed", *timed(moe.fit_em, x, y, estimate, fix=("experts",)))
-map_fixed = record("MAP (SVI), experts fixed", *timed(moe.fit_map, x, y, estimate, key=jax.random.key(4), fix=("experts",)))
+map_fixed = record(
+    "MAP (SVI), experts fixed", *timed(moe.fit_map, x, y, estimate, key=jax.random.key(4), fix=("experts",))
+)
 em_free = record("EM, experts free", *timed(moe.fit_em, x, y, em_fixed))
-oracle = record("EM from the truth", *timed(moe.fit_em, x, y, truth))
+record("EM from the truth", *timed(moe.fit_em, x, y, truth))
 
 
 def print_table():
@@ -115,8 +126,10 @@ def print_table():
 
 print_table()
 print(f"EM over the gate: {em_fixed.iterations} iterations, converged: {em_fixed.converged}")
-print("largest gate difference, EM against MAP with the experts fixed:",
-      f"{np.max(np.abs(np.asarray(em_fixed.params.gates) - np.asarray(map_fixed.params.gates))):.4f}")
+print(
+    "largest gate difference, EM against MAP with the experts fixed:",
+    f"{np.max(np.abs(np.asarray(em_fixed.params.gates) - np.asarray(map_fixed.params.gates))):.4f}",
+)
 
 # %% [markdown]
 # With the experts fixed, the gate can only be as good as they are: the fitted gate sends points to
@@ -140,23 +153,31 @@ print("largest gate difference, EM against MAP with the experts fixed:",
 model_kwargs = {"num_experts": 3}
 
 
-def run_chains(model, start, key, init_params=True):
+def run_chains(model, start, key):
     """NUTS on ``model`` with 4 chains; started at ``start`` unless it is None (NumPyro's default)."""
     init_strategy = {} if start is None else {"init_strategy": moe.init_to_params(params=start)}
-    mcmc = MCMC(NUTS(model, **init_strategy), num_warmup=num_warmup, num_samples=num_draws,
-                num_chains=num_chains, progress_bar=False)
+    mcmc = MCMC(
+        NUTS(model, **init_strategy),
+        num_warmup=num_warmup,
+        num_samples=num_draws,
+        num_chains=num_chains,
+        progress_bar=False,
+    )
     chain_key, run_key = jax.random.split(key)
     starts = None
-    if start is not None and init_params:
-        starts = moe.chain_init_params(model, start, num_chains=num_chains, key=chain_key,
-                                       model_args=(x, y), model_kwargs=model_kwargs)
+    if start is not None:
+        starts = moe.chain_init_params(
+            model, start, num_chains=num_chains, key=chain_key, model_args=(x, y), model_kwargs=model_kwargs
+        )
     begin = time.perf_counter()
     mcmc.run(run_key, x, y, init_params=starts, extra_fields=("diverging",), **model_kwargs)
     return mcmc, time.perf_counter() - begin
 
 
 fixed_sites = {"experts": moe.params_to_sites(estimate)["experts"]}
-mcmc_fixed, seconds_fixed = run_chains(handlers.condition(moe.moe_regression, fixed_sites), em_fixed, jax.random.key(6))
+mcmc_fixed, seconds_fixed = run_chains(
+    handlers.condition(moe.moe_regression, fixed_sites), em_fixed, jax.random.key(6)
+)
 mcmc_free, seconds_free = run_chains(moe.moe_regression, em_free, jax.random.key(7))
 tree_fixed = moe.to_datatree(mcmc_fixed, reference=em_fixed, log_likelihood=False)
 tree_free = moe.to_datatree(mcmc_free, reference=em_free, log_likelihood=False)
@@ -181,18 +202,31 @@ def chain_summary(label, tree, reference, seconds):
     summary = az.summary(tree, var_names=["gates", "noise"])
     divergences = int(np.asarray(tree["sample_stats"]["diverging"]).sum())
     noise = float(tree["posterior"]["noise"].mean())
-    return (label, summary["r_hat"].astype(float).max(), summary["ess_bulk"].astype(float).min(), divergences,
-            posterior_gating_error(tree, reference), noise, seconds)
+    return (
+        label,
+        summary["r_hat"].astype(float).max(),
+        summary["ess_bulk"].astype(float).min(),
+        divergences,
+        posterior_gating_error(tree, reference),
+        noise,
+        seconds,
+    )
 
 
-nuts_rows = [chain_summary("NUTS, experts fixed", tree_fixed, em_fixed, seconds_fixed),
-             chain_summary("NUTS, experts free", tree_free, em_free, seconds_free)]
+nuts_rows = [
+    chain_summary("NUTS, experts fixed", tree_fixed, em_fixed, seconds_fixed),
+    chain_summary("NUTS, experts free", tree_free, em_free, seconds_free),
+]
 
 
 def print_nuts_table():
-    print(f"{num_chains} chains x ({num_warmup} warmup + {num_draws} draws) on {num_rows:,} rows; "
-          "r_hat and bulk ESS over the gates and noise")
-    print(f"{'run':36s}{'max r_hat':>10s}{'min ESS':>9s}{'diverg.':>8s}{'gating err':>11s}{'noise sd':>9s}{'seconds':>9s}")
+    print(
+        f"{num_chains} chains x ({num_warmup} warmup + {num_draws} draws) on {num_rows:,} rows; "
+        "r_hat and bulk ESS over the gates and noise"
+    )
+    print(
+        f"{'run':36s}{'max r_hat':>10s}{'min ESS':>9s}{'diverg.':>8s}{'gating err':>11s}{'noise sd':>9s}{'seconds':>9s}"
+    )
     for label, rhat, ess, divergences, gating, noise, seconds in nuts_rows:
         print(f"{label:36s}{rhat:10.3f}{ess:9.0f}{divergences:8d}{gating:11.4f}{noise:9.4f}{seconds:9.1f}")
 
@@ -230,13 +264,27 @@ save_figure(figure, "trace_gates")
 
 # %%
 posterior_probabilities = posterior_gate_probabilities(tree_free, em_free)
-em_probabilities = np.asarray(em_fixed.params.permute(match_experts(em_fixed, truth).permutation).gate_probabilities(x_test))
+em_probabilities = np.asarray(
+    em_fixed.params.permute(match_experts(em_fixed, truth).permutation).gate_probabilities(x_test)
+)
 figure, axes = plt.subplots(1, 3, figsize=(11, 3.8), sharey=True)
 for i, axis in enumerate(axes):
-    axis.plot(truth_probabilities[:500, i], em_probabilities[:500, i], ".", ms=3, alpha=0.5,
-              label="EM, experts fixed")
-    axis.plot(truth_probabilities[:500, i], posterior_probabilities[:500, i], ".", ms=3, alpha=0.5,
-              label="NUTS posterior mean, experts free")
+    axis.plot(
+        truth_probabilities[:500, i],
+        em_probabilities[:500, i],
+        ".",
+        ms=3,
+        alpha=0.5,
+        label="EM, experts fixed",
+    )
+    axis.plot(
+        truth_probabilities[:500, i],
+        posterior_probabilities[:500, i],
+        ".",
+        ms=3,
+        alpha=0.5,
+        label="NUTS posterior mean, experts free",
+    )
     axis.plot([0, 1], [0, 1], color="k", lw=0.8)
     axis.set(title=f"expert {i + 1}", xlabel="true P(expert | x)")
 axes[0].set_ylabel("fitted P(expert | x)")
@@ -262,11 +310,18 @@ tree_default, _ = moe.relabel(tree_default_raw, em_free)
 permutations = np.asarray(tree_default["sample_stats"]["expert_permutation"])
 for chain in range(num_chains):
     labels, counts = np.unique(permutations[chain], axis=0, return_counts=True)
-    print(f"default-start chain {chain}: its expert labels map to the EM fit's as {labels[np.argmax(counts)]} "
-          f"in {counts.max() / counts.sum():.0%} of its draws")
-rhat = {label: float(az.rhat(tree, var_names=["experts"])["experts"].max())
-        for label, tree in [("default start, as drawn", tree_default_raw), ("default start, relabelled", tree_default),
-                            ("started at the estimate", tree_free)]}
+    print(
+        f"default-start chain {chain}: its expert labels map to the EM fit's as {labels[np.argmax(counts)]} "
+        f"in {counts.max() / counts.sum():.0%} of its draws"
+    )
+rhat = {
+    label: float(az.rhat(tree, var_names=["experts"])["experts"].max())
+    for label, tree in [
+        ("default start, as drawn", tree_default_raw),
+        ("default start, relabelled", tree_default),
+        ("started at the estimate", tree_free),
+    ]
+}
 for label, value in rhat.items():
     print(f"max r_hat of the experts, {label:26s} {value:.3f}")
 nuts_rows.append(chain_summary("NUTS, experts free, default start", tree_default, em_free, seconds_default))
@@ -284,8 +339,10 @@ print_nuts_table()
 
 # %%
 figure, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
-for axis, mcmc, title in [(axes[0], mcmc_default, "NumPyro's default start (as drawn)"),
-                          (axes[1], mcmc_free, "started at the estimate (as drawn)")]:
+for axis, mcmc, title in [
+    (axes[0], mcmc_default, "NumPyro's default start (as drawn)"),
+    (axes[1], mcmc_free, "started at the estimate (as drawn)"),
+]:
     draws = np.asarray(mcmc.get_samples(group_by_chain=True)["experts"])[:, :, 0, 0]  # expert 1, feature 1
     for chain in range(num_chains):
         axis.plot(draws[chain], lw=0.8, label=f"chain {chain + 1}")

@@ -93,8 +93,12 @@ def label_sizes(axis):
 # (a built-in name or a jax-traceable callable); `estimate_experts` calls it with the link you pass.
 
 # %%
-links = {"linear": lambda t: t, "relu": lambda t: np.maximum(t, 0.0), "tanh": np.tanh,
-         "sigmoid": lambda t: 1.0 / (1.0 + np.exp(-t))}
+links = {
+    "linear": lambda t: t,
+    "relu": lambda t: np.maximum(t, 0.0),
+    "tanh": np.tanh,
+    "sigmoid": lambda t: 1.0 / (1.0 + np.exp(-t)),
+}
 noise_sd = 0.1
 print(f"{'link':8s}{'alpha':>9s}{'beta':>9s}{'gamma':>9s}{'c2':>8s}{'c3':>8s}")
 for name in links:
@@ -117,8 +121,10 @@ for name in links:
 rng = np.random.default_rng(0)
 z, eps = rng.standard_normal((2, monte_carlo_draws))
 hermite = {1: z, 2: z**2 - 1, 3: z**3 - 3 * z}
-print(f"{'link':8s}{'P2 He1':>9s}{'P2 He2':>9s}{'c2':>8s}{'P3 He1':>9s}{'P3 He2':>9s}{'P3 He3':>9s}{'c3':>8s}"
-      f"{'signal/sd':>11s}")
+print(
+    f"{'link':8s}{'P2 He1':>9s}{'P2 He2':>9s}{'c2':>8s}{'P3 He1':>9s}{'P3 He2':>9s}{'P3 He3':>9s}{'c3':>8s}"
+    f"{'signal/sd':>11s}"
+)
 for name, link in links.items():
     transforms = output_transforms(name, noise_sd)
     response = link(z) + noise_sd * eps
@@ -136,13 +142,16 @@ for name, link in links.items():
 
 # %%
 for name in links:
-    x_link, y_link, truth_link = simulate(key=jax.random.key(0), num_samples=num_samples, dim=10, num_experts=3,
-                                          link=name, noise=noise_sd)
+    x_link, y_link, truth_link = simulate(
+        key=jax.random.key(0), num_samples=num_samples, dim=10, num_experts=3, link=name, noise=noise_sd
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", moe.ReliabilityWarning)
         estimate_link = moe.estimate_experts(x_link, y_link, num_experts=3, key=jax.random.key(1), link=name)
-    print(f"{name:8s} n = {num_samples:,}: expert error {expert_error(estimate_link, truth_link):.4f}, "
-          f"eigen-gap {estimate_link.diagnostics.eigen_gap:5.1f} x floor, {len(caught)} warnings")
+    print(
+        f"{name:8s} n = {num_samples:,}: expert error {expert_error(estimate_link, truth_link):.4f}, "
+        f"eigen-gap {estimate_link.diagnostics.eigen_gap:5.1f} x floor, {len(caught)} warnings"
+    )
 
 # %% [markdown]
 # ## Data in the papers' setting
@@ -156,7 +165,12 @@ x, y, truth = simulate(key=jax.random.key(0), num_samples=num_samples, dim=10, n
 shares = np.asarray(truth.gate_probabilities(x)).mean(axis=0)
 estimate = moe.estimate_experts(x, y, num_experts=3, key=jax.random.key(1))
 print("n =", num_samples, "| true shares pi:", np.round(shares, 3))
-print("estimate_experts: expert error", round(expert_error(estimate, truth), 4), "| noise sd", round(float(estimate.noise), 4))
+print(
+    "estimate_experts: expert error",
+    round(expert_error(estimate, truth), 4),
+    "| noise sd",
+    round(float(estimate.noise), 4),
+)
 
 # %% [markdown]
 # ## T2 and its spectrum
@@ -178,8 +192,10 @@ t2 = (z_data * p2[:, None]).T @ z_data / len(y_np) / transforms.c2
 eigenvalues, eigenvectors = np.linalg.eigh(t2)
 eigenvalues, eigenvectors = eigenvalues[::-1], eigenvectors[:, ::-1]
 print("T2 / c2 eigenvalues (by hand):", np.round(eigenvalues, 4))
-print("largest difference from estimate.diagnostics.t2_eigenvalues:",
-      f"{np.max(np.abs(eigenvalues - estimate.diagnostics.t2_eigenvalues)):.1e}")
+print(
+    "largest difference from estimate.diagnostics.t2_eigenvalues:",
+    f"{np.max(np.abs(eigenvalues - estimate.diagnostics.t2_eigenvalues)):.1e}",
+)
 
 # The experts in the standardised coordinates: a . x = (W^{-1} a) . z + constant.
 experts_z = np.linalg.solve(standard.whitening, np.asarray(truth.experts).T).T
@@ -187,8 +203,12 @@ population = np.linalg.eigvalsh((experts_z.T * shares) @ experts_z)[::-1]
 angle = np.degrees(subspace_angles(eigenvectors[:, :3], experts_z.T).max())
 print("population eigenvalues of sum pi_i a_i a_i^T:", np.round(population[:4], 4))
 print(f"largest angle between T2's top-3 eigenspace and the experts' span: {angle:.2f} degrees")
-print("noise floor:", round(estimate.diagnostics.noise_floor, 4), "| eigen-gap at k = 3 in noise-floor units:",
-      round(estimate.diagnostics.eigen_gap, 1))
+print(
+    "noise floor:",
+    round(estimate.diagnostics.noise_floor, 4),
+    "| eigen-gap at k = 3 in noise-floor units:",
+    round(estimate.diagnostics.eigen_gap, 1),
+)
 
 # %% [markdown]
 # Three eigenvalues stand out and the other seven sit at zero up to sampling noise. The diagnostics'
@@ -204,13 +224,24 @@ axis.bar(index, eigenvalues, color="tab:blue", label="T2 / c2 from the sample")
 axis.plot(index, population, "o", color="tab:orange", label="population: sum pi_i a_i a_i^T")
 axis.axhline(estimate.diagnostics.noise_floor, color="k", ls="--", lw=1, label="sampling-noise floor")
 axis.annotate(
-    "", xy=(3.5, eigenvalues[3]), xytext=(3.5, eigenvalues[2]),
+    "",
+    xy=(3.5, eigenvalues[3]),
+    xytext=(3.5, eigenvalues[2]),
     arrowprops={"arrowstyle": "<->", "color": "tab:red"},
 )
-axis.text(3.65, (eigenvalues[2] + eigenvalues[3]) / 2, f"gap at k = 3\n({estimate.diagnostics.eigen_gap:.0f} x floor)",
-          color="tab:red", va="center")
-axis.set(xlabel="eigenvalue index", ylabel="eigenvalue", xticks=index,
-         title=f"Spectrum of the second moment T2 (n = {num_samples:,})")
+axis.text(
+    3.65,
+    (eigenvalues[2] + eigenvalues[3]) / 2,
+    f"gap at k = 3\n({estimate.diagnostics.eigen_gap:.0f} x floor)",
+    color="tab:red",
+    va="center",
+)
+axis.set(
+    xlabel="eigenvalue index",
+    ylabel="eigenvalue",
+    xticks=index,
+    title=f"Spectrum of the second moment T2 (n = {num_samples:,})",
+)
 axis.legend()
 save_figure(figure, "t2_spectrum")
 
@@ -249,16 +280,22 @@ gram = whiten.T @ whiten
 first = (p3[:, None] * projected).mean(axis=0)
 tensor = np.einsum("n,na,nb,nc->abc", p3, projected, projected, projected) / len(p3)
 tensor -= (
-    np.einsum("a,bc->abc", first, gram) + np.einsum("b,ac->abc", first, gram) + np.einsum("c,ab->abc", first, gram)
+    np.einsum("a,bc->abc", first, gram)
+    + np.einsum("b,ac->abc", first, gram)
+    + np.einsum("c,ab->abc", first, gram)
 )
 tensor /= transforms.c3
 decomposition = decompose_symmetric_tensor(tensor, 3, key=jax.random.key(1))
 order = match_experts(decomposition.eigenvectors, whitened_truth).permutation
 print("tensor eigenvalues lambda_i:   ", np.round(decomposition.eigenvalues[order], 3))
-print("theory pi_i^{-1/2}:            ", np.round(shares ** -0.5, 3))
+print("theory pi_i^{-1/2}:            ", np.round(shares**-0.5, 3))
 print("estimate_experts' (sorted):    ", np.round(np.sort(estimate.diagnostics.tensor_eigenvalues)[::-1], 3))
-print("relative residual of the decomposition:", round(decomposition.residual, 4),
-      "| estimate_experts':", round(estimate.diagnostics.decomposition_residual, 4))
+print(
+    "relative residual of the decomposition:",
+    round(decomposition.residual, 4),
+    "| estimate_experts':",
+    round(estimate.diagnostics.decomposition_residual, 4),
+)
 
 # %% [markdown]
 # Un-whitening inverts the map: `a_i` is proportional to `U L^{1/2} v_i`, normalised to unit length
@@ -270,10 +307,16 @@ directions = (basis * np.sqrt(top)) @ (decomposition.eigenvalues[:, None] * deco
 directions /= np.linalg.norm(directions, axis=0, keepdims=True)
 by_hand = (standard.whitening @ directions).T  # (k, d) in the units of x
 weights = decomposition.eigenvalues**-2 / np.sum(decomposition.eigenvalues**-2)
-print("expert error by hand:", round(expert_error(by_hand, truth), 4),
-      "| estimate_experts:", round(expert_error(estimate, truth), 4))
-print("largest difference between the two estimates:",
-      f"{np.max(np.abs(by_hand[match_experts(by_hand, estimate).permutation] - estimate.experts)):.1e}")
+print(
+    "expert error by hand:",
+    round(expert_error(by_hand, truth), 4),
+    "| estimate_experts:",
+    round(expert_error(estimate, truth), 4),
+)
+print(
+    "largest difference between the two estimates:",
+    f"{np.max(np.abs(by_hand[match_experts(by_hand, estimate).permutation] - estimate.experts)):.1e}",
+)
 print("weights by hand:", np.round(np.sort(weights), 3), "| true shares:", np.round(np.sort(shares), 3))
 
 # %% [markdown]
@@ -310,14 +353,26 @@ print(f"log-log slope of the median error against n: {slope:.2f} (1/sqrt(n) is -
 # %%
 figure, axis = plt.subplots(figsize=(6, 4))
 for i, n in enumerate(sizes):
-    axis.plot(np.full(num_seeds, n), errors[i], "o", color="tab:blue", alpha=0.4, ms=4,
-              label="one data set" if i == 0 else None)
+    axis.plot(
+        np.full(num_seeds, n),
+        errors[i],
+        "o",
+        color="tab:blue",
+        alpha=0.4,
+        ms=4,
+        label="one data set" if i == 0 else None,
+    )
 axis.plot(sizes, medians, "-", color="tab:blue", lw=2, label="median")
 guide = medians[0] * np.sqrt(sizes[0] / np.asarray(sizes))
 axis.plot(sizes, guide, "--", color="k", lw=1, label="1/sqrt(n) guide")
 axis.axhline(0.1, color="tab:red", lw=0.8, ls=":", label="recovered (error 0.1)")
-axis.set(xscale="log", yscale="log", xlabel="number of samples n", ylabel="expert error",
-         title="Tensor estimate, papers' setting (d = 10, k = 3)")
+axis.set(
+    xscale="log",
+    yscale="log",
+    xlabel="number of samples n",
+    ylabel="expert error",
+    title="Tensor estimate, papers' setting (d = 10, k = 3)",
+)
 label_sizes(axis)
 axis.legend()
 save_figure(figure, "error_against_n")
@@ -350,8 +405,12 @@ x_gauss = np.asarray(jax.random.normal(jax.random.key(200), (num_samples, 10)))
 y_gauss = np.asarray(sample_response(truth_skew, x_gauss, key=jax.random.key(300)))
 gaussian_path, messages = estimate_quietly(x_skew, y_skew)
 on_gaussian, _ = estimate_quietly(x_gauss, y_gauss)
-print("expert error, same truth and n: skewed inputs", round(expert_error(gaussian_path, truth_skew), 4),
-      "| Gaussian inputs", round(expert_error(on_gaussian, truth_skew), 4))
+print(
+    "expert error, same truth and n: skewed inputs",
+    round(expert_error(gaussian_path, truth_skew), 4),
+    "| Gaussian inputs",
+    round(expert_error(on_gaussian, truth_skew), 4),
+)
 print("column skewness:", np.round(gaussian_path.diagnostics.skewness[:4], 2), "...")
 for message in messages:
     print("ReliabilityWarning:", message[:160], "...")
@@ -368,14 +427,21 @@ for message in messages:
 
 # %%
 automatic, _ = estimate_quietly(x_skew, y_skew, design="auto")
-print("design='auto' chose:", automatic.diagnostics.design,
-      f"| Gaussianity p-value {automatic.diagnostics.gaussianity_pvalue:.1e}",
-      "| expert error", round(expert_error(automatic, truth_skew), 4))
+print(
+    "design='auto' chose:",
+    automatic.diagnostics.design,
+    f"| Gaussianity p-value {automatic.diagnostics.gaussianity_pvalue:.1e}",
+    "| expert error",
+    round(expert_error(automatic, truth_skew), 4),
+)
 x_gauss = np.asarray(jax.random.normal(jax.random.key(200), (num_samples, 10)))
 y_gauss = np.asarray(sample_response(truth_skew, x_gauss, key=jax.random.key(300)))
 on_gaussian_auto, _ = estimate_quietly(x_gauss, y_gauss, design="auto")
-print("the same truth with Gaussian inputs: design='auto' chose", on_gaussian_auto.diagnostics.design,
-      f"| p-value {on_gaussian_auto.diagnostics.gaussianity_pvalue:.2f}")
+print(
+    "the same truth with Gaussian inputs: design='auto' chose",
+    on_gaussian_auto.diagnostics.design,
+    f"| p-value {on_gaussian_auto.diagnostics.gaussianity_pvalue:.2f}",
+)
 
 # %% [markdown]
 # Over n, on the skewed design (several seeds each, as above), with the slope of each median curve
@@ -388,7 +454,10 @@ print("the same truth with Gaussian inputs: design='auto' chose", on_gaussian_au
 
 # %%
 mixture_sizes = [n for n in sizes if n >= 20_000]
-skew_errors = {"gaussian": np.zeros((len(sizes), num_seeds)), "mixture": np.zeros((len(mixture_sizes), num_seeds))}
+skew_errors = {
+    "gaussian": np.zeros((len(sizes), num_seeds)),
+    "mixture": np.zeros((len(mixture_sizes), num_seeds)),
+}
 for seed in range(num_seeds):
     x_all, y_all, truth_seed = skewed_data(seed, max(sizes))
     for i, n in enumerate(sizes):
@@ -400,8 +469,10 @@ for seed in range(num_seeds):
 skew_medians = {label: np.median(values, axis=1) for label, values in skew_errors.items()}
 for i, n in enumerate(sizes):
     mixture = f"{skew_medians['mixture'][mixture_sizes.index(n)]:.4f}" if n in mixture_sizes else "   -  "
-    print(f"n = {n:>7,}: median expert error, Gaussian path {skew_medians['gaussian'][i]:.4f}, "
-          f"mixture design {mixture} | Gaussian inputs {medians[i]:.4f}")
+    print(
+        f"n = {n:>7,}: median expert error, Gaussian path {skew_medians['gaussian'][i]:.4f}, "
+        f"mixture design {mixture} | Gaussian inputs {medians[i]:.4f}"
+    )
 skew_slope = np.polyfit(np.log(sizes), np.log(skew_medians["gaussian"]), 1)[0]
 print(f"log-log slope: skewed inputs, Gaussian path {skew_slope:.2f} | Gaussian inputs {slope:.2f}")
 
@@ -410,14 +481,26 @@ figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
 grid = np.linspace(-3.5, 4.5, 200)
 left.hist(x_skew[:, 0], bins=80, density=True, color="tab:green", alpha=0.6, label="skewed column")
 left.plot(grid, norm.pdf(grid), color="k", lw=1, label="N(0, 1)")
-left.set(xlim=(-3.5, 5), xlabel="x_1 (standardised)", ylabel="density", title="A skewed input column, same mean and variance")
+left.set(
+    xlim=(-3.5, 5),
+    xlabel="x_1 (standardised)",
+    ylabel="density",
+    title="A skewed input column, same mean and variance",
+)
 left.legend()
 right.plot(sizes, medians, "o-", color="tab:blue", label="Gaussian inputs")
 right.plot(sizes, skew_medians["gaussian"], "s-", color="tab:red", label="skewed inputs, design='gaussian'")
-right.plot(mixture_sizes, skew_medians["mixture"], "^-", color="tab:green", label="skewed inputs, design='mixture'")
+right.plot(
+    mixture_sizes, skew_medians["mixture"], "^-", color="tab:green", label="skewed inputs, design='mixture'"
+)
 right.plot(sizes, guide, "--", color="k", lw=1, label="1/sqrt(n) guide")
-right.set(xscale="log", yscale="log", xlabel="number of samples n", ylabel="median expert error",
-          title="Skewed inputs: the Gaussian path is biased")
+right.set(
+    xscale="log",
+    yscale="log",
+    xlabel="number of samples n",
+    ylabel="median expert error",
+    title="Skewed inputs: the Gaussian path is biased",
+)
 label_sizes(right)
 right.legend(fontsize=8)
 figure.tight_layout()
@@ -434,6 +517,9 @@ save_figure(figure, "non_gaussian_design")
 # %%
 gated = moe.fit_em(x_skew, y_skew, gaussian_path, fix=("experts",))
 refined = moe.fit_em(x_skew, y_skew, gated)
-print("expert error: Gaussian-path estimate", round(expert_error(gaussian_path, truth_skew), 4),
-      f"| after EM over the gate and joint EM ({gated.iterations} + {refined.iterations} iterations)",
-      round(expert_error(refined, truth_skew), 4))
+print(
+    "expert error: Gaussian-path estimate",
+    round(expert_error(gaussian_path, truth_skew), 4),
+    f"| after EM over the gate and joint EM ({gated.iterations} + {refined.iterations} iterations)",
+    round(expert_error(refined, truth_skew), 4),
+)
