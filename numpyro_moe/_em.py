@@ -471,29 +471,99 @@ def _em_step(
     )
 
 
+# SQUAREM's largest extrapolation (Varadhan and Roland 2008 bound the step length to keep the
+# extrapolated point near the EM path; the step is then doubled up to this after each success).
+_SQUAREM_MAX_STEP = 64.0
+
+
+def _flat(state: _State) -> jax.Array:
+    """The parameters SQUAREM extrapolates, unconstrained: experts, gates, log noise, log df."""
+    parts = [state.experts.ravel(), state.gates.ravel(), jnp.log(state.noise)]
+    if state.df is not None:
+        parts.append(jnp.log(state.df))
+    return jnp.concatenate(parts)
+
+
+def _unflat(vector, like: _State, updates, estimate_df) -> _State:
+    """``like`` with the updated blocks taken from ``vector`` (held blocks stay exactly as they are)."""
+    update_experts, update_gates, update_noise = updates
+    sizes = [like.experts.size, like.gates.size, like.noise.size]
+    experts, gates, log_noise, rest = jnp.split(vector, np.cumsum(sizes))
+    df = like.df
+    if df is not None and update_noise:
+        df = jnp.where(estimate_df, jnp.exp(rest), df)
+    return like._replace(
+        experts=experts.reshape(like.experts.shape) if update_experts else like.experts,
+        gates=gates.reshape(like.gates.shape) if update_gates else like.gates,
+        noise=jnp.exp(log_noise) if update_noise else like.noise,
+        df=df,
+    )
+
+
+def _squarem(state: _State, step, max_step, updates, estimate_df):
+    """One SQUAREM cycle (Varadhan and Roland 2008, "Simple and globally convergent methods for
+    accelerating the convergence of any EM algorithm", scheme S3): two EM steps theta_1, theta_2
+    from theta_0, the extrapolation theta' = theta_0 - 2 alpha r + alpha^2 v (r = theta_1 - theta_0,
+    v = theta_2 - 2 theta_1 + theta_0, alpha = -|r| / |v|, at most ``max_step`` long), then one EM
+    step from theta'. Monotone safeguard: theta' is kept only when its objective is at least theta_1's
+    (the EM step from it then only increases it); else the cycle ends at theta_2. Returns the new
+    state and the next step bound (doubled after a success, reset to 1 after a failure)."""
+    first = step(state)
+    second = step(first)
+    theta0, theta1, theta2 = _flat(state), _flat(first), _flat(second)
+    r, v = theta1 - theta0, theta2 - 2.0 * theta1 + theta0
+    norm_v = jnp.sqrt(jnp.sum(v**2))
+    alpha = -jnp.clip(jnp.sqrt(jnp.sum(r**2)) / jnp.where(norm_v > 0, norm_v, 1.0), 1.0, max_step)
+    alpha = jnp.where(norm_v > 0, alpha, -1.0)
+    extrapolated = _unflat(theta0 - 2.0 * alpha * r + alpha**2 * v, second, updates, estimate_df)
+    polished = step(extrapolated)  # its log_likelihood field: the objective at theta'
+    accepted = jnp.isfinite(polished.log_likelihood) & (polished.log_likelihood >= second.log_likelihood)
+    chosen = jax.tree_util.tree_map(lambda a, b: jnp.where(accepted, a, b), polished, second)
+    # The history: theta_0's and theta_1's objectives, then theta''s when accepted.
+    chosen = chosen._replace(
+        history=jnp.where(accepted, polished.history, second.history),
+        iteration=jnp.where(accepted, polished.iteration, second.iteration),
+    )
+    return chosen, jnp.where(accepted, jnp.minimum(2.0 * max_step, _SQUAREM_MAX_STEP), 1.0)
+
+
 @partial(
     jax.jit,
-    static_argnames=("link_function", "updates", "shared_noise", "expert_steps", "gate_steps", "block"),
+    static_argnames=("link_function", "updates", "shared_noise", "expert_steps", "gate_steps", "block", "accelerate"),
 )
 def _em_block(
     state, x, gate_x, y, mask, penalty, estimate_df, tol, gate_tol, *, link_function, updates, shared_noise, expert_steps,
-    gate_steps, block,
+    gate_steps, block, accelerate=False,
 ):
-    """Up to ``block`` EM iterations; stops once the objective's change (log-likelihood plus log
-    prior, per point) is below ``tol`` or the history buffer (``max_iterations``) is full."""
+    """Up to ``block`` EM iterations (with ``accelerate``, SQUAREM cycles of three); stops once the
+    objective's change (log-likelihood plus log prior, per point) is below ``tol`` or the history
+    buffer (``max_iterations``) is full."""
     start = state.iteration
     limit = state.history.shape[-1]
 
-    def keep_going(state):
+    def keep_going(carry):
+        state = carry[0]
         return (state.change >= tol) & (state.iteration - start < block) & (state.iteration < limit)
 
-    def body(state):
+    def step(state):
         return _em_step(
             state, x, gate_x, y, mask, penalty, estimate_df, link_function, updates, shared_noise, expert_steps, gate_tol,
             gate_steps,
         )
 
-    return jax.lax.while_loop(keep_going, body, state)
+    def body(carry):
+        state, max_step = carry
+        if not accelerate:
+            return step(state), max_step
+        # Near the end of the history buffer, plain EM steps.
+        return jax.lax.cond(
+            state.iteration + 3 <= limit,
+            lambda: _squarem(state, step, max_step, updates, estimate_df),
+            lambda: (step(state), max_step),
+        )
+
+    state, _ = jax.lax.while_loop(keep_going, body, (state, jnp.asarray(1.0, state.history.dtype)))
+    return state
 
 
 @partial(jax.jit, static_argnames=("link_function",))
@@ -557,6 +627,7 @@ def em_iterations(
     progress: str | None = None,
     df=None,
     gate_x=None,
+    accelerate: bool = False,
 ) -> EMResult:
     """Run EM from augmented ``experts`` (k, p), ``gates`` (k, p_gate) and ``noise`` (k,); a
     leading start axis is vmapped. The gate reads ``gate_x`` (n, p_gate) when given (its own
@@ -591,7 +662,7 @@ def em_iterations(
     )
     run = partial(
         _em_block, link_function=link.function, updates=updates, shared_noise=shared_noise,
-        expert_steps=expert_steps, gate_steps=50, block=block,
+        expert_steps=expert_steps, gate_steps=50, block=block, accelerate=accelerate,
     )
     final = partial(_final, link_function=link.function)
     if batched:

@@ -367,7 +367,7 @@ class _EMRun(NamedTuple):
 
 def _em_all(
     x, y, init, *, gate_x, fix, shared_noise, penalized, priors, family, df, max_iterations, tol, progress_bar,
-    data: StreamedData | None = None, summary: DataSummary | None = None,
+    data: StreamedData | None = None, summary: DataSummary | None = None, accelerate: bool = False,
 ) -> _EMRun:
     """EM from every start of ``init`` on checked data, or over the chunks of ``data`` (with its
     ``summary``) when streamed (see `fit_em`)."""
@@ -436,6 +436,7 @@ def _em_all(
         progress="EM" if progress_bar else None,
         df=degrees,
         gate_x=gate_design,
+        accelerate=accelerate,
     )
     params = split_augmented(result.experts, result.gates, result.noise, intercepts, starts.link, result.df)
     return _EMRun(result, params, tol, intercepts, dim, estimate_df)
@@ -459,6 +460,7 @@ def fit_em(
     streamed: bool | None = None,
     chunk_size: int | None = None,
     devices=None,
+    accelerate: bool = False,
 ) -> Fit:
     """EM for the mixture of experts from one start or several; the best fit wins.
 
@@ -524,6 +526,14 @@ def fit_em(
         number, or a list of devices; None: JAX's default device); implies streamed EM. Under
         ``jax.distributed`` each process passes its own rows, the sums of every pass are added
         across the processes, and every process returns the fit of all the rows.
+    accelerate
+        SQUAREM (Varadhan and Roland 2008, scheme S3) for EM in memory: cycles of two EM steps,
+        an extrapolation along their path, and one EM step from there, kept only when its
+        objective is at least the first step's (else the cycle ends at the second EM step), so
+        the objective still never decreases. Where EM crawls it needs several times fewer
+        iterations (measured: Student-t experts, k = 3, n = 4,000, 730 iterations plain, 186
+        accelerated, the same optimum); its compiled program is larger, so a fresh process
+        compiles longer. Off by default; streamed EM ignores it.
 
     Returns
     -------
@@ -545,7 +555,7 @@ def fit_em(
     run = _em_all(
         x, y, init, gate_x=gate_x, fix=fix, shared_noise=shared_noise, penalized=penalized, priors=priors,
         family=family, df=df, max_iterations=max_iterations, tol=tol, progress_bar=progress_bar, data=data,
-        summary=summary,
+        summary=summary, accelerate=bool(accelerate),
     )
     result, tol, intercepts, dim, estimate_df = run.result, run.tol, run.intercepts, run.dim, run.estimate_df
     history, iterations = result.history, result.iterations
@@ -738,6 +748,7 @@ def fit_moe(
     streamed: bool | None = None,
     chunk_size: int | None = None,
     devices=None,
+    accelerate: bool = False,
 ) -> Fit:
     """Fit a mixture of experts: the tensor estimate and random starts, joint EM, best wins.
 
@@ -791,6 +802,8 @@ def fit_moe(
     devices
         Split the data by rows over several devices in every pass (the moments and both EMs; see
         `fit_em`); under ``jax.distributed`` each process passes its own rows.
+    accelerate
+        SQUAREM-accelerated EM (see `fit_em`).
 
     Returns
     -------
@@ -838,6 +851,7 @@ def fit_moe(
         streamed=data is not None,
         chunk_size=None if data is None else data.chunk_size,
         devices=devices,
+        accelerate=accelerate,
     )
     starts, labels = [], []
     if num_experts <= dim:
@@ -880,7 +894,7 @@ def _screened(
 ):
     """The short-EM screen: ``iterations`` EM iterations from every start, then the ``keep`` best by
     the objective, and the tensor start, as stacked starts for the full EM, with their labels."""
-    dropped = ("max_iterations", "progress_bar", "streamed", "chunk_size", "devices")
+    dropped = ("max_iterations", "progress_bar", "streamed", "chunk_size", "devices", "accelerate")
     options = {name: value for name, value in em_options.items() if name not in dropped}
     with warnings.catch_warnings():  # the full EM says what matters about the data
         warnings.simplefilter("ignore", ReliabilityWarning)

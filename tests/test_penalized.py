@@ -152,3 +152,20 @@ def test_predict_scores_held_out_responses():
     assert moe.predict(truth, x[:5], key=jax.random.key(13)).log_density is None
     with pytest.raises(ValueError, match="y"):
         moe.predict(truth, x[:5], key=jax.random.key(13), y=y[:4])
+
+
+@pytest.mark.parametrize("family", ["normal", "student_t"])
+def test_squarem_reaches_the_same_optimum_monotonically_in_fewer_iterations(family):
+    """SQUAREM (accelerate=True) changes the path, not the optimum: same objective per start (to
+    the tolerance's order), a history that never decreases, and no more iterations (measured:
+    Student-t experts 730 plain against 186 accelerated at n = 4000)."""
+    x, y, _ = simulation.simulate(key=jax.random.key(0), num_samples=1500, dim=4, num_experts=3)
+    x, y = np.asarray(x), np.asarray(y)
+    starts = moe.random_starts(x, y, num_experts=3, num_starts=2, key=jax.random.key(1))
+    plain = moe.fit_em(x, y, starts, family=family, tol=1e-10, max_iterations=3000)
+    fast = moe.fit_em(x, y, starts, family=family, tol=1e-10, max_iterations=3000, accelerate=True)
+    np.testing.assert_allclose(fast.start_objectives, plain.start_objectives, atol=1e-7)
+    assert np.min(np.diff(fast.history)) > -1e-12
+    assert fast.iterations <= plain.iterations
+    if family == "student_t":  # where EM crawls
+        assert fast.iterations < 0.6 * plain.iterations
