@@ -35,8 +35,8 @@ import numpy as np
 
 import numpyro_moe as moe
 from numpyro_moe.baselines import fit_likelihood_gd, fit_squared_loss_gd
-from numpyro_moe.metrics import expert_error
-from numpyro_moe.simulation import simulate
+from numpyro_moe.metrics import expert_error, gating_error
+from numpyro_moe.simulation import sample_data, simulate
 
 smoke_test = "CI" in os.environ
 num_seeds = 2 if smoke_test else 20
@@ -67,8 +67,8 @@ def save_figure(figure, name):
 
 # %%
 REGIMES = {
-    "papers' setting": dict(num_experts=3, gate_scale=2.0, num_samples=2_000 if smoke_test else 20_000),
-    "harder": dict(num_experts=5, gate_scale=5.0, num_samples=2_000),
+    "papers' setting": {"num_experts": 3, "gate_scale": 2.0, "num_samples": 2_000 if smoke_test else 20_000},
+    "harder": {"num_experts": 5, "gate_scale": 5.0, "num_samples": 2_000},
 }
 for name, setting in REGIMES.items():
     print(f"{name:16s} d=10, noise 0.1, " + ", ".join(f"{key}={value}" for key, value in setting.items()))
@@ -121,7 +121,9 @@ def expert_errors(x, y, truth, *, key):
     moment_key, start_key = jax.random.split(key)
     x_host, y_host = np.asarray(x), np.asarray(y)  # host arrays: the moments compile nothing per n
     tensor = moe.estimate_experts(x_host, y_host, num_experts=num_experts, key=moment_key)
-    landscape = moe.estimate_experts(x_host, y_host, num_experts=num_experts, key=moment_key, method="landscape")
+    landscape = moe.estimate_experts(
+        x_host, y_host, num_experts=num_experts, key=moment_key, method="landscape"
+    )
     starts = moe.random_starts(x, y, num_experts=num_experts, num_starts=5, key=start_key)
     first_start = jax.tree_util.tree_map(lambda leaf: leaf[:1], starts)
     fits = {
@@ -180,7 +182,9 @@ width = 0.8 / len(REGIMES)
 positions = np.arange(len(METHODS))
 for r, (name, table) in enumerate(errors.items()):
     rates = np.mean(table < 0.1, axis=0)
-    bars = axis.bar(positions + (r - (len(REGIMES) - 1) / 2) * width, rates, width, label=name, color=colors[r])
+    bars = axis.bar(
+        positions + (r - (len(REGIMES) - 1) / 2) * width, rates, width, label=name, color=colors[r]
+    )
     axis.bar_label(bars, labels=[f"{rate:.0%}" for rate in rates], fontsize=7, padding=1)
 axis.set_xticks(positions, METHODS, rotation=30, ha="right")
 axis.set(ylabel="recovered (expert error < 0.1)", ylim=(0, 1.08))
@@ -206,6 +210,39 @@ figure.tight_layout()
 save_figure(figure, "expert_errors")
 
 # %% [markdown]
+# ## The gate, given the experts
+#
+# The AISTATS 2020 paper learns the gate by a loss of its own: the negative log-likelihood in the
+# gate W with the experts held fixed, which is `fit_likelihood_gd(x, y, estimate, fix=("experts",))`.
+# The ICML 2019 paper runs EM over the gate instead (`fit_em(x, y, estimate, fix=("experts",))`);
+# both maximise the same likelihood, one by Adam steps, the other by EM. Below, on the first seed's
+# data set of the papers' setting, both fit the gate with the experts fixed at the landscape estimate
+# and at the true experts, and the gating error (the mean total variation between the fitted and the
+# true gate probabilities, on held-out inputs) says how close each gets.
+
+# %%
+x, y, truth = simulate(
+    key=jax.random.key(0), dim=10, noise=0.1, orthonormal_experts=True, **REGIMES["papers' setting"]
+)
+x_test, _ = sample_data(truth, key=jax.random.key(1), num_samples=5_000)
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", moe.ReliabilityWarning)
+    landscape = moe.estimate_experts(
+        np.asarray(x), np.asarray(y), num_experts=3, key=jax.random.key(2), method="landscape"
+    )
+    for label, experts in [
+        ("landscape experts", landscape),
+        ("true experts", truth.replace(gates=np.zeros_like(truth.gates))),
+    ]:
+        gate_em = moe.fit_em(x, y, experts, fix=("experts",))
+        gate_loss = fit_likelihood_gd(x, y, experts, fix=("experts",), num_steps=gd_steps)
+        print(
+            f"{label:18s} expert error {expert_error(experts, truth):.3f} | gating error: "
+            f"EM over the gate {gating_error(gate_em, truth, x_test):.3f}, "
+            f"gating loss (Adam) {gating_error(gate_loss, truth, x_test):.3f}"
+        )
+
+# %% [markdown]
 # ## The moment estimates against n
 #
 # The two moment methods have no local optima, but they pay in samples: their error is a sampling
@@ -216,12 +253,16 @@ save_figure(figure, "expert_errors")
 # %%
 curve = {method: [] for method in ("tensor", "landscape", "tensor -> EM")}
 for n in sample_sizes:
-    x, y, truth = simulate(key=jax.random.key(7), num_samples=n, dim=10, num_experts=3, orthonormal_experts=True)
+    x, y, truth = simulate(
+        key=jax.random.key(7), num_samples=n, dim=10, num_experts=3, orthonormal_experts=True
+    )
     x_host, y_host = np.asarray(x), np.asarray(y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", moe.ReliabilityWarning)
         tensor = moe.estimate_experts(x_host, y_host, num_experts=3, key=jax.random.key(8))
-        landscape = moe.estimate_experts(x_host, y_host, num_experts=3, key=jax.random.key(8), method="landscape")
+        landscape = moe.estimate_experts(
+            x_host, y_host, num_experts=3, key=jax.random.key(8), method="landscape"
+        )
         refined = two_stage_em(x, y, tensor)
     curve["tensor"].append(expert_error(tensor, truth))
     curve["landscape"].append(expert_error(landscape, truth))
@@ -234,7 +275,9 @@ for method, values in curve.items():
 sizes = np.asarray(sample_sizes, dtype=float)
 axis.plot(sizes, curve["tensor"][0] * np.sqrt(sizes[0] / sizes), color="grey", ls=":", label="1/sqrt(n)")
 axis.axhline(0.1, color="k", ls="--", lw=0.8)
-axis.set(xscale="log", yscale="log", xlabel="n", ylabel="expert error", title="Papers' setting, one data set per n")
+axis.set(
+    xscale="log", yscale="log", xlabel="n", ylabel="expert error", title="Papers' setting, one data set per n"
+)
 axis.set_xticks(sample_sizes, [f"{n:,d}" for n in sample_sizes])
 axis.minorticks_off()
 axis.legend(fontsize=9)
