@@ -376,3 +376,22 @@ def test_bad_input_names_the_argument(papers_data, call, error, match):
         warnings.simplefilter("ignore", moe.ReliabilityWarning)
         with pytest.raises(error, match=match):
             call(x, y, truth)
+
+
+def test_random_starts_screened_on_a_subsample_reach_the_full_fits_optimum():
+    """Above ``subsample_rows`` the random starts run EM on a subsample and only their winner joins
+    the tensor start on all the data: the same optimum as running every start on all the data
+    (an easy setting, where every start's basin is the optimum's), for one random start's cost."""
+    x, y, truth = simulation.simulate(key=jax.random.key(8), num_samples=3000, dim=4, num_experts=2)
+    x, y = np.asarray(x), np.asarray(y)
+    full = moe.fit_moe(x, y, num_experts=2, key=jax.random.key(1), num_starts=4, subsample_rows=None)
+    screened = moe.fit_moe(x, y, num_experts=2, key=jax.random.key(1), num_starts=4, subsample_rows=1000)
+    assert full.start_labels == ("tensor", "random", "random", "random")
+    assert screened.start_labels == ("tensor", "random")
+    assert screened.start_objectives.max() == pytest.approx(full.start_objectives.max(), abs=1e-7)
+    assert metrics.expert_error(screened, truth) < 0.05
+    # Below the threshold nothing changes.
+    small = moe.fit_moe(x, y, num_experts=2, key=jax.random.key(1), num_starts=4, subsample_rows=3000)
+    assert small.start_labels == full.start_labels
+    with pytest.raises(ValueError, match="subsample_rows"):
+        moe.fit_moe(x, y, num_experts=2, key=jax.random.key(1), subsample_rows=0)
