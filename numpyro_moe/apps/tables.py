@@ -193,6 +193,15 @@ def _read_table(path: str | os.PathLike, flag: str, keep: set[str]) -> _Table:
 def _column(table: _Table, name: str) -> _Column:
     index = table.header.index(name)
     cells = [row[index] for row in table.cells]
+    # Fast path: every cell a number (NumPy parses them in C). A NaN may be a missing-value marker
+    # ("NaN", "nan"), and any cell NumPy cannot parse may be text or missing: the loop below sorts
+    # those out, cell by cell.
+    try:
+        parsed = np.asarray(cells, dtype=float)
+    except ValueError:
+        parsed = None
+    if parsed is not None and not np.isnan(parsed).any():
+        return _Column(parsed, np.zeros(len(cells), dtype=bool), [], cells)
     values = np.full(len(cells), np.nan)
     missing = np.zeros(len(cells), dtype=bool)
     text = []
