@@ -187,11 +187,10 @@ new = pd.DataFrame(np.asarray(x[-1_000:]), columns=columns).assign(y=np.asarray(
 new.to_csv(workdir / "new.csv", index=False)
 command = [sys.executable, "-m", "numpyro_moe.apps.cli"]
 fitted = subprocess.run(
-    [*command, "fit", str(workdir / "train.csv"), "--target", "y", "--experts", "3", "--out", str(workdir / "fit"),
-     "--quiet"],
+    [*command, "fit", str(workdir / "train.csv"), "--target", "y", "--experts", "3", "--out", str(workdir / "fit")],
     capture_output=True, text=True, check=True,
 )
-print(fitted.stdout[-1500:])
+print(fitted.stdout[-1500:])  # what the command says about its fit
 subprocess.run(
     [*command, "predict", str(workdir / "fit"), str(workdir / "new.csv"), "--out", str(workdir / "predictions.csv"),
      "--quiet"],
