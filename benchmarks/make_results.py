@@ -1,8 +1,9 @@
 """The README's results section, generated from the benchmarks' CSV outputs.
 
 Reads ``benchmarks/results/real_data.csv`` (``benchmarks/real_data.py``: held-out prediction of
-numpyro-moe against least squares and R's flexmix) and ``benchmarks/results/real_data_flexmix.csv``
-(flexmix's figures for every k), and writes
+numpyro-moe against least squares and R's flexmix), ``benchmarks/results/real_data_flexmix.csv``
+(flexmix's figures for every k) and ``benchmarks/results/speed-A.csv`` (``benchmarks/speed.py``
+part A: whole processes against Rscript + flexmix), and writes
 
 - the section between the ``<!-- results:start -->`` and ``<!-- results:end -->`` markers of
   README.md (the documentation's results page is the same text, made by docs/hooks.py at build),
@@ -133,7 +134,43 @@ def section() -> str:
                 "(benchmarks/results/real_data.png)"
             ),
         ]
+    lines += speed_lines()
     return "\n".join(lines) + "\n"
+
+
+def speed_lines() -> list[str]:
+    """The whole-process speed table of ``benchmarks/speed.py`` part A (``speed-A.csv``), if run."""
+    path = RESULTS / "speed-A.csv"
+    if not path.exists():
+        return []
+    values: dict[str, dict[str, str]] = {}
+    for row in read_csv(path):
+        values.setdefault(row["setting"], {})[row["measure"]] = row["value"]
+    lines = [
+        "",
+        (
+            "Speed as users meet it, from `benchmarks/speed.py` part A (`benchmarks/results/speed-A.csv`): the "
+            "whole `numpyro-moe fit data.csv --experts 3` process (start-up, reading, fitting, writing the fit "
+            "folder; JAX's compilation cache cold, then warm) against the whole `Rscript` process that reads the "
+            "same CSV and fits flexmix (one EM run, a variance per expert), on simulated data in the papers' "
+            "setting (k = 3 linear experts, noise 0.1); expert error against the truth."
+        ),
+        "",
+        "| n | d | numpyro-moe cold s | warm s | expert error | flexmix s | expert error | flexmix / warm |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for setting, measures in values.items():
+        n, d = (part.split("=")[1] for part in setting.split())
+        lines.append(
+            f"| {int(n):,} | {d} | {seconds(measures['cli_cold_seconds'])} | {seconds(measures['cli_warm_seconds'])} "
+            f"| {significant(measures['cli_expert_error'], 3)} | {seconds(measures.get('flexmix_seconds', ''))} "
+            f"| {significant(measures['flexmix_expert_error'], 3) if 'flexmix_expert_error' in measures else ''} "
+            f"| {float(measures['flexmix_over_cli_warm']):.1f}x |"
+            if "flexmix_over_cli_warm" in measures
+            else f"| {int(n):,} | {d} | {seconds(measures['cli_cold_seconds'])} | "
+            f"{seconds(measures['cli_warm_seconds'])} | {significant(measures['cli_expert_error'], 3)} | | | |"
+        )
+    return lines
 
 
 def readme_with(text: str) -> str:
