@@ -167,6 +167,16 @@ def stream_data(x, y, streamed: bool | None, chunk_size: int | None, gate_x, dev
     return as_streamed(as_data_source(x, y, chunk_size=chunk_size, devices=devices), chunk_size)
 
 
+def _checked_data(x, y, gate_x, streamed, chunk_size, devices):
+    """``(x, y, gate_x, data, summary)``: checked arrays for a fit in memory (``data`` and
+    ``summary`` None), or the user's x and y with their chunk source and one pass's summary."""
+    data = stream_data(x, y, streamed, chunk_size, gate_x, devices)
+    if data is not None:
+        return x, y, gate_x, data, summarize(data)
+    x, y = check_data(x, y)
+    return x, y, check_gate_x(gate_x, x.shape[0]), None, None
+
+
 def _pilot(data: StreamedData) -> np.ndarray:
     """The first two rows of the first chunk, in JAX's default float dtype."""
     first, _ = next(iter(data.source.chunks()))
@@ -542,15 +552,8 @@ def fit_em(
         point and never decreases (up to rounding); the best objective wins among starts.
         An expert carrying fewer points than it has parameters warns (`ReliabilityWarning`).
     """
-    data = stream_data(x, y, streamed, chunk_size, gate_x, devices)
-    summary = None
-    if data is None:
-        x, y = check_data(x, y)
-        gate_x = check_gate_x(gate_x, x.shape[0])
-        num_points = x.shape[0]
-    else:
-        summary = summarize(data)
-        num_points = summary.num_samples
+    x, y, gate_x, data, summary = _checked_data(x, y, gate_x, streamed, chunk_size, devices)
+    num_points = x.shape[0] if data is None else summary.num_samples
     max_iterations = check_positive_int(max_iterations, "max_iterations")
     run = _em_all(
         x, y, init, gate_x=gate_x, fix=fix, shared_noise=shared_noise, penalized=penalized, priors=priors,
@@ -818,15 +821,8 @@ def fit_moe(
     Fit
         ``start_labels`` says which start is the tensor estimate's.
     """
-    data = stream_data(x, y, streamed, chunk_size, gate_x, devices)
-    summary = None
-    if data is None:
-        x, y = check_data(x, y)
-        gate_x = check_gate_x(gate_x, x.shape[0])
-        dim = x.shape[1]
-    else:
-        summary = summarize(data)
-        dim = data.source.dim
+    x, y, gate_x, data, summary = _checked_data(x, y, gate_x, streamed, chunk_size, devices)
+    dim = x.shape[1] if data is None else data.source.dim
     link = resolve_link(link)
     key = check_key(key)
     num_experts = check_num_experts(num_experts, dim, require_k_le_d=False)
