@@ -13,7 +13,6 @@ import warnings
 
 import arviz as az
 import jax
-import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
