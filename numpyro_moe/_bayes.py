@@ -625,7 +625,8 @@ class NutsResult(NamedTuple):
         log_likelihood, sample_stats, observed_data (and constant_data with fixed sites); dims
         expert, gate, feature, obs.
     diagnostics
-        ``max_r_hat`` (NaN for one chain), ``min_ess_bulk`` and ``divergences``.
+        ``max_r_hat`` (NaN for one chain), ``min_ess_bulk``, ``divergences`` and ``draws`` (per
+        chain, over all rounds: see ``max_samples``).
     """
 
     mcmc: MCMC
@@ -637,6 +638,50 @@ def _chain_method(num_chains: int) -> str:
     # Parallel chains need one device each (numpyro.set_host_device_count before JAX starts);
     # otherwise the chains run vectorised in one program.
     return "parallel" if jax.local_device_count() >= num_chains else "vectorized"
+
+
+class _Draws:
+    """The draws of one or more rounds of an MCMC run (each round resumed from the last one's state),
+    concatenated along the draw axis, behind the parts of ``MCMC`` that `to_datatree` and
+    ``Predictive`` read."""
+
+    def __init__(self, mcmc: MCMC, samples=None, extra=None):
+        self.sampler, self._args, self._kwargs = mcmc.sampler, mcmc._args, mcmc._kwargs
+        self.num_chains, self.thinning = mcmc.num_chains, mcmc.thinning
+        self._samples = mcmc.get_samples(group_by_chain=True) if samples is None else samples
+        self._extra = mcmc.get_extra_fields(group_by_chain=True) if extra is None else extra
+        self.draws = int(next(iter(self._samples.values())).shape[1])
+        self.num_samples = self.draws * self.thinning
+
+    def extended(self, mcmc: MCMC) -> _Draws:
+        """These draws followed by ``mcmc``'s (its latest round)."""
+
+        def join(old, new):
+            return {name: np.concatenate([np.asarray(old[name]), np.asarray(new[name])], axis=1) for name in old}
+
+        return _Draws(
+            mcmc,
+            join(self._samples, mcmc.get_samples(group_by_chain=True)),
+            join(self._extra, mcmc.get_extra_fields(group_by_chain=True)),
+        )
+
+    @staticmethod
+    def _grouped(values: dict, group_by_chain: bool) -> dict:
+        if group_by_chain:
+            return values
+        return {name: np.reshape(value, (-1, *np.shape(value)[2:])) for name, value in values.items()}
+
+    def get_samples(self, group_by_chain: bool = False) -> dict:
+        return self._grouped(self._samples, group_by_chain)
+
+    def get_extra_fields(self, group_by_chain: bool = False) -> dict:
+        return self._grouped(self._extra, group_by_chain)
+
+
+def _max_r_hat(datatree) -> float:
+    import arviz as az
+
+    return _diagnostic_extreme(az.rhat(datatree), max)
 
 
 def _diagnostic_extreme(result, reduce=max) -> float:
@@ -665,6 +710,7 @@ def run_nuts(
     num_chains: int = 4,
     num_warmup: int = 500,
     num_samples: int = 500,
+    max_samples: int | None = None,
     jitter: float = 0.01,
     relabel_draws: bool = True,
     chain_method: str | None = None,
@@ -702,6 +748,13 @@ def run_nuts(
     num_chains, num_warmup, num_samples
         Chains and draws per chain. Chains run in parallel when there is a device per chain,
         else vectorised (``chain_method`` overrides).
+    max_samples
+        Run longer until the chains agree: while the max r_hat (of the relabelled draws) exceeds
+        1.01 and another round fits, draw ``num_samples`` more per chain from where the chains
+        stopped (NumPyro's ``post_warmup_state``: no new warmup, the same tuned kernel), up to
+        ``max_samples`` draws per chain in all. None (default): one round of ``num_samples``.
+        The DataTree holds every round's draws, ``diagnostics["draws"]`` their number per chain;
+        ``mcmc`` holds the last round's (its ``last_state`` continues the chains).
     jitter
         Standard deviation of the per-chain perturbation in unconstrained space.
     relabel_draws
@@ -732,6 +785,12 @@ def run_nuts(
     num_chains = check_positive_int(num_chains, "num_chains")
     num_warmup = check_positive_int(num_warmup, "num_warmup")
     num_samples = check_positive_int(num_samples, "num_samples")
+    if max_samples is not None:
+        max_samples = check_positive_int(max_samples, "max_samples")
+        if max_samples < num_samples:
+            raise ValueError(
+                f"max_samples: expected at least num_samples ({num_samples}) draws per chain, got {max_samples}"
+            )
     jitter = check_positive(jitter, "jitter")
     if mass_matrix not in MASS_MATRICES:
         raise ValueError(f"mass_matrix: expected one of {MASS_MATRICES}, got {mass_matrix!r}")
@@ -794,28 +853,40 @@ def run_nuts(
         progress_bar=progress_bar,
     )
     mcmc.run(run_key, x, y, init_params=init_params, extra_fields=("diverging",), **model_kwargs)
+    draws = _Draws(mcmc)
+    while (
+        num_chains > 1
+        and max_samples is not None
+        and draws.draws + num_samples <= max_samples
+        and not _max_r_hat(to_datatree(draws, reference=start, relabel_draws=relabel_draws, log_likelihood=False))
+        <= RHAT_LIMIT
+    ):
+        mcmc.post_warmup_state = mcmc.last_state
+        mcmc.run(mcmc.post_warmup_state.rng_key, x, y, extra_fields=("diverging",), **model_kwargs)
+        draws = draws.extended(mcmc)
 
     # The predictive is label-invariant: the raw draws give the same as relabelled ones.
-    replicated = Predictive(model, posterior_samples=mcmc.get_samples(), return_sites=["y"])(
+    replicated = Predictive(model, posterior_samples=draws.get_samples(), return_sites=["y"])(
         predictive_key, x, **model_kwargs
     )["y"]
     datatree = to_datatree(
-        mcmc,
+        draws,
         reference=start,
         relabel_draws=relabel_draws,
-        posterior_predictive={"y": np.asarray(replicated).reshape(num_chains, num_samples, -1)},
+        posterior_predictive={"y": np.asarray(replicated).reshape(num_chains, draws.draws, -1)},
     )
     diverging = np.asarray(datatree["sample_stats"]["diverging"])
     diagnostics = {
-        "max_r_hat": _diagnostic_extreme(az.rhat(datatree), max) if num_chains > 1 else float("nan"),
+        "max_r_hat": _max_r_hat(datatree) if num_chains > 1 else float("nan"),
         "min_ess_bulk": _diagnostic_extreme(az.ess(datatree, method="bulk"), min),
         "divergences": int(diverging.sum()),
+        "draws": draws.draws,
     }
     # A NaN r_hat (chains that never moved) fails the check too.
     if (num_chains > 1 and not diagnostics["max_r_hat"] <= RHAT_LIMIT) or diagnostics["divergences"]:
         warnings.warn(
             f"NUTS: max r_hat {diagnostics['max_r_hat']:.3f} (limit {RHAT_LIMIT}) and "
-            f"{diagnostics['divergences']} divergent transitions; the chains may not agree: run longer, "
+            f"{diagnostics['divergences']} divergent transitions; the chains may not agree: run longer (max_samples), "
             "check the start, or inspect az.plot_trace",
             ReliabilityWarning,
             stacklevel=2,

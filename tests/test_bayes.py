@@ -746,7 +746,7 @@ def test_arviz_diagnostics_and_run_nuts_diagnostics(nuts):
     assert _diagnostic_extreme(ess, min) == smallest_ess
     # run_nuts reports the same numbers.
     assert nuts.diagnostics == {"max_r_hat": largest, "min_ess_bulk": smallest_ess,
-                                "divergences": int(tree["sample_stats"]["diverging"].values.sum())}
+                                "divergences": int(tree["sample_stats"]["diverging"].values.sum()), "draws": DRAWS}
     # Both chains start at the mode and mix: r_hat is near 1 and ESS is not that of stuck chains
     # (measured: max r_hat 1.02, min bulk ESS ~140 of 200 draws).
     assert 0.99 < largest < 1.2
@@ -765,6 +765,58 @@ def test_run_nuts_warns_when_chains_are_too_short_to_agree(nuts_run):
     assert re.search(r"max r_hat (\d+\.\d+)", messages[0]).group(1) == f"{largest:.3f}"
     # No mass-matrix fallback: the Hessian at the truth is positive definite.
     assert not any("mass_matrix" in message for message in messages)
+
+
+def test_run_nuts_runs_longer_until_the_chains_agree(data, nuts):
+    # The fixture's run (max r_hat 1.024 after 100 draws) continued in rounds of 100 draws from
+    # where its chains stopped: its first round is the same draws, and the rounds go on until
+    # r_hat <= 1.01 or max_samples.
+    x, y, truth = data
+    longer, caught = _recorded(moe.run_nuts, x, y, truth, key=jax.random.key(1), num_chains=CHAINS,
+                               num_warmup=WARMUP, num_samples=DRAWS, max_samples=4 * DRAWS)
+    draws = longer.diagnostics["draws"]
+    assert draws in (2 * DRAWS, 3 * DRAWS, 4 * DRAWS)
+    assert longer.diagnostics["max_r_hat"] <= 1.01 or draws == 4 * DRAWS
+    assert longer.diagnostics["max_r_hat"] == _diagnostic_extreme(az.rhat(longer.datatree))
+    posterior = longer.datatree["posterior"]
+    assert posterior["experts"].shape == (CHAINS, draws, K, D)
+    assert longer.datatree["posterior_predictive"]["y"].shape == (CHAINS, draws, N)
+    assert longer.datatree["sample_stats"]["diverging"].shape == (CHAINS, draws)
+    for name in ("experts", "gates", "noise"):
+        np.testing.assert_array_equal(posterior[name].values[:, :DRAWS], nuts.datatree["posterior"][name].values)
+        # ...and the later rounds are new draws that carry on (not a restart at the start).
+        assert not np.allclose(posterior[name].values[:, DRAWS:2 * DRAWS], posterior[name].values[:, :DRAWS])
+    # The last round is the MCMC's own (its state continues the chains).
+    np.testing.assert_array_equal(longer.mcmc.get_samples(group_by_chain=True)["noise"],
+                                  posterior["noise"].values[:, -DRAWS:])
+    # The measured r_hat is what the warning, if any, reports.
+    for message in _reliability(caught):
+        assert f"max r_hat {longer.diagnostics['max_r_hat']:.3f}" in message
+
+
+def test_run_nuts_stops_extending_once_r_hat_is_below_the_limit(data, monkeypatch):
+    import numpyro_moe._bayes as bayes
+
+    x, y, truth = data
+    checks = []
+
+    def agreed_after_two_rounds(datatree):
+        checks.append(datatree["posterior"]["noise"].shape[1])
+        return 1.0 if len(checks) >= 2 else 1.5
+
+    monkeypatch.setattr(bayes, "_max_r_hat", agreed_after_two_rounds)
+    result, _ = _recorded(moe.run_nuts, x, y, truth, key=jax.random.key(3), num_chains=CHAINS, num_warmup=20,
+                          num_samples=10, max_samples=100)
+    # Checked after 10 draws (1.5: go on) and after 20 (1.0: stop); the last call is the report's.
+    assert checks == [10, 20, 20] and result.diagnostics["draws"] == 20
+
+
+def test_run_nuts_max_samples_errors(data):
+    x, y, truth = data
+    with pytest.raises(ValueError, match=r"^max_samples: expected at least num_samples \(50\) draws per chain, got 20$"):
+        moe.run_nuts(x, y, truth, key=jax.random.key(0), num_samples=50, max_samples=20)
+    with pytest.raises(ValueError, match=r"^max_samples"):
+        moe.run_nuts(x, y, truth, key=jax.random.key(0), max_samples=0)
 
 
 def test_datatree_round_trips_through_netcdf(nuts, tmp_path):

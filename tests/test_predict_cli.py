@@ -383,7 +383,7 @@ def test_fit_with_nuts_then_predict_from_the_posterior(data, table, tmp_path):
     path, _, _, _ = data
     out = tmp_path / "nuts"
     code, _, stderr = run_cli(["fit", str(path), *FIT, "--experts", "2", "--nuts", "--chains", "2", "--num-warmup",
-                            "30", "--num-draws", "30", "--out", str(out), "--quiet"])
+                            "30", "--num-draws", "30", "--max-draws", "30", "--out", str(out), "--quiet"])
     assert code == 0, stderr
     assert stderr == "" or all(line.startswith("numpyro-moe fit: warning: ") for line in stderr.splitlines())
     model = json.loads((out / "model.json").read_text())

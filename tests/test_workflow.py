@@ -266,7 +266,7 @@ def test_fit_csv_defaults():
     for flag, name in [("starts", "num_starts"), ("link", "link"), ("seed", "seed"), ("nuts", "nuts"),
                        ("chains", "num_chains"), ("num_warmup", "num_warmup"), ("num_draws", "num_samples"),
                        ("overwrite", "overwrite"), ("experts", "num_experts"), ("criterion", "criterion"),
-                       ("missing", "missing"), ("shared_noise", "shared_noise")]:
+                       ("missing", "missing"), ("shared_noise", "shared_noise"), ("max_draws", "max_samples")]:
         assert getattr(args, flag) == defaults[name].default, flag
     assert args.quiet is (not defaults["verbose"].default) is False
     assert args.one_hot is None and defaults["one_hot"].default == ()
@@ -277,15 +277,16 @@ def test_cli_fit_flags_reach_fit_csv(monkeypatch, tmp_path, keep_xla_flags):
     monkeypatch.setattr(csv_workflow, "fit_csv", lambda path, **kwargs: calls.append((path, kwargs)))
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "dir/d.csv", "--target", "y", "--experts", "1-3", "--criterion", "icl", "--one-hot",
-                 "a, b", "--missing", "drop", "--shared-noise", "--quiet", "--features", "a, b,c"]) == 0
+                 "a, b", "--missing", "drop", "--shared-noise", "--quiet", "--features", "a, b,c", "--max-draws",
+                 "800"]) == 0
     assert main(["fit", "d.csv", "--target", "y", "--experts", "3", "--one-hot", "all"]) == 0
     assert main(["fit", "d.csv", "--target", "y", "--experts", "2,4"]) == 0
     (path, first), (_, second), (_, third) = calls
     assert path == "dir/d.csv"
     assert {key: first[key] for key in ("num_experts", "criterion", "one_hot", "missing", "shared_noise",
-                                        "verbose", "features", "out")} == {
+                                        "verbose", "features", "out", "max_samples")} == {
         "num_experts": (1, 2, 3), "criterion": "icl", "one_hot": ["a", "b"], "missing": "drop",
-        "shared_noise": True, "verbose": False, "features": ["a", "b", "c"], "out": "d-moe",
+        "shared_noise": True, "verbose": False, "features": ["a", "b", "c"], "out": "d-moe", "max_samples": 800,
     }
     # One k keeps it in the default folder's name.
     assert second["num_experts"] == 3 and second["out"] == "d-moe-k3" and second["one_hot"] == "all"
@@ -347,6 +348,9 @@ ENOUGH = "a,y\n" + "".join(f"{i},{i % 3}\n" for i in range(40))
         ("a,y\n1,2\n", {"num_experts": 2.0}, ValueError, r"^--experts: expected an integer >= 1, got 2.0"),
         ("a,y\n1,2\n", {"num_starts": 0}, ValueError, r"^--starts: expected an integer >= 1, got 0"),
         ("a,y\n1,2\n", {"num_starts": True}, ValueError, r"^--starts: expected an integer >= 1, got True"),
+        ("a,y\n1,2\n", {"nuts": True, "num_samples": 50, "max_samples": 20}, ValueError,
+         r"^--max-draws: expected at least --num-draws \(50\), got 20"),
+        ("a,y\n1,2\n", {"nuts": True, "max_samples": 0}, ValueError, r"^--max-draws: expected an integer >= 1, got 0"),
         (ENOUGH, {"link": "cubic"}, ValueError, r"^link: unknown link 'cubic'"),
         ("a,y\n1,2\n", {"target": "z"}, ValueError, r"^--target: "),
         ("a,y\n1,2\n", {"features": ["b"]}, ValueError, r"^--features: columns \['b'\] are not in"),
@@ -410,7 +414,7 @@ def fitted_nuts(csv_file, tmp_path_factory):
     with warnings.catch_warnings():
         # 2 chains x 50 draws rarely reach r_hat < 1.01; the warning is tested in test_bayes.
         warnings.simplefilter("ignore", moe.ReliabilityWarning)
-        fit_csv(csv_file, out=out, nuts=True, num_chains=2, num_warmup=50, num_samples=50, **SMOKE)
+        fit_csv(csv_file, out=out, nuts=True, num_chains=2, num_warmup=50, num_samples=50, max_samples=50, **SMOKE)
     return out
 
 

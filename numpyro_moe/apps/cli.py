@@ -119,6 +119,7 @@ def _fit(args: argparse.Namespace) -> int:
         num_chains=args.chains,
         num_warmup=args.num_warmup,
         num_samples=args.num_draws,
+        max_samples=args.max_draws,
         overwrite=args.overwrite,
         verbose=not args.quiet,
     )
@@ -236,7 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--starts", type=int, default=5, help="EM starts: the tensor estimate and random ones")
     fit.add_argument("--chains", type=int, default=4)
     fit.add_argument("--num-warmup", type=int, default=500)
-    fit.add_argument("--num-draws", type=int, default=500)
+    fit.add_argument("--num-draws", type=int, default=500, help="NUTS draws per chain")
+    fit.add_argument(
+        "--max-draws",
+        type=int,
+        help="while the chains disagree (max r_hat > 1.01), draw --num-draws more per chain, up to this "
+        "many (default: 4 x --num-draws)",
+    )
     fit.add_argument("--quiet", action="store_true", help="print only errors and warnings that matter")
     fit.set_defaults(run=_fit)
 

@@ -216,6 +216,7 @@ def fit_csv(
     num_chains: int = 4,
     num_warmup: int = 500,
     num_samples: int = 500,
+    max_samples: int | None = None,
     overwrite: bool = False,
     verbose: bool = True,
 ) -> Path:
@@ -230,7 +231,8 @@ def fit_csv(
     freedom, or None to estimate them). ``gate_features`` (column names) gives the gate covariates
     of its own (flexmix's concomitant variables): the gate reads those columns, the experts read
     ``features`` (default: every column but the target and the gate's). With ``nuts``, `run_nuts`
-    from the fit.
+    from the fit; while its chains disagree (max r_hat > 1.01) they draw ``num_samples`` more, up
+    to ``max_samples`` per chain (default four times ``num_samples``).
 
     Outputs: ``model.json`` (format `FORMAT`: the package version, columns, one-hot levels,
     features, target, standardisation, training ranges, link, noise, number of experts, seed, the
@@ -251,6 +253,9 @@ def fit_csv(
             (num_samples, "--num-draws"),
         ):
             _positive_int(value, flag)
+        max_samples = 4 * num_samples if max_samples is None else _positive_int(max_samples, "--max-draws")
+        if max_samples < num_samples:
+            raise ValueError(f"--max-draws: expected at least --num-draws ({num_samples}), got {max_samples}")
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(
@@ -413,7 +418,10 @@ def fit_csv(
         if nuts:
             import arviz as az  # only here: its import alone takes seconds
 
-            say(f"NUTS: {num_chains} chains x ({num_warmup} warmup + {num_samples} draws)")
+            say(
+                f"NUTS: {num_chains} chains x ({num_warmup} warmup + {num_samples} draws, more up to {max_samples} "
+                "while the chains disagree)"
+            )
             result = run_nuts(
                 x,
                 y,
@@ -426,6 +434,7 @@ def fit_csv(
                 num_chains=num_chains,
                 num_warmup=num_warmup,
                 num_samples=num_samples,
+                max_samples=max_samples,
                 progress_bar=bars,
             )
             datatree = result.datatree
