@@ -161,7 +161,9 @@ def _header(path) -> list[str] | None:
 
 
 def _finite(value):
-    """JSON has no NaN or infinity: None instead."""
+    """JSON has no NaN or infinity: None instead (counts stay integers)."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
     value = float(value)
     return value if math.isfinite(value) else None
 
