@@ -12,6 +12,9 @@ DESIGN section 6) and timings. Target: the landscape loss recovers from at least
 Then the same on correlated gates (gate rows not orthogonal to the experts), for information:
 the loss's guarantee assumes orthogonal gates.
 
+Writes every printed figure to benchmarks/results/landscape.csv (landscape-quick.csv with --quick;
+benchmarks/results_csv.py describes the columns).
+
 Usage: python benchmarks/landscape.py [--quick]   (--quick: n=20k, 3 starts)
 """
 
@@ -22,6 +25,7 @@ import time
 import warnings
 
 import numpy as np
+from results_csv import ResultsCSV
 
 DIM, NUM_EXPERTS, NOISE = 10, 3, 0.1
 DATA_KEY = 2020
@@ -72,6 +76,19 @@ def compare(gating: str, num_samples: int, num_starts: int, *, verbose: bool):
     return np.array(rows)
 
 
+def _record(out, section, gating, rows, num_samples):
+    setting = f"orthonormal experts, {gating} gates, d={DIM}, k={NUM_EXPERTS}, noise {NOISE}, linear link"
+    num_starts = len(rows)
+    for name, column in (("landscape loss", 0), ("squared-loss GD", 1)):
+        named = f"{setting} | {name}"
+        out.record(section, named, "recovered_starts", int((rows[:, column] < 0.1).sum()), n=num_samples,
+                   seeds=num_starts)
+        out.record(section, named, "median_expert_error", float(np.median(rows[:, column])), n=num_samples,
+                   seeds=num_starts)
+        out.record(section, named, "mean_seconds_per_start", float(np.mean(rows[:, column + 2])), n=num_samples,
+                   seeds=num_starts)
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -81,12 +98,14 @@ def main():
     num_samples = 20_000 if args.quick else 200_000
     num_starts = 3 if args.quick else 10
     started = time.perf_counter()
+    out = ResultsCSV("landscape", args.quick)
 
     print(
         f"1. Papers' setting: orthonormal experts, orthogonal gates, d={DIM}, k={NUM_EXPERTS}, "
         f"noise {NOISE}, linear link, n={num_samples:,d}, starts = keys 0..{num_starts - 1}"
     )
     rows = compare("orthogonal", num_samples, num_starts, verbose=True)
+    _record(out, "1", "orthogonal", rows, num_samples)
     landscape_ok, squared_ok = int((rows[:, 0] < 0.1).sum()), int((rows[:, 1] < 0.1).sum())
     print(f"landscape loss: recovered (error < 0.1) from {landscape_ok}/{num_starts} starts")
     print(f"squared-loss GD: recovered from {squared_ok}/{num_starts} starts")
@@ -102,12 +121,13 @@ def main():
 
     print("2. Correlated gates (gate rows not orthogonal to the experts; informational)")
     rows = compare("correlated", num_samples, num_starts, verbose=False)
+    _record(out, "2", "correlated", rows, num_samples)
     print(
         f"correlated gates: landscape loss recovered from {int((rows[:, 0] < 0.1).sum())}/{num_starts} "
         f"starts (median error {np.median(rows[:, 0]):.4f}); squared-loss GD from "
         f"{int((rows[:, 1] < 0.1).sum())}/{num_starts} (median error {np.median(rows[:, 1]):.4f})"
     )
-    print(f"total benchmark time {time.perf_counter() - started:.0f} s")
+    print(f"total benchmark time {time.perf_counter() - started:.0f} s; figures in {out.path}")
 
 
 if __name__ == "__main__":
