@@ -12,8 +12,9 @@ overwrites the full figures). Columns:
 - ``value``: the figure, ``date``: when it was measured (UTC).
 
 A run that writes only some sections (``--only``, ``--part``) replaces those sections' rows and
-keeps the others, so the parts of a benchmark can be run one at a time. The file is rewritten at
-every row: a long run stopped early keeps what it measured.
+keeps the others, so the parts of a benchmark can be run one at a time (or side by side: the file
+is read again before each write). The file is rewritten at every row: a long run stopped early
+keeps what it measured.
 """
 
 from __future__ import annotations
@@ -46,12 +47,9 @@ class ResultsCSV:
         self.path = results_path(name, quick)
         self.rows: list[dict] = []
         self.date = time.strftime("%Y-%m-%d", time.gmtime())
-        self._kept: list[dict] | None = None
 
     def record(self, section: str, setting: str, measure: str, value, *, n=None, seeds=None) -> None:
-        """Add one figure and rewrite the file (earlier rows of other sections are kept)."""
-        if self._kept is None:
-            self._kept = self._read()
+        """Add one figure and rewrite the file (the rows of other sections in it are kept)."""
         if isinstance(value, float):
             value = f"{value:.6g}"
         self.rows.append({
@@ -60,7 +58,7 @@ class ResultsCSV:
             "date": self.date,
         })
         written = {row["section"] for row in self.rows}
-        kept = [row for row in self._kept if row["section"] not in written]
+        kept = [row for row in self._read() if row["section"] not in written]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=FIELDS)
