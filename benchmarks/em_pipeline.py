@@ -13,7 +13,11 @@ C. Speed at n=200k, d=10, k=3: tensor + EM against R's flexmix
    (`flexmix(y ~ x, k = 3, concomitant = FLXPmultinom(~ x))`) on the same data in the same run,
    with the expert and gating error of each. Skipped, with a note, when R/flexmix is missing.
 
-Usage: python benchmarks/em_pipeline.py [--quick] [--seeds N] [--skip-flexmix]
+Writes every printed figure to benchmarks/results/em_pipeline.csv (em_pipeline-quick.csv with
+--quick; benchmarks/results_csv.py describes the columns; --only replaces that part's rows).
+
+Usage: python benchmarks/em_pipeline.py [--quick] [--seeds N] [--papers-seeds N] [--skip-flexmix]
+       [--only A|B|C]
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from results_csv import ResultsCSV
 
 
 def _setup():
@@ -46,7 +51,7 @@ def _tensor_then_em(moe, x, y, estimate):
     return moe.fit_em(x, y, gated).params
 
 
-def papers_setting(num_seeds):
+def papers_setting(num_seeds, out):
     jax, moe = _setup()
     from numpyro_moe.metrics import expert_error, gating_error
     from numpyro_moe.simulation import sample_data, simulate
@@ -69,6 +74,12 @@ def papers_setting(num_seeds):
         f"({time.perf_counter() - start:.0f} s)",
         flush=True,
     )
+    setting = "papers' setting, d=10, k=3, noise 0.1, tensor -> gating EM -> joint EM / oracle"
+    for name, ratios, bound in (("expert", expert_ratios, 1.1), ("gating", gate_ratios, 1.2)):
+        out.record("A", setting, f"{name}_ratio_within_{bound}", int((ratios <= bound).sum()), n=20_000, seeds=num_seeds)
+        out.record("A", setting, f"{name}_ratio_median", float(np.median(ratios)), n=20_000, seeds=num_seeds)
+        out.record("A", setting, f"{name}_ratio_max", float(ratios.max()), n=20_000, seeds=num_seeds)
+    out.record("A", setting, "seconds", round(time.perf_counter() - start, 1), n=20_000, seeds=num_seeds)
 
 
 REGIMES = {
@@ -79,7 +90,7 @@ REGIMES = {
 }
 
 
-def hard_regimes(num_seeds, gd_steps):
+def hard_regimes(num_seeds, gd_steps, out):
     jax, moe = _setup()
     from numpyro_moe.metrics import expert_error
     from numpyro_moe.simulation import simulate
@@ -114,6 +125,9 @@ def hard_regimes(num_seeds, gd_steps):
         for method, errors in methods.items():
             errors = np.array(errors)
             print(f"    {method:36s} success {np.mean(errors < 0.1):5.0%}  median error {np.median(errors):.3f}")
+            n = setting["num_samples"]
+            out.record("B", f"{name} | {method}", "successes", int((errors < 0.1).sum()), n=n, seeds=num_seeds)
+            out.record("B", f"{name} | {method}", "median_expert_error", float(np.median(errors)), n=n, seeds=num_seeds)
 
 
 _FLEXMIX = r"""
@@ -132,7 +146,7 @@ cat(elapsed, "\n")
 """
 
 
-def flexmix_comparison(num_samples):
+def flexmix_comparison(num_samples, out):
     jax, moe = _setup()
     from numpyro_moe.metrics import expert_error, gating_error
     from numpyro_moe.simulation import sample_data, simulate
@@ -155,6 +169,11 @@ def flexmix_comparison(num_samples):
         f"{expert_error(params, truth):.4f}, gating error {gating_error(params, truth, x_test):.4f}",
         flush=True,
     )
+    ours_setting = "papers' setting, d=10, k=3 | numpyro-moe tensor + EM"
+    out.record("C", ours_setting, "warm_seconds", round(warm, 3), n=num_samples)
+    out.record("C", ours_setting, "cold_seconds", round(cold, 3), n=num_samples)
+    out.record("C", ours_setting, "expert_error", float(expert_error(params, truth)), n=num_samples)
+    out.record("C", ours_setting, "gating_error", float(gating_error(params, truth, x_test)), n=num_samples)
     if shutil.which("Rscript") is None:
         print("  flexmix: R is not installed here (Debian: r-base-core, r-cran-flexmix); comparison skipped")
         return
@@ -192,26 +211,37 @@ def flexmix_comparison(num_samples):
         "(flexmix also fits intercepts, which the truth has at zero)"
     )
     print(f"  speed-up of numpyro-moe over flexmix: {fit_seconds / warm:.0f}x warm, {fit_seconds / cold:.0f}x cold (target >= 50x)")
+    flex_setting = "papers' setting, d=10, k=3 | flexmix"
+    out.record("C", flex_setting, "fit_seconds", round(fit_seconds, 3), n=num_samples)
+    out.record("C", flex_setting, "wall_seconds", round(wall, 3), n=num_samples)
+    out.record("C", flex_setting, "expert_error", float(expert_error(flex, truth)), n=num_samples)
+    out.record("C", flex_setting, "gating_error", float(gating_error(flex, truth, x_test)), n=num_samples)
+    out.record("C", "papers' setting, d=10, k=3 | flexmix / numpyro-moe", "speedup_warm", round(fit_seconds / warm, 2),
+               n=num_samples)
+    out.record("C", "papers' setting, d=10, k=3 | flexmix / numpyro-moe", "speedup_cold", round(fit_seconds / cold, 2),
+               n=num_samples)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per hard regime (default 10)")
+    parser.add_argument("--papers-seeds", type=int, default=None, help="seeds of part A (default 50)")
     parser.add_argument("--skip-flexmix", action="store_true")
     parser.add_argument("--only", choices=["A", "B", "C"], default=None)
     args = parser.parse_args()
     started = time.perf_counter()
+    out = ResultsCSV("em_pipeline", args.quick)
     if args.only in (None, "A"):
         print("A. Papers' setting: d=10, k=3, noise 0.1, n=20k, pipeline vs oracle")
-        papers_setting(5 if args.quick else 50)
+        papers_setting(args.papers_seeds or (5 if args.quick else 50), out)
     if args.only in (None, "B"):
         print("B. Harder regimes: success = expert error < 0.1, same seeds for every method")
-        hard_regimes(args.seeds or (2 if args.quick else 10), gd_steps=500 if args.quick else 3000)
+        hard_regimes(args.seeds or (2 if args.quick else 10), gd_steps=500 if args.quick else 3000, out=out)
     if args.only in (None, "C") and not args.skip_flexmix:
         print("C. Speed against R's flexmix, same data, same run")
-        flexmix_comparison(20_000 if args.quick else 200_000)
-    print(f"total benchmark time {time.perf_counter() - started:.0f} s")
+        flexmix_comparison(20_000 if args.quick else 200_000, out)
+    print(f"total benchmark time {time.perf_counter() - started:.0f} s; figures in {out.path}")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@ D. Mass matrices for NUTS from the estimate (part A's setting and seeds): NumPyr
    inverse Hessian at the fit, desynchronised, fixed): max r_hat (rank-normalised, and its bulk
    part alone), min bulk and folded ESS, bulk ESS per second.
 
-Usage: python benchmarks/nuts_workflow.py [--quick] [--part A|B|C|D]
+Writes every printed figure to benchmarks/results/nuts_workflow.csv (nuts_workflow-quick.csv with
+--quick; benchmarks/results_csv.py describes the columns; --part replaces that part's rows).
+
+Usage: python benchmarks/nuts_workflow.py [--quick] [--part A|B|C|D] [--seeds N]
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ import time
 import warnings
 
 import numpy as np
+from results_csv import ResultsCSV
+
+SETTING = "papers' setting, d=5, k=3, 4 chains"
 
 
 def _setup():
@@ -73,7 +79,7 @@ def _default_init_run(jax, moe, x, y, key, num_warmup, num_samples):
     return moe.to_datatree(mcmc, log_likelihood=False)
 
 
-def part_a(num_seeds, num_warmup, num_samples):
+def part_a(num_seeds, num_warmup, num_samples, out):
     jax, moe = _setup()
     rows = []
     for seed in range(num_seeds):
@@ -99,9 +105,17 @@ def part_a(num_seeds, num_warmup, num_samples):
         f"  NumPyro default init: same criterion on {ok_default.sum()}/{num_seeds} seeds (failure rate "
         f"{1 - ok_default.mean():.0%}); max r_hat median {np.median(rows[:, 2]):.2f}, min ESS median {np.median(rows[:, 3]):.0f}"
     )
+    draws = f"{num_warmup} warmup + {num_samples} draws"
+    for name, ok, column in (("from the estimate", ok_ours, 0), ("NumPyro default init", ok_default, 2)):
+        setting = f"{SETTING} x ({draws}) | {name}"
+        out.record("A", setting, "successes_rhat_1.01_ess_400", int(ok.sum()), n=2000, seeds=num_seeds)
+        out.record("A", setting, "median_max_rhat", float(np.median(rows[:, column])), n=2000, seeds=num_seeds)
+        out.record("A", setting, "median_min_ess", float(np.median(rows[:, column + 1])), n=2000, seeds=num_seeds)
+    out.record("A", f"{SETTING} x ({draws}) | from the estimate", "median_nuts_seconds", float(np.median(rows[:, 4])),
+               n=2000, seeds=num_seeds)
 
 
-def part_b(num_seeds, num_warmup, num_samples):
+def part_b(num_seeds, num_warmup, num_samples, out):
     jax, moe = _setup()
     for seed in range(num_seeds):
         x, y, truth = _data(jax, moe, seed)
@@ -123,9 +137,15 @@ def part_b(num_seeds, num_warmup, num_samples):
             f"experts fixed: {fixed[0]:.0f} in {fixed[1]:.1f} s = {fixed[2]:.1f}/s | ratio fixed/free {fixed[2] / free[2]:.2f}x",
             flush=True,
         )
+        for name, (ess, seconds, rate) in (("experts free", free), ("experts fixed", fixed)):
+            setting = f"{SETTING}, seed {seed} | {name}"
+            out.record("B", setting, "min_ess_gates_noise", float(ess), n=2000, seeds=1)
+            out.record("B", setting, "ess_per_second", float(rate), n=2000, seeds=1)
+        out.record("B", f"{SETTING}, seed {seed} | fixed / free", "ess_per_second_ratio", float(fixed[2] / free[2]),
+                   n=2000, seeds=1)
 
 
-def part_c(num_seeds, num_warmup, num_samples):
+def part_c(num_seeds, num_warmup, num_samples, out):
     jax, moe = _setup()
     hits = 0
     for seed in range(num_seeds):
@@ -139,9 +159,10 @@ def part_c(num_seeds, num_warmup, num_samples):
         elpd = ", ".join(f"{name} {table.loc[name, 'elpd']:.1f}" for name in ("k=2", "k=3", "k=4"))
         print(f"  seed {seed}: best k={comparison.num_experts} (elpd_loo: {elpd})", flush=True)
     print(f"  az.compare ranks the true k=3 first on {hits}/{num_seeds} seeds (target >= 8/10)")
+    out.record("C", f"{SETTING}, k = 2, 3, 4 by PSIS-LOO", "true_k_first", int(hits), n=2000, seeds=num_seeds)
 
 
-def part_d(num_seeds, num_warmup, num_samples):
+def part_d(num_seeds, num_warmup, num_samples, out):
     import arviz as az
 
     jax, moe = _setup()
@@ -172,28 +193,37 @@ def part_d(num_seeds, num_warmup, num_samples):
             f"{(values[:, 1] <= 1.01).sum()}/{num_seeds}; median min ESS {np.median(values[:, 2]):.0f}, "
             f"median ESS/s {np.median(values[:, 3]):.0f}; median min folded ESS {np.median(values[:, 4]):.0f}"
         )
+        setting = f"{SETTING}, NUTS from the estimate | mass matrix {mass_matrix}"
+        for measure, value in (
+            ("successes_rhat_1.01_ess_400", int(ok.sum())), ("bulk_rhat_within_1.01", int((values[:, 1] <= 1.01).sum())),
+            ("median_min_ess", float(np.median(values[:, 2]))), ("median_ess_per_second", float(np.median(values[:, 3]))),
+            ("median_min_folded_ess", float(np.median(values[:, 4]))),
+        ):
+            out.record("D", setting, measure, value, n=2000, seeds=num_seeds)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--part", choices=["A", "B", "C", "D"], default=None)
+    parser.add_argument("--seeds", type=int, default=None, help="seeds of every part run (defaults 20, 3, 10, 20)")
     args = parser.parse_args()
     started = time.perf_counter()
+    out = ResultsCSV("nuts_workflow", args.quick)
     draws = (100, 100) if args.quick else (500, 500)
     if args.part in (None, "A"):
         print("A. NUTS from the estimate vs NumPyro's default init (d=5, k=3, n=2000, 4 chains)")
-        part_a(2 if args.quick else 20, *draws)
+        part_a(args.seeds or (2 if args.quick else 20), *draws, out)
     if args.part in (None, "B"):
         print("B. ESS per second, experts fixed vs free")
-        part_b(1 if args.quick else 3, *draws)
+        part_b(args.seeds or (1 if args.quick else 3), *draws, out)
     if args.part in (None, "C"):
         print("C. LOO choice of k among 2, 3, 4 (true k = 3)")
-        part_c(1 if args.quick else 10, *((100, 100) if args.quick else (300, 300)))
+        part_c(args.seeds or (1 if args.quick else 10), *((100, 100) if args.quick else (300, 300)), out)
     if args.part in (None, "D"):
         print("D. Mass matrix of NUTS from the estimate: adapted diagonal vs Laplace (the default)")
-        part_d(2 if args.quick else 20, *draws)
-    print(f"total benchmark time {time.perf_counter() - started:.0f} s")
+        part_d(args.seeds or (2 if args.quick else 20), *draws, out)
+    print(f"total benchmark time {time.perf_counter() - started:.0f} s; figures in {out.path}")
 
 
 if __name__ == "__main__":

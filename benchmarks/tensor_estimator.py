@@ -10,6 +10,10 @@ Prints, in one run:
    of repeats), and the peak resident memory of a fresh process that loads the data and calls
    the estimator once, relative to the data's size, in float64 and float32.
 
+Writes every printed figure to benchmarks/results/tensor_estimator.csv (tensor_estimator-quick.csv
+with --quick; benchmarks/results_csv.py describes the columns; --speed-only replaces section 4's
+rows, --skip-speed keeps them).
+
 Usage: python benchmarks/tensor_estimator.py [--quick] [--seeds N] [--skip-speed | --speed-only]
 """
 
@@ -23,6 +27,7 @@ import tempfile
 import time
 
 import numpy as np
+from results_csv import ResultsCSV
 
 
 def _setup():
@@ -34,7 +39,7 @@ def _setup():
     return jax, numpyro_moe
 
 
-def accuracy(link, gating, sizes, seeds, *, dim=10, num_experts=3, noise=0.1):
+def accuracy(link, gating, sizes, seeds, *, dim=10, num_experts=3, noise=0.1, out=None, section=""):
     jax, nm = _setup()
     table = {}
     for n in sizes:
@@ -56,6 +61,13 @@ def accuracy(link, gating, sizes, seeds, *, dim=10, num_experts=3, noise=0.1):
             f"(quartiles {np.quantile(errors, 0.25):.4f}-{np.quantile(errors, 0.75):.4f}, {seeds} seeds)",
             flush=True,
         )
+        if out is not None:
+            setting = f"{link} link, {gating} gates, d={dim}, k={num_experts}, noise {noise:g}"
+            for measure, value in (
+                ("median_expert_error", np.median(errors)), ("q25_expert_error", np.quantile(errors, 0.25)),
+                ("q75_expert_error", np.quantile(errors, 0.75)),
+            ):
+                out.record(section, setting, measure, float(value), n=n, seeds=seeds)
     return table
 
 
@@ -153,7 +165,7 @@ def _child(mode, dtype, folder, configs=()):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def speed(dtype):
+def speed(dtype, out):
     """Time (one process: the gram and every configuration on the same array) and memory (a
     fresh process that loads the data and calls the estimator, as a user's script would). The
     data are simulated once and saved, so no run counts the simulation's memory."""
@@ -180,6 +192,16 @@ def speed(dtype):
             f"{entry['expert_error']:.4f}",
             flush=True,
         )
+    setting = f"n=1e6, d=100, k=5, {dtype}"
+    out.record("4", setting, "gram_seconds", round(gram, 4), n=1_000_000)
+    out.record("4", setting, "gram_median_seconds", round(record["gram_median"], 4), n=1_000_000)
+    for config in configs:
+        entry = record[config]
+        named = f"{setting} | estimate_experts {config}"
+        out.record("4", named, "seconds", round(entry["seconds"], 4), n=1_000_000)
+        out.record("4", named, "ratio_to_gram", round(entry["seconds"] / gram, 3), n=1_000_000)
+        out.record("4", named, "median_ratio_to_gram", round(entry["median"] / record["gram_median"], 3), n=1_000_000)
+        out.record("4", named, "expert_error", float(entry["expert_error"]), n=1_000_000)
     data = memory["data_bytes"]
     print(
         f"    memory (fresh process: import, load the data, call with the defaults): data "
@@ -191,6 +213,9 @@ def speed(dtype):
         f"{(memory['second_peak_rss'] - memory['after_rss']) / data:.2f}x",
         flush=True,
     )
+    out.record("4", setting, "peak_rss_over_data", round(memory["peak_rss"] / data, 3), n=1_000_000)
+    out.record("4", setting, "call_rss_over_data", round((memory["peak_rss"] - memory["loaded_rss"]) / data, 3),
+               n=1_000_000)
     return record, memory
 
 
@@ -203,22 +228,26 @@ def main():
     args = parser.parse_args()
     seeds = args.seeds or (3 if args.quick else 10)
     started = time.perf_counter()
+    out = ResultsCSV("tensor_estimator", args.quick)
 
     if args.speed_only:
         print("4. Speed and memory: n=1e6, d=100, k=5, same array, fresh process")
         for dtype in ("float64", "float32"):
-            speed(dtype)
-        print(f"total benchmark time {time.perf_counter() - started:.0f} s")
+            speed(dtype, out)
+        print(f"total benchmark time {time.perf_counter() - started:.0f} s; figures in {out.path}")
         return
     print("1. Papers' setting: orthogonal gates, d=10, k=3, noise 0.1, linear link")
     sizes = [20_000, 63_246, 200_000]
-    table = accuracy("linear", "orthogonal", sizes, seeds)
+    table = accuracy("linear", "orthogonal", sizes, seeds, out=out, section="1")
     medians = np.array([np.median(table[n]) for n in sizes])
     slope = np.polyfit(np.log(sizes), np.log(medians), 1)[0]
     print(
         f"  median error at n=200k: {medians[-1]:.4f} (target <= 0.05); log-log slope {slope:.2f} "
         f"(1/sqrt(n) gives -0.50); error ratio 20k/200k {medians[0] / medians[-1]:.2f} (sqrt(10) = 3.16)"
     )
+    setting = "linear link, orthogonal gates, d=10, k=3, noise 0.1"
+    out.record("1", setting, "loglog_slope", round(float(slope), 4), n=sizes[-1], seeds=seeds)
+    out.record("1", setting, "ratio_20k_over_200k", round(float(medians[0] / medians[-1]), 4), n=sizes[-1], seeds=seeds)
 
     print("2. Non-linear links (orthogonal gates, d=10, k=3, noise 0.1)")
     link_sizes = {
@@ -229,13 +258,13 @@ def main():
     if args.quick:
         link_sizes = {"tanh": [20_000], "relu": [20_000], "sigmoid": [200_000]}
     for link, link_ns in link_sizes.items():
-        link_table = accuracy(link, "orthogonal", link_ns, max(seeds // 2, 3))
+        link_table = accuracy(link, "orthogonal", link_ns, max(seeds // 2, 3), out=out, section="2")
         enough = [n for n in link_ns if np.median(link_table[n]) < 0.1]
         print(f"  {link}: smallest n tried with median error < 0.1: {enough[0] if enough else 'none tried'}")
 
     print("3. Correlated gates (gate rows not orthogonal to the experts), linear link")
     corr_sizes = [20_000, 200_000] if args.quick else [20_000, 200_000, 1_000_000]
-    corr = accuracy("linear", "correlated", corr_sizes, seeds)
+    corr = accuracy("linear", "correlated", corr_sizes, seeds, out=out, section="3")
     print(
         f"  median error {' -> '.join(f'{np.median(corr[n]):.3f}' for n in corr_sizes)} as n grows: "
         "the part that does not shrink with n is the bias (EM refinement removes it)"
@@ -244,8 +273,8 @@ def main():
     if not args.skip_speed:
         print("4. Speed and memory: n=1e6, d=100, k=5, same array, fresh process")
         for dtype in ("float64", "float32"):
-            speed(dtype)
-    print(f"total benchmark time {time.perf_counter() - started:.0f} s")
+            speed(dtype, out)
+    print(f"total benchmark time {time.perf_counter() - started:.0f} s; figures in {out.path}")
 
 
 if __name__ == "__main__":
