@@ -272,10 +272,15 @@ def test_warnings_name_columns_by_their_names():
             warnings.warn("x: 2 of 3 columns look non-Gaussian (column 2: skewness 3.1)", ReliabilityWarning)
             warnings.warn("column 7 is not there", UserWarning)
             warnings.warn("k=2: num_experts: BIC chose k=2, the largest tried", ReliabilityWarning)
+            warnings.warn("EM hit max_iterations=500 ...: raise max_iterations", ReliabilityWarning)
+            warnings.warn("NUTS: max r_hat 1.1: run longer (max_samples), or set my_max_samples_x", ReliabilityWarning)
     assert [str(w.message) for w in caught] == [
         "x: 2 of 3 columns look non-Gaussian (column 'weight': skewness 3.1)",
         "column 7 is not there",
         "k=2: --experts: BIC chose k=2, the largest tried",
+        # Advice that names an argument names the command's flag for it (whole words only).
+        "EM hit --max-iterations=500 ...: raise --max-iterations",
+        "NUTS: max r_hat 1.1: run longer (--max-draws), or set my_max_samples_x",
     ]
     assert caught[0].category is ReliabilityWarning and caught[1].category is UserWarning
 

@@ -266,7 +266,8 @@ def test_fit_csv_defaults():
     for flag, name in [("starts", "num_starts"), ("link", "link"), ("seed", "seed"), ("nuts", "nuts"),
                        ("chains", "num_chains"), ("num_warmup", "num_warmup"), ("num_draws", "num_samples"),
                        ("overwrite", "overwrite"), ("experts", "num_experts"), ("criterion", "criterion"),
-                       ("missing", "missing"), ("shared_noise", "shared_noise"), ("max_draws", "max_samples")]:
+                       ("missing", "missing"), ("shared_noise", "shared_noise"), ("max_draws", "max_samples"),
+                       ("max_iterations", "max_iterations")]:
         assert getattr(args, flag) == defaults[name].default, flag
     assert args.quiet is (not defaults["verbose"].default) is False
     assert args.one_hot is None and defaults["one_hot"].default == ()
@@ -278,15 +279,16 @@ def test_cli_fit_flags_reach_fit_csv(monkeypatch, tmp_path, keep_xla_flags):
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "dir/d.csv", "--target", "y", "--experts", "1-3", "--criterion", "icl", "--one-hot",
                  "a, b", "--missing", "drop", "--shared-noise", "--quiet", "--features", "a, b,c", "--max-draws",
-                 "800"]) == 0
+                 "800", "--max-iterations", "900"]) == 0
     assert main(["fit", "d.csv", "--target", "y", "--experts", "3", "--one-hot", "all"]) == 0
     assert main(["fit", "d.csv", "--target", "y", "--experts", "2,4"]) == 0
     (path, first), (_, second), (_, third) = calls
     assert path == "dir/d.csv"
     assert {key: first[key] for key in ("num_experts", "criterion", "one_hot", "missing", "shared_noise",
-                                        "verbose", "features", "out", "max_samples")} == {
+                                        "verbose", "features", "out", "max_samples", "max_iterations")} == {
         "num_experts": (1, 2, 3), "criterion": "icl", "one_hot": ["a", "b"], "missing": "drop",
         "shared_noise": True, "verbose": False, "features": ["a", "b", "c"], "out": "d-moe", "max_samples": 800,
+        "max_iterations": 900,
     }
     # One k keeps it in the default folder's name.
     assert second["num_experts"] == 3 and second["out"] == "d-moe-k3" and second["one_hot"] == "all"
@@ -351,6 +353,7 @@ ENOUGH = "a,y\n" + "".join(f"{i},{i % 3}\n" for i in range(40))
         ("a,y\n1,2\n", {"nuts": True, "num_samples": 50, "max_samples": 20}, ValueError,
          r"^--max-draws: expected at least --num-draws \(50\), got 20"),
         ("a,y\n1,2\n", {"nuts": True, "max_samples": 0}, ValueError, r"^--max-draws: expected an integer >= 1, got 0"),
+        ("a,y\n1,2\n", {"max_iterations": 0}, ValueError, r"^--max-iterations: expected an integer >= 1, got 0"),
         (ENOUGH, {"link": "cubic"}, ValueError, r"^link: unknown link 'cubic'"),
         ("a,y\n1,2\n", {"target": "z"}, ValueError, r"^--target: "),
         ("a,y\n1,2\n", {"features": ["b"]}, ValueError, r"^--features: columns \['b'\] are not in"),
@@ -500,6 +503,15 @@ def test_cli_fit_refuses_an_existing_folder_unless_overwrite(csv_file, tmp_path,
     assert main([*args, "--overwrite"]) == 0
     assert _written(out) == sorted(OUTPUTS)
     assert _written(tmp_path) == ["taken"]
+
+
+def test_cli_fit_advice_names_the_flags(csv_file, tmp_path, capsys, keep_xla_flags):
+    # EM stopped after 2 iterations: the warning's advice names the command's flag, not the argument.
+    out = tmp_path / "early"
+    assert main(["fit", str(csv_file), "--target", "y", "--experts", "2", "--out", str(out), "--max-iterations", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "numpyro-moe fit: warning: EM hit --max-iterations=2 before" in err and "raise --max-iterations" in err
+    assert "max_iterations" not in err
 
 
 def test_cli_fit_errors_name_the_option(csv_file, tmp_path, capsys, keep_xla_flags):

@@ -120,6 +120,7 @@ def _fit(args: argparse.Namespace) -> int:
         num_warmup=args.num_warmup,
         num_samples=args.num_draws,
         max_samples=args.max_draws,
+        max_iterations=args.max_iterations,
         overwrite=args.overwrite,
         verbose=not args.quiet,
     )
@@ -235,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--starts", type=int, default=5, help="EM starts: the tensor estimate and random ones")
+    fit.add_argument(
+        "--max-iterations", type=int, default=500, help="EM iterations per start before it stops unconverged"
+    )
     fit.add_argument("--chains", type=int, default=4)
     fit.add_argument("--num-warmup", type=int, default=500)
     fit.add_argument("--num-draws", type=int, default=500, help="NUTS draws per chain")

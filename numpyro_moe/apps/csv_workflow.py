@@ -219,6 +219,7 @@ def fit_csv(
     num_warmup: int = 500,
     num_samples: int = 500,
     max_samples: int | None = None,
+    max_iterations: int = 500,
     overwrite: bool = False,
     verbose: bool = True,
 ) -> Path:
@@ -234,7 +235,8 @@ def fit_csv(
     of its own (flexmix's concomitant variables): the gate reads those columns, the experts read
     ``features`` (default: every column but the target and the gate's). With ``nuts``, `run_nuts`
     from the fit; while its chains disagree (max r_hat > 1.01) they draw ``num_samples`` more, up
-    to ``max_samples`` per chain (default four times ``num_samples``).
+    to ``max_samples`` per chain (default four times ``num_samples``). ``max_iterations``: EM's
+    iterations per start (`fit_moe`).
 
     Outputs: ``model.json`` (format `FORMAT`: the package version, columns, one-hot levels,
     features, target, standardisation, training ranges, link, noise, number of experts, seed, the
@@ -248,6 +250,7 @@ def fit_csv(
     if criterion not in CRITERIA:
         raise ValueError(f"--criterion: expected one of {list(CRITERIA)}, got {criterion!r}")
     num_starts = _positive_int(num_starts, "--starts")
+    max_iterations = _positive_int(max_iterations, "--max-iterations")
     if nuts:
         for value, flag in (
             (num_chains, "--chains"),
@@ -326,6 +329,7 @@ def fit_csv(
             "family": family,
             "df": df,
             "gate_x": gate_x,
+            "max_iterations": max_iterations,
             "progress_bar": bars,
         }
         with column_names_in_warnings(expert_names):
@@ -424,21 +428,22 @@ def fit_csv(
                 f"NUTS: {num_chains} chains x ({num_warmup} warmup + {num_samples} draws, more up to {max_samples} "
                 "while the chains disagree)"
             )
-            result = run_nuts(
-                x,
-                y,
-                fit,
-                key=nuts_key,
-                shared_noise=shared_noise,
-                family=family,
-                df=df,
-                gate_x=gate_x,
-                num_chains=num_chains,
-                num_warmup=num_warmup,
-                num_samples=num_samples,
-                max_samples=max_samples,
-                progress_bar=bars,
-            )
+            with column_names_in_warnings(expert_names):
+                result = run_nuts(
+                    x,
+                    y,
+                    fit,
+                    key=nuts_key,
+                    shared_noise=shared_noise,
+                    family=family,
+                    df=df,
+                    gate_x=gate_x,
+                    num_chains=num_chains,
+                    num_warmup=num_warmup,
+                    num_samples=num_samples,
+                    max_samples=max_samples,
+                    progress_bar=bars,
+                )
             datatree = result.datatree
             datatree.to_netcdf(staging / "posterior.nc", engine="h5netcdf")
             model["nuts"] = {

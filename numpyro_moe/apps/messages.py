@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 from numpyro_moe import ReliabilityWarning
 
-__all__ = ["FLAGS", "column_names_in_warnings", "progress_bars", "short_warnings"]
+__all__ = ["ADVICE", "FLAGS", "column_names_in_warnings", "progress_bars", "short_warnings"]
 
 _COLUMN = re.compile(r"\b(column|feature) (\d+)\b")
 # The library's messages name its arguments ("num_experts: ..."); the command line's, its flags.
@@ -23,6 +23,9 @@ FLAGS = {
     "num_samples": "--num-draws",
 }
 _ARGUMENT = re.compile(r"(?<![\w-])(" + "|".join(FLAGS) + r"):")
+# Arguments that the library's advice names ("raise max_iterations"), for the flags that set them.
+ADVICE = {"max_iterations": "--max-iterations", "max_samples": "--max-draws"}
+_ADVICE = re.compile(r"(?<![\w-])(" + "|".join(ADVICE) + r")\b")
 # Third-party notices about their own future: not the user's concern.
 _HIDDEN = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
 
@@ -37,14 +40,16 @@ def _named(text: str, names: list[str]) -> str:
         index = int(match.group(2))
         return f"{match.group(1)} {names[index]!r}" if index < len(names) else match.group(0)
 
-    return _ARGUMENT.sub(lambda match: FLAGS[match.group(1)] + ":", _COLUMN.sub(name, text))
+    text = _ARGUMENT.sub(lambda match: FLAGS[match.group(1)] + ":", _COLUMN.sub(name, text))
+    return _ADVICE.sub(lambda match: ADVICE[match.group(1)], text)
 
 
 @contextlib.contextmanager
 def column_names_in_warnings(names: list[str]) -> Iterator[None]:
     """Within the block, warnings that say ``column 2`` (a design column, counted from 0) say
-    ``column 'dose'`` instead, and ``num_experts:`` (an argument, `FLAGS`) says ``--experts:``; the
-    caller's warning filters and handlers apply as before."""
+    ``column 'dose'`` instead, ``num_experts:`` (an argument, `FLAGS`) says ``--experts:``, and advice
+    that names an argument (``raise max_iterations``, `ADVICE`) names its flag; the caller's warning
+    filters and handlers apply as before."""
     previous = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None):
