@@ -12,12 +12,15 @@ B. Harder regimes: success rates (expert error < 0.1) of every method on the sam
 C. Speed at n=200k, d=10, k=3: tensor + EM against R's flexmix
    (`flexmix(y ~ x, k = 3, concomitant = FLXPmultinom(~ x))`) on the same data in the same run,
    with the expert and gating error of each. Skipped, with a note, when R/flexmix is missing.
+D. The rare-expert regime (k=8, n=4000, d=10, gate scale 8: one expert holds about 1% of the
+   data): the methods of B on the same footing, to say whether the moment start helps where one
+   expert has few points.
 
 Writes every printed figure to benchmarks/results/em_pipeline.csv (em_pipeline-quick.csv with
 --quick; benchmarks/results_csv.py describes the columns; --only replaces that part's rows).
 
 Usage: python benchmarks/em_pipeline.py [--quick] [--seeds N] [--papers-seeds N] [--skip-flexmix]
-       [--only A|B|C]
+       [--only A|B|C|D]
 """
 
 from __future__ import annotations
@@ -89,12 +92,16 @@ REGIMES = {
     "correlated gates, k=4, n=10000": dict(num_experts=4, num_samples=10_000, gating="correlated"),
 }
 
+RARE_EXPERT = {
+    "k=8, n=4000, gate scale 8 (one expert ~1% of the data)": dict(num_experts=8, num_samples=4000, gate_scale=8.0),
+}
 
-def hard_regimes(num_seeds, gd_steps, out):
+
+def hard_regimes(num_seeds, gd_steps, out, regimes=REGIMES, section="B"):
     jax, moe = _setup()
     from numpyro_moe.metrics import expert_error
     from numpyro_moe.simulation import simulate
-    for name, setting in REGIMES.items():
+    for name, setting in regimes.items():
         setting = dict(setting)
         link = setting.pop("link", "linear")
         k = setting["num_experts"]
@@ -126,8 +133,9 @@ def hard_regimes(num_seeds, gd_steps, out):
             errors = np.array(errors)
             print(f"    {method:36s} success {np.mean(errors < 0.1):5.0%}  median error {np.median(errors):.3f}")
             n = setting["num_samples"]
-            out.record("B", f"{name} | {method}", "successes", int((errors < 0.1).sum()), n=n, seeds=num_seeds)
-            out.record("B", f"{name} | {method}", "median_expert_error", float(np.median(errors)), n=n, seeds=num_seeds)
+            out.record(section, f"{name} | {method}", "successes", int((errors < 0.1).sum()), n=n, seeds=num_seeds)
+            out.record(section, f"{name} | {method}", "median_expert_error", float(np.median(errors)), n=n,
+                       seeds=num_seeds)
 
 
 _FLEXMIX = r"""
@@ -228,7 +236,7 @@ def main():
     parser.add_argument("--seeds", type=int, default=None, help="seeds per hard regime (default 10)")
     parser.add_argument("--papers-seeds", type=int, default=None, help="seeds of part A (default 50)")
     parser.add_argument("--skip-flexmix", action="store_true")
-    parser.add_argument("--only", choices=["A", "B", "C"], default=None)
+    parser.add_argument("--only", choices=["A", "B", "C", "D"], default=None)
     args = parser.parse_args()
     started = time.perf_counter()
     out = ResultsCSV("em_pipeline", args.quick)
@@ -241,6 +249,10 @@ def main():
     if args.only in (None, "C") and not args.skip_flexmix:
         print("C. Speed against R's flexmix, same data, same run")
         flexmix_comparison(20_000 if args.quick else 200_000, out)
+    if args.only in (None, "D"):
+        print("D. The rare-expert regime: success = expert error < 0.1, same seeds for every method")
+        hard_regimes(args.seeds or (2 if args.quick else 10), gd_steps=500 if args.quick else 3000, out=out,
+                     regimes=RARE_EXPERT, section="D")
     print(f"total benchmark time {time.perf_counter() - started:.0f} s; figures in {out.path}")
 
 
