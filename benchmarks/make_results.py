@@ -307,6 +307,11 @@ def main_table(quick: bool = False) -> list[str]:
     # Real data: held-out log-likelihood against flexmix (k by BIC) and least squares.
     real = load("real_data", quick)
     by_key = {(row["dataset"], row["method"]): float(row["heldout_loglik_per_point"]) for row in real}
+    # A run without flexmix (--skip-flexmix, as the quick mode runs it) is compared with flexmix's
+    # saved figures (real_data_flexmix.csv: its k chosen by BIC).
+    for row in load("real_data_flexmix", quick):
+        if row["model"] == "BIC":
+            by_key.setdefault((row["dataset"], "flexmix (k by BIC)"), float(row["heldout_loglik_per_point"]))
     datasets = list(dict.fromkeys(row["dataset"] for row in real))
     cells = []
     for method, label in (("numpyro-moe (auto k, point fit)", "point fit"), ("numpyro-moe (NUTS posterior)", "NUTS")):

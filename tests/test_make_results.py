@@ -110,3 +110,24 @@ def test_a_benchmark_run_replaces_its_sections_rows_and_keeps_the_others(tmp_pat
         rows = list(csv.DictReader(handle))
     assert [(row["section"], row["value"]) for row in rows] == [("A", "3"), ("B", "2.5")]
     assert rows[0]["n"] == "2000" and rows[0]["seeds"] == "5" and rows[1]["n"] == ""
+
+
+def test_a_real_data_run_without_flexmix_is_compared_with_flexmixs_saved_figures(results, tmp_path):
+    # The quick mode runs real_data.py --skip-flexmix: its CSV has no flexmix rows, and the main
+    # table compares the package with flexmix's saved figures (real_data_flexmix.csv, k by BIC).
+    path = results.RESULTS / "real_data_quick.csv"
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    kept = [row for row in rows if not row["method"].startswith("flexmix")]
+    assert len(kept) < len(rows)
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    out = tmp_path / "quick.md"
+    assert results.main(["--quick", "--out", str(out)]) == 0
+    full = "\n".join(results.main_table())
+    quick = "\n".join(results.main_table(quick=True))
+    # The same verdicts as with flexmix's rows in the file (the saved figures are those rows').
+    line = next(line for line in full.splitlines() if line.startswith("| Real data"))
+    assert line.replace("real_data.csv", "real_data_quick.csv") in quick
