@@ -307,7 +307,7 @@ def test_fit_csv_with_several_k_needs_rows_for_each(tmp_path):
         fit_csv(path, out=tmp_path / "o", **{**SMOKE, "num_experts": "many"})
     with pytest.raises(ValueError, match=r"^--experts: expected an integer >= 1, got 0"):
         fit_csv(path, out=tmp_path / "o", **{**SMOKE, "num_experts": (2, 0)})
-    with pytest.raises(ValueError, match=r"^--criterion: expected one of \['bic', 'icl'\], got 'aic'"):
+    with pytest.raises(ValueError, match=r"^--criterion: expected one of \['bic', 'icl', 'cv'\], got 'aic'"):
         fit_csv(path, out=tmp_path / "o", **{**SMOKE, "criterion": "aic"})
     assert _written(tmp_path) == ["d.csv"]
 
@@ -566,3 +566,22 @@ def test_trace_plot_handles_more_panels_than_arviz_default(tmp_path):
         plot_trace(datatree, path)
         assert path.read_bytes()[:8] == PNG and path.stat().st_size > 10_000
     assert 5 * 8 + 1 <= MAX_TRACE_PANELS < 5 * 15 + 1
+
+
+def test_fit_csv_chooses_k_by_cross_validation(tmp_path, capsys):
+    # Two lines in x (y = x and y = -x, each half of 120 rows, small noise): one expert cannot
+    # follow both, so k = 2's held-out deviance is far below k = 1's; the table shows a CV column
+    # and model.json keeps it.
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=120)
+    y = np.where(np.arange(120) % 2 == 0, x, -x) + 0.05 * rng.normal(size=120)
+    path = _write(tmp_path / "d.csv", "a,y\n" + "".join(f"{a:.6f},{b:.6f}\n" for a, b in zip(x, y, strict=True)))
+    out = tmp_path / "o"
+    fit_csv(path, out=out, **{**SMOKE, "num_experts": (1, 2), "criterion": "cv", "verbose": True})
+    printed = capsys.readouterr().out
+    assert "comparing k = 1, 2 experts by CV" in printed and "k = 2 chosen: the lowest CV" in printed
+    header = next(line for line in printed.splitlines() if line.split()[:2] == ["k", "loglik/pt"])
+    assert header.split() == ["k", "loglik/pt", "params", "BIC", "ICL", "CV", "min", "weight", "converged"]
+    selection = json.loads((out / "model.json").read_text())["selection"]
+    assert selection["criterion"] == "cv"
+    assert selection["table"][1]["cv"] < selection["table"][0]["cv"]

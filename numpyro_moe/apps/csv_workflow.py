@@ -37,7 +37,7 @@ READABLE_FORMATS = (1, 2)
 """The layouts `numpyro_moe.apps.predict` reads (1: every feature feeds experts and gate)."""
 AUTO_EXPERTS = (1, 2, 3, 4, 5)
 """The numbers of experts compared by ``--experts auto``."""
-CRITERIA = ("bic", "icl")
+CRITERIA = ("bic", "icl", "cv")
 
 
 def _standardise(values: np.ndarray, names: list[str]):
@@ -170,15 +170,18 @@ def _finite(value):
 
 def format_selection(table: list[dict], chosen: int, criterion: str) -> str:
     """Plain-text table of `numpyro_moe.select_num_experts`' rows, the chosen k marked ``*``."""
+    cv = all("cv" in row for row in table)
     header = (
-        f"  {'k':>3}{'loglik/pt':>11}{'params':>8}{'BIC':>12}{'ICL':>12}{'min weight':>12}{'converged':>11}"
+        f"  {'k':>3}{'loglik/pt':>11}{'params':>8}{'BIC':>12}{'ICL':>12}{format('CV', '>12') if cv else ''}"
+        f"{'min weight':>12}{'converged':>11}"
     )
     lines = [header, "  " + "-" * (len(header) - 2)]
     for row in table:
         k = int(row["num_experts"])
         lines.append(
             f"{'*' if k == chosen else ' '} {k:>3}{row['log_likelihood']:>11.4f}{int(row['num_parameters']):>8}"
-            f"{row['bic']:>12.2f}{row['icl']:>12.2f}{row['smallest_weight']:>12.3f}"
+            f"{row['bic']:>12.2f}{row['icl']:>12.2f}{format(row['cv'], '>12.2f') if cv else ''}"
+            f"{row['smallest_weight']:>12.3f}"
             f"{'yes' if row['converged'] else 'no':>11}"
         )
     lines.append(f"k = {chosen} chosen: the lowest {criterion.upper()} (* above)")
@@ -194,6 +197,7 @@ def _selection_row(row: dict) -> dict:
         "icl": _finite(row["icl"]),
         "converged": bool(row["converged"]),
         "smallest_weight": _finite(row["smallest_weight"]),
+        **({"cv": _finite(row["cv"])} if "cv" in row else {}),
     }
 
 
@@ -229,9 +233,10 @@ def fit_csv(
     columns are standardised (mean 0, sd 1), the model has expert and gate intercepts, and the fit
     is `fit_moe` (the tensor estimate among random starts, joint EM). With several numbers of
     experts (a sequence, or ``"auto"`` = `AUTO_EXPERTS`, leaving out those the rows cannot support)
-    `numpyro_moe.select_num_experts` fits each and keeps the best by ``criterion`` (``"bic"`` or
-    ``"icl"``). ``family="student_t"`` fits robust Student-t experts (``df`` fixed degrees of
-    freedom, or None to estimate them). ``gate_features`` (column names) gives the gate covariates
+    `numpyro_moe.select_num_experts` fits each and keeps the best by ``criterion`` (``"bic"``,
+    ``"icl"``, or ``"cv"``: 5-fold cross-validated log-likelihood, 6 fits per k).
+    ``family="student_t"`` fits robust Student-t experts (``df`` fixed degrees of freedom, or None
+    to estimate them). ``gate_features`` (column names) gives the gate covariates
     of its own (flexmix's concomitant variables): the gate reads those columns, the experts read
     ``features`` (default: every column but the target and the gate's). With ``nuts``, `run_nuts`
     from the fit; while its chains disagree (max r_hat > 1.01) they draw ``num_samples`` more, up
