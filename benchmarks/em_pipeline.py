@@ -14,7 +14,8 @@ C. Speed at n=200k, d=10, k=3: tensor + EM against R's flexmix
    with the expert and gating error of each. Skipped, with a note, when R/flexmix is missing.
 D. The rare-expert regime (k=8, n=4000, d=10, gate scale 8: one expert holds about 1% of the
    data): the methods of B on the same footing, to say whether the moment start helps where one
-   expert has few points.
+   expert has few points; and `fit_moe` with two rounds of split-and-merge moves (Ueda et al.
+   2000) after EM.
 
 Writes every printed figure to benchmarks/results/em_pipeline.csv (em_pipeline-quick.csv with
 --quick; benchmarks/results_csv.py describes the columns; --only replaces that part's rows).
@@ -97,7 +98,7 @@ RARE_EXPERT = {
 }
 
 
-def hard_regimes(num_seeds, gd_steps, out, regimes=REGIMES, section="B"):
+def hard_regimes(num_seeds, gd_steps, out, regimes=REGIMES, section="B", split_merge=False):
     jax, moe = _setup()
     from numpyro_moe.metrics import expert_error
     from numpyro_moe.simulation import simulate
@@ -121,6 +122,9 @@ def hard_regimes(num_seeds, gd_steps, out, regimes=REGIMES, section="B"):
             record("tensor -> EM (1 start)", _tensor_then_em(moe, x, y, estimate), truth)
             record("fit_moe: tensor + 4 random starts",
                    moe.fit_moe(x, y, num_experts=k, key=key, link=link, num_starts=5).params, truth)
+            if split_merge:
+                record("fit_moe + split-merge (2 rounds)",
+                       moe.fit_moe(x, y, num_experts=k, key=key, link=link, num_starts=5, split_merge=2).params, truth)
             record("EM, 1 random start", moe.fit_em(x, y, starts(x, y, key, 1)).params, truth)
             record("EM, best of 5 random starts", moe.fit_em(x, y, starts(x, y, key, 5)).params, truth)
             squared = moe.baselines.fit_squared_loss_gd(x, y, starts(x, y, key, 1), num_steps=gd_steps)
@@ -252,7 +256,7 @@ def main():
     if args.only in (None, "D"):
         print("D. The rare-expert regime: success = expert error < 0.1, same seeds for every method")
         hard_regimes(args.seeds or (2 if args.quick else 10), gd_steps=500 if args.quick else 3000, out=out,
-                     regimes=RARE_EXPERT, section="D")
+                     regimes=RARE_EXPERT, section="D", split_merge=True)
     print(f"total benchmark time {time.perf_counter() - started:.0f} s; figures in {out.path}")
 
 

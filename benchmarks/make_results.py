@@ -222,10 +222,13 @@ def main_table(quick: bool = False) -> list[str]:
             return pipeline.count(part, "successes", f"{regime} | {method}")
 
         seeds = pipeline.row(part, "successes", f"{regime} | tensor -> EM")["seeds"]
+        moves = [row for row in pipeline.rows if row["section"] == part and row["measure"] == "successes"
+                 and row["setting"] == f"{regime} | fit_moe + split-merge (2 rounds)"]
         add(
             "Success in a hard regime (expert error < 0.1)",
             f"{regime}, d=10; {seeds} seeds",
-            f"tensor → EM {hits('tensor -> EM')}; `fit_moe` (tensor + 4 random starts) {hits('fit_moe')}",
+            f"tensor → EM {hits('tensor -> EM')}; `fit_moe` (tensor + 4 random starts) {hits('fit_moe:')}"
+            + (f", with 2 rounds of split-and-merge moves {hits('fit_moe + split-merge')}" if moves else ""),
             f"best of 5 random-start EM {hits('EM, best of 5')}; 1 random-start EM {hits('EM, 1 random')}; "
             f"GD on the likelihood {hits('GD likelihood')}, on the squared loss {hits('GD squared')}; "
             f"oracle {hits('oracle')}",
