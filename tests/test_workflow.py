@@ -267,7 +267,7 @@ def test_fit_csv_defaults():
                        ("chains", "num_chains"), ("num_warmup", "num_warmup"), ("num_draws", "num_samples"),
                        ("overwrite", "overwrite"), ("experts", "num_experts"), ("criterion", "criterion"),
                        ("missing", "missing"), ("shared_noise", "shared_noise"), ("max_draws", "max_samples"),
-                       ("max_iterations", "max_iterations")]:
+                       ("max_iterations", "max_iterations"), ("expert_prior_scale", "expert_prior_scale")]:
         assert getattr(args, flag) == defaults[name].default, flag
     assert args.quiet is (not defaults["verbose"].default) is False
     assert args.one_hot is None and defaults["one_hot"].default == ()
@@ -279,16 +279,17 @@ def test_cli_fit_flags_reach_fit_csv(monkeypatch, tmp_path, keep_xla_flags):
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "dir/d.csv", "--target", "y", "--experts", "1-3", "--criterion", "icl", "--one-hot",
                  "a, b", "--missing", "drop", "--shared-noise", "--quiet", "--features", "a, b,c", "--max-draws",
-                 "800", "--max-iterations", "900"]) == 0
+                 "800", "--max-iterations", "900", "--expert-prior-scale", "5"]) == 0
     assert main(["fit", "d.csv", "--target", "y", "--experts", "3", "--one-hot", "all"]) == 0
     assert main(["fit", "d.csv", "--target", "y", "--experts", "2,4"]) == 0
     (path, first), (_, second), (_, third) = calls
     assert path == "dir/d.csv"
     assert {key: first[key] for key in ("num_experts", "criterion", "one_hot", "missing", "shared_noise",
-                                        "verbose", "features", "out", "max_samples", "max_iterations")} == {
+                                        "verbose", "features", "out", "max_samples", "max_iterations",
+                                        "expert_prior_scale")} == {
         "num_experts": (1, 2, 3), "criterion": "icl", "one_hot": ["a", "b"], "missing": "drop",
         "shared_noise": True, "verbose": False, "features": ["a", "b", "c"], "out": "d-moe", "max_samples": 800,
-        "max_iterations": 900,
+        "max_iterations": 900, "expert_prior_scale": 5.0,
     }
     # One k keeps it in the default folder's name.
     assert second["num_experts"] == 3 and second["out"] == "d-moe-k3" and second["one_hot"] == "all"
@@ -585,3 +586,28 @@ def test_fit_csv_chooses_k_by_cross_validation(tmp_path, capsys):
     selection = json.loads((out / "model.json").read_text())["selection"]
     assert selection["criterion"] == "cv"
     assert selection["table"][1]["cv"] < selection["table"][0]["cv"]
+
+
+def test_fit_csv_expert_prior_scale_reaches_the_fits(tmp_path, monkeypatch):
+    # The scale becomes the Normal prior of the experts' coefficients and intercepts in the point
+    # fit (and NUTS: the same `priors`), is recorded in model.json, and bad values are refused.
+    path = _write(tmp_path / "d.csv", ENOUGH)
+    seen = []
+    fit_moe = csv_workflow.fit_moe
+
+    def spy(x, y, **kwargs):
+        seen.append(kwargs["priors"])
+        return fit_moe(x, y, **kwargs)
+
+    monkeypatch.setattr(csv_workflow, "fit_moe", spy)
+    fit_csv(path, out=tmp_path / "wide", **{**SMOKE, "expert_prior_scale": 5})
+    fit_csv(path, out=tmp_path / "default", **SMOKE)
+    wide, default = seen
+    assert default is None
+    assert set(wide) == {"experts", "expert_intercepts"}
+    assert all(isinstance(prior, numpyro.distributions.Normal) and float(prior.scale) == 5.0 for prior in wide.values())
+    assert json.loads((tmp_path / "wide" / "model.json").read_text())["expert_prior_scale"] == 5.0
+    assert json.loads((tmp_path / "default" / "model.json").read_text())["expert_prior_scale"] == 1.0
+    for bad in (0, -1.0, float("nan"), float("inf"), "5", True):
+        with pytest.raises(ValueError, match=r"^--expert-prior-scale: expected a positive number"):
+            fit_csv(path, out=tmp_path / "bad", **{**SMOKE, "expert_prior_scale": bad})

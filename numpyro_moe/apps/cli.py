@@ -111,6 +111,7 @@ def _fit(args: argparse.Namespace) -> int:
         missing=args.missing,
         one_hot=_one_hot(args.one_hot),
         shared_noise=args.shared_noise,
+        expert_prior_scale=args.expert_prior_scale,
         family=args.family,
         df=_df(args.df),
         nuts=args.nuts,
@@ -223,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--shared-noise", action="store_true", help="one noise sd for all experts (default: one per expert)"
+    )
+    fit.add_argument(
+        "--expert-prior-scale",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="sd of the Normal prior on the experts' standardised coefficients and intercepts (default 1); "
+        "widen it (e.g. 5) when columns are strongly correlated, as in a polynomial basis, and compare the "
+        "two with --criterion cv",
     )
     fit.add_argument(
         "--family",

@@ -214,6 +214,7 @@ def fit_csv(
     missing: str = "error",
     one_hot: str | list[str] = (),
     shared_noise: bool = False,
+    expert_prior_scale: float = 1.0,
     family: str = "normal",
     df: float | None = None,
     nuts: bool = False,
@@ -241,7 +242,10 @@ def fit_csv(
     ``features`` (default: every column but the target and the gate's). With ``nuts``, `run_nuts`
     from the fit; while its chains disagree (max r_hat > 1.01) they draw ``num_samples`` more, up
     to ``max_samples`` per chain (default four times ``num_samples``). ``max_iterations``: EM's
-    iterations per start (`fit_moe`).
+    iterations per start (`fit_moe`). ``expert_prior_scale``: the sd of the Normal prior on the
+    experts' standardised coefficients and intercepts, in the point fit and in NUTS (default 1,
+    `numpyro_moe.moe_priors`' default; a wider prior for strongly correlated columns, such as a
+    polynomial basis, whose fits need large coefficients of opposite signs).
 
     Outputs: ``model.json`` (format `FORMAT`: the package version, columns, one-hot levels,
     features, target, standardisation, training ranges, link, noise, number of experts, seed, the
@@ -256,6 +260,17 @@ def fit_csv(
         raise ValueError(f"--criterion: expected one of {list(CRITERIA)}, got {criterion!r}")
     num_starts = _positive_int(num_starts, "--starts")
     max_iterations = _positive_int(max_iterations, "--max-iterations")
+    if (
+        isinstance(expert_prior_scale, bool) or not isinstance(expert_prior_scale, (int, float))
+        or not math.isfinite(expert_prior_scale) or expert_prior_scale <= 0
+    ):
+        raise ValueError(f"--expert-prior-scale: expected a positive number, got {expert_prior_scale!r}")
+    priors = None
+    if expert_prior_scale != 1.0:
+        import numpyro.distributions as dist
+
+        scale = float(expert_prior_scale)
+        priors = {"experts": dist.Normal(0.0, scale), "expert_intercepts": dist.Normal(0.0, scale)}
     if nuts:
         for value, flag in (
             (num_chains, "--chains"),
@@ -331,6 +346,7 @@ def fit_csv(
             "num_starts": num_starts,
             "intercepts": True,
             "shared_noise": shared_noise,
+            "priors": priors,
             "family": family,
             "df": df,
             "gate_x": gate_x,
@@ -382,6 +398,7 @@ def fit_csv(
             "noise": family,
             "df": None if family == "normal" else ("estimated" if df is None else float(df)),
             "shared_noise": bool(shared_noise),
+            "expert_prior_scale": float(expert_prior_scale),
             "intercepts": True,
             "seed": seed,
             "num_starts": num_starts,
@@ -411,7 +428,8 @@ def fit_csv(
             f"data: {path} ({n} rows, features {data.feature_names}, target {data.target!r}), standardised",
             *notes,
             f"model: {k} experts, link {params.link.name}, {noise}, expert and gate intercepts"
-            + ("" if gate_names is None else f"; experts on {expert_names}, gate on {gate_names}"),
+            + ("" if gate_names is None else f"; experts on {expert_names}, gate on {gate_names}")
+            + ("" if priors is None else f"; experts' prior Normal(0, {float(expert_prior_scale):g})"),
             (
                 f"fit: {num_starts} EM starts ({', '.join(fit.start_labels)}); start {fit.start} "
                 f"({fit.start_labels[fit.start]}) won; mean log-likelihood per point {fit.log_likelihood:.4f}; "
@@ -440,6 +458,7 @@ def fit_csv(
                     fit,
                     key=nuts_key,
                     shared_noise=shared_noise,
+                    priors=priors,
                     family=family,
                     df=df,
                     gate_x=gate_x,
