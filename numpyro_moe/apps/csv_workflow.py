@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -261,7 +262,7 @@ def fit_csv(
     num_starts = _positive_int(num_starts, "--starts")
     max_iterations = _positive_int(max_iterations, "--max-iterations")
     if (
-        isinstance(expert_prior_scale, bool) or not isinstance(expert_prior_scale, (int, float))
+        isinstance(expert_prior_scale, bool) or not isinstance(expert_prior_scale, numbers.Real)
         or not math.isfinite(expert_prior_scale) or expert_prior_scale <= 0
     ):
         raise ValueError(f"--expert-prior-scale: expected a positive number, got {expert_prior_scale!r}")
