@@ -196,9 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
         "1-5, leaving out those the rows cannot support)",
     )
     fit.add_argument(
-        "--criterion", choices=CRITERIA, default="bic", help="how k is chosen among several, lowest wins: bic (the default), icl, or cv (5-fold "
+        "--criterion",
+        choices=CRITERIA,
+        default="bic",
+        help="how k is chosen among several, lowest wins: bic (the default), icl, or cv (5-fold "
         "cross-validated log-likelihood as a deviance: 6 fits per k, for small data sets where BIC and "
-        "held-out fit disagree)"
+        "held-out fit disagree)",
     )
     fit.add_argument("--link", default="linear", help="expert link: linear, sigmoid, relu or tanh")
     fit.add_argument(
