@@ -3,7 +3,7 @@
 The building blocks for your own NumPyro models (`MixtureOfExperts`, `moe_priors`,
 `init_to_params`), the ready-made `moe_regression`, experts by the method of moments
 (`estimate_experts`, Makkuva, Kannan, Oh, Viswanath, ICML 2019), point fits (`fit_em`, `fit_map`,
-`fit_moe`, `select_num_experts`) and the Bayesian layer around NumPyro's MCMC. Public submodules: `baselines`,
+`fit_moe`, `select_num_experts`, `select_expert_prior_scale`) and the Bayesian layer around NumPyro's MCMC. Public submodules: `baselines`,
 `experts`, `io`, `metrics`, `simulation`.
 
 The names load on first use (PEP 562): importing the package, or ``numpyro-moe --help``, does not
@@ -47,7 +47,7 @@ if TYPE_CHECKING:  # the public API; at run time each name is imported from here
         sites_to_params,
     )
     from numpyro_moe._params import MoEParams
-    from numpyro_moe._select import select_num_experts
+    from numpyro_moe._select import select_expert_prior_scale, select_num_experts
     from numpyro_moe._validation import ReliabilityWarning
 
 __version__ = "0.1.0"
@@ -76,6 +76,7 @@ __all__ = [
     "random_starts",
     "relabel",
     "run_nuts",
+    "select_expert_prior_scale",
     "select_num_experts",
     "sites_to_params",
     "suggest_num_experts",

@@ -19,6 +19,12 @@ above the sampling-noise floor and only under a Gaussian design.
   some keys, it took one expert fewer); its column is also a way to compare other choices
   (priors, noise family) on the same folds.
 
+`select_expert_prior_scale` uses the same cross-validation to choose, at a given k, the sd of the
+Normal prior on the experts' coefficients and intercepts. The default sd, 1 in standardised units,
+suits columns of comparable scale that are not strongly correlated; columns that nearly cancel
+(a polynomial basis, a variable and its square) need coefficients far larger than the response's
+sd, which that prior shrinks towards each other.
+
 With penalised EM (the default) the log-likelihood is taken at the posterior mode, as mclust does
 with its conjugate priors (Fraley and Raftery 2007).
 """
@@ -41,7 +47,7 @@ from numpyro_moe._model import check_family
 from numpyro_moe._params import MoEParams
 from numpyro_moe._validation import ReliabilityWarning, check_gate_x, check_key, check_positive_int
 
-__all__ = ["Selection", "num_parameters", "select_num_experts"]
+__all__ = ["PriorScaleSelection", "Selection", "num_parameters", "select_expert_prior_scale", "select_num_experts"]
 
 _CRITERIA = ("bic", "icl", "cv")
 
@@ -75,6 +81,25 @@ class Selection(NamedTuple):
     fits: dict[int, Fit]
     criterion: str = "bic"
     spectrum_hint: int | None = None
+
+
+class PriorScaleSelection(NamedTuple):
+    """Result of `select_expert_prior_scale`.
+
+    Attributes
+    ----------
+    fit
+        The `Fit` to all the data with the chosen prior.
+    scale
+        The chosen sd (lowest cross-validated deviance).
+    table
+        One dict per scale tried, in the order given: ``scale`` and ``cv`` (-2 times the held-out
+        log-likelihood summed over the folds).
+    """
+
+    fit: Fit
+    scale: float
+    table: list[dict]
 
 
 def num_parameters(params: MoEParams, *, shared_noise: bool = False, fixed_df: bool = False) -> int:
@@ -114,6 +139,7 @@ def select_num_experts(
     df=None,
     gate_x=None,
     num_starts: int = 5,
+    num_finalists: int | None = None,
     design: str = "gaussian",
     estimate_options: dict | None = None,
     max_iterations: int = 500,
@@ -137,8 +163,8 @@ def select_num_experts(
     folds
         Parts of the data for ``criterion="cv"`` (at least 2; each k is fitted ``folds`` more
         times). Ignored by the other criteria.
-    link, intercepts, shared_noise, penalized, priors, family, df, gate_x, num_starts, design,
-    estimate_options, max_iterations, tol, progress_bar
+    link, intercepts, shared_noise, penalized, priors, family, df, gate_x, num_starts, num_finalists,
+    design, estimate_options, max_iterations, tol, progress_bar
         As in `fit_moe`, for every k. With ``gate_x`` (covariates of the gate's own) the gate's
         parameters are counted over its q columns; with ``family="student_t"`` (robust Student-t
         experts) the degrees of freedom, when estimated (``df=None``), count as k parameters.
@@ -159,13 +185,7 @@ def select_num_experts(
         raise ValueError(f"criterion: expected one of {list(_CRITERIA)}, got {criterion!r}")
     family, df = check_family(family, df)
     n = x.shape[0]
-    fold_of = None
-    if criterion == "cv":
-        folds = check_positive_int(folds, "folds")
-        if not 2 <= folds <= n:
-            raise ValueError(f"folds: expected between 2 and the number of rows ({n}), got {folds}")
-        # fold_in leaves the fits' keys (and so BIC's and ICL's choices) as they are without "cv"
-        fold_of = np.asarray(jax.random.permutation(jax.random.fold_in(key, 1), n)) % folds
+    fold_of = _fold_assignment(key, n, folds) if criterion == "cv" else None
     options = {
         "link": link,
         "intercepts": intercepts,
@@ -175,6 +195,7 @@ def select_num_experts(
         "family": family,
         "df": df,
         "num_starts": num_starts,
+        "num_finalists": num_finalists,
         "design": design,
         "estimate_options": estimate_options,
         "max_iterations": max_iterations,
@@ -222,6 +243,95 @@ def select_num_experts(
     except ValueError:
         hint = None
     return Selection(fits[chosen], chosen, table, fits, criterion, hint)
+
+
+def _fold_assignment(key: jax.Array, n: int, folds) -> np.ndarray:
+    """Each row's fold, a random balanced assignment (from ``fold_in(key, 1)``, so that the fits'
+    own keys are unchanged by the cross-validation)."""
+    folds = check_positive_int(folds, "folds")
+    if not 2 <= folds <= n:
+        raise ValueError(f"folds: expected between 2 and the number of rows ({n}), got {folds}")
+    return np.asarray(jax.random.permutation(jax.random.fold_in(key, 1), n)) % folds
+
+
+def select_expert_prior_scale(
+    x,
+    y,
+    *,
+    key: jax.Array,
+    num_experts: int,
+    scales: Iterable[float] = (1.0, 3.0, 10.0),
+    folds: int = 5,
+    priors: dict | None = None,
+    gate_x=None,
+    **options,
+) -> PriorScaleSelection:
+    """Choose the sd of the experts' Normal prior by cross-validation, then fit with it.
+
+    For each sd in ``scales`` the experts' coefficients and intercepts get the prior
+    ``Normal(0, sd)`` (in the units of standardised data) and `fit_moe` is run ``folds`` times,
+    each part of the data scored under the fit to the others; the sd with the lowest deviance (-2
+    times the held-out log-likelihood summed over the parts) wins, and the data are fitted once
+    more with it. Every sd is tried on the same folds and the same starts (common random numbers),
+    so the comparison is of the priors alone. The folds are those `select_num_experts` uses with
+    ``criterion="cv"`` and the same key.
+
+    Parameters
+    ----------
+    x, y
+        (n, d) inputs and (n,) responses, standardised (the scales are in standardised units).
+    key
+        PRNG key of the folds and of every fit.
+    num_experts
+        k.
+    scales
+        The sds to try (distinct positive numbers).
+    folds
+        Parts of the data (at least 2); the cost is ``len(scales) * folds + 1`` fits.
+    priors
+        Priors of the other sites (gates, noise), as in `fit_moe`; the experts' own are the ones
+        being chosen, so ``"experts"`` and ``"expert_intercepts"`` may not be among them.
+    gate_x, **options
+        As in `fit_moe` (``link``, ``intercepts``, ``num_starts``, ...), for every fit.
+
+    Returns
+    -------
+    PriorScaleSelection
+        The fit with the chosen sd, the sd, and the table of every sd's deviance.
+    """
+    import numpyro.distributions as dist
+
+    x, y = check_data(x, y)
+    gate_x = check_gate_x(gate_x, x.shape[0])
+    key = check_key(key)
+    num_experts = check_positive_int(num_experts, "num_experts")
+    try:
+        values = [float(value) for value in scales]
+    except (TypeError, ValueError):
+        raise TypeError(f"scales: expected an iterable of positive numbers, got {scales!r}") from None
+    if not values or not all(math.isfinite(value) and value > 0 for value in values) or len(set(values)) < len(values):
+        raise ValueError(f"scales: expected distinct positive numbers, got {values}")
+    priors = dict(priors or {})
+    taken = sorted({"experts", "expert_intercepts"} & set(priors))
+    if taken:
+        raise ValueError(f"priors: the experts' prior is what is chosen here; leave out {taken}")
+    for name in ("x", "y", "num_experts", "key", "gate_x"):
+        if name in options:
+            raise TypeError(f"select_expert_prior_scale() got {name!r} twice")
+    fold_of = _fold_assignment(key, x.shape[0], folds)
+
+    def with_scale(scale):
+        normal = dist.Normal(0.0, scale)
+        return {**options, "priors": {**priors, "experts": normal, "expert_intercepts": normal}}
+
+    table = [
+        {"scale": value, "cv": _cross_validated(x, y, gate_x, fold_of, num_experts, key, with_scale(value))}
+        for value in values
+    ]
+    scores = np.array([row["cv"] for row in table])
+    chosen = values[int(np.nanargmin(scores))] if np.isfinite(scores).any() else values[0]
+    fit = fit_moe(x, y, num_experts=num_experts, key=key, gate_x=gate_x, **with_scale(chosen))
+    return PriorScaleSelection(fit, chosen, table)
 
 
 def _cross_validated(x, y, gate_x, fold_of: np.ndarray, k: int, key: jax.Array, options: dict) -> float:

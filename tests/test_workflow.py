@@ -257,17 +257,20 @@ def test_fit_csv_is_reproducible_for_a_seed(csv_file, fitted, tmp_path):
 
 
 def test_fit_csv_defaults():
-    # The command's defaults are the function's: 5 EM starts, k chosen among 1-5 by BIC, a noise
-    # per expert, missing values refused.
+    # The command's defaults are the function's: 20 EM starts of which 5 continue after a short
+    # EM, k chosen among 1-5 by BIC, the experts' prior sd by cross-validation, a noise per
+    # expert, missing values refused.
     defaults = inspect.signature(fit_csv).parameters
-    assert defaults["num_starts"].default == 5
+    assert defaults["num_starts"].default == 20 and defaults["num_finalists"].default == 5
+    assert defaults["expert_prior_scale"].default == "auto" and csv_workflow.AUTO_PRIOR_SCALES == (1.0, 3.0, 10.0)
     assert defaults["num_experts"].default == "auto" and csv_workflow.AUTO_EXPERTS == (1, 2, 3, 4, 5)
     args = build_parser().parse_args(["fit", "d.csv", "--target", "y"])
     for flag, name in [("starts", "num_starts"), ("link", "link"), ("seed", "seed"), ("nuts", "nuts"),
                        ("chains", "num_chains"), ("num_warmup", "num_warmup"), ("num_draws", "num_samples"),
                        ("overwrite", "overwrite"), ("experts", "num_experts"), ("criterion", "criterion"),
                        ("missing", "missing"), ("shared_noise", "shared_noise"), ("max_draws", "max_samples"),
-                       ("max_iterations", "max_iterations"), ("expert_prior_scale", "expert_prior_scale")]:
+                       ("max_iterations", "max_iterations"), ("expert_prior_scale", "expert_prior_scale"),
+                       ("finalists", "num_finalists")]:
         assert getattr(args, flag) == defaults[name].default, flag
     assert args.quiet is (not defaults["verbose"].default) is False
     assert args.one_hot is None and defaults["one_hot"].default == ()
@@ -279,18 +282,19 @@ def test_cli_fit_flags_reach_fit_csv(monkeypatch, tmp_path, keep_xla_flags):
     monkeypatch.chdir(tmp_path)
     assert main(["fit", "dir/d.csv", "--target", "y", "--experts", "1-3", "--criterion", "icl", "--one-hot",
                  "a, b", "--missing", "drop", "--shared-noise", "--quiet", "--features", "a, b,c", "--max-draws",
-                 "800", "--max-iterations", "900", "--expert-prior-scale", "5"]) == 0
+                 "800", "--max-iterations", "900", "--expert-prior-scale", "5", "--finalists", "3"]) == 0
     assert main(["fit", "d.csv", "--target", "y", "--experts", "3", "--one-hot", "all"]) == 0
     assert main(["fit", "d.csv", "--target", "y", "--experts", "2,4"]) == 0
     (path, first), (_, second), (_, third) = calls
     assert path == "dir/d.csv"
     assert {key: first[key] for key in ("num_experts", "criterion", "one_hot", "missing", "shared_noise",
                                         "verbose", "features", "out", "max_samples", "max_iterations",
-                                        "expert_prior_scale")} == {
+                                        "expert_prior_scale", "num_finalists")} == {
         "num_experts": (1, 2, 3), "criterion": "icl", "one_hot": ["a", "b"], "missing": "drop",
         "shared_noise": True, "verbose": False, "features": ["a", "b", "c"], "out": "d-moe", "max_samples": 800,
-        "max_iterations": 900, "expert_prior_scale": 5.0,
+        "max_iterations": 900, "expert_prior_scale": 5.0, "num_finalists": 3,
     }
+    assert second["expert_prior_scale"] == "auto" and second["num_finalists"] == 5
     # One k keeps it in the default folder's name.
     assert second["num_experts"] == 3 and second["out"] == "d-moe-k3" and second["one_hot"] == "all"
     assert second["verbose"] is True and second["shared_noise"] is False

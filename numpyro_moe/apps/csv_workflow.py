@@ -202,6 +202,29 @@ def _selection_row(row: dict) -> dict:
     }
 
 
+AUTO_PRIOR_SCALES = (1.0, 3.0, 10.0)
+AUTO_PRIOR_SCALE_ROWS = 10_000
+
+
+def _expert_priors(scale: float) -> dict | None:
+    """The experts' Normal(0, scale) prior as `fit_moe`'s ``priors`` (None: the default, sd 1)."""
+    if scale == 1.0:
+        return None
+    import numpyro.distributions as dist
+
+    return {"experts": dist.Normal(0.0, scale), "expert_intercepts": dist.Normal(0.0, scale)}
+
+
+def format_scale_selection(table: list[dict], chosen: float) -> str:
+    """The cross-validated deviance of each prior sd tried, the chosen one starred."""
+    lines = ["experts' prior sd   CV deviance"]
+    for row in table:
+        mark = "*" if row["scale"] == chosen else " "
+        lines.append(f"{row['scale']:>16g} {mark} {row['cv']:>12.2f}")
+    lines.append(f"prior sd {chosen:g} chosen: the lowest cross-validated deviance (* above)")
+    return "\n".join(lines)
+
+
 def fit_csv(
     path: str | os.PathLike,
     *,
@@ -215,12 +238,13 @@ def fit_csv(
     missing: str = "error",
     one_hot: str | list[str] = (),
     shared_noise: bool = False,
-    expert_prior_scale: float = 1.0,
+    expert_prior_scale: float | str = "auto",
     family: str = "normal",
     df: float | None = None,
     nuts: bool = False,
     seed: int = 0,
-    num_starts: int = 5,
+    num_starts: int = 20,
+    num_finalists: int | None = 5,
     num_chains: int = 4,
     num_warmup: int = 500,
     num_samples: int = 500,
@@ -243,10 +267,15 @@ def fit_csv(
     ``features`` (default: every column but the target and the gate's). With ``nuts``, `run_nuts`
     from the fit; while its chains disagree (max r_hat > 1.01) they draw ``num_samples`` more, up
     to ``max_samples`` per chain (default four times ``num_samples``). ``max_iterations``: EM's
-    iterations per start (`fit_moe`). ``expert_prior_scale``: the sd of the Normal prior on the
-    experts' standardised coefficients and intercepts, in the point fit and in NUTS (default 1,
-    `numpyro_moe.moe_priors`' default; a wider prior for strongly correlated columns, such as a
-    polynomial basis, whose fits need large coefficients of opposite signs).
+    iterations per start (`fit_moe`). ``num_starts`` EM starts (the tensor estimate and random
+    ones), of which, after a short EM, the ``num_finalists`` best continue (None: all of them;
+    `fit_moe`). ``expert_prior_scale``: the sd of the Normal prior on the experts' standardised
+    coefficients and intercepts, in the point fit and in NUTS; ``"auto"`` (the default) chooses it
+    among `AUTO_PRIOR_SCALES` at the chosen k by 5-fold cross-validation
+    (`numpyro_moe.select_expert_prior_scale`, 16 more fits) when the data have at most
+    `AUTO_PRIOR_SCALE_ROWS` rows, and keeps 1 (`numpyro_moe.moe_priors`' default) beyond, where
+    the likelihood outweighs the prior. A wider prior suits strongly correlated columns, such as a
+    polynomial basis, whose fits need large coefficients of opposite signs.
 
     Outputs: ``model.json`` (format `FORMAT`: the package version, columns, one-hot levels,
     features, target, standardisation, training ranges, link, noise, number of experts, seed, the
@@ -261,17 +290,16 @@ def fit_csv(
         raise ValueError(f"--criterion: expected one of {list(CRITERIA)}, got {criterion!r}")
     num_starts = _positive_int(num_starts, "--starts")
     max_iterations = _positive_int(max_iterations, "--max-iterations")
-    if (
+    auto_scale = expert_prior_scale == "auto"
+    if not auto_scale and (
         isinstance(expert_prior_scale, bool) or not isinstance(expert_prior_scale, numbers.Real)
         or not math.isfinite(expert_prior_scale) or expert_prior_scale <= 0
     ):
-        raise ValueError(f"--expert-prior-scale: expected a positive number, got {expert_prior_scale!r}")
-    priors = None
-    if expert_prior_scale != 1.0:
-        import numpyro.distributions as dist
-
-        scale = float(expert_prior_scale)
-        priors = {"experts": dist.Normal(0.0, scale), "expert_intercepts": dist.Normal(0.0, scale)}
+        raise ValueError(f"--expert-prior-scale: expected a positive number or 'auto', got {expert_prior_scale!r}")
+    if num_finalists is not None:
+        num_finalists = _positive_int(num_finalists, "--finalists")
+        if num_finalists >= num_starts:
+            num_finalists = None  # every start runs to convergence
     if nuts:
         for value, flag in (
             (num_chains, "--chains"),
@@ -341,13 +369,15 @@ def fit_csv(
     fit_key, nuts_key, check_key = jax.random.split(key, 3)
     selection = None
     with output_folder(out, overwrite=overwrite) as staging:
+        scale = 1.0 if auto_scale else float(expert_prior_scale)
         options = {
             "key": fit_key,
             "link": link,
             "num_starts": num_starts,
+            "num_finalists": num_finalists,
             "intercepts": True,
             "shared_noise": shared_noise,
-            "priors": priors,
+            "priors": _expert_priors(scale),
             "family": family,
             "df": df,
             "gate_x": gate_x,
@@ -363,10 +393,22 @@ def fit_csv(
                     x, y, num_experts=candidates, criterion=criterion, **options
                 )
                 fit = selection.fit
-        params = fit.params
-        k = params.num_experts
+        k = fit.params.num_experts
         if selection is not None:
             say(format_selection(selection.table, int(selection.num_experts), criterion))
+        scale_table = None
+        if auto_scale and n <= AUTO_PRIOR_SCALE_ROWS:
+            say(f"choosing the experts' prior sd among {list(AUTO_PRIOR_SCALES)} by 5-fold cross-validation at k = {k}")
+            with column_names_in_warnings(expert_names):
+                chosen = numpyro_moe.select_expert_prior_scale(
+                    x, y, num_experts=k, scales=AUTO_PRIOR_SCALES, **{**options, "priors": None, "progress_bar": False}
+                )
+            scale, scale_table = chosen.scale, chosen.table
+            if scale != 1.0:  # the sd-1 fit above stands otherwise
+                fit = chosen.fit
+            say(format_scale_selection(scale_table, scale))
+        params = fit.params
+        priors = _expert_priors(scale)
         say(f"fitted {k} {params.link.name} experts")
         save_result(staging / "fit.npz", fit)
         (staging / "parameters.csv").write_text(_parameter_table(params, expert_names, gate_names))
@@ -399,10 +441,14 @@ def fit_csv(
             "noise": family,
             "df": None if family == "normal" else ("estimated" if df is None else float(df)),
             "shared_noise": bool(shared_noise),
-            "expert_prior_scale": float(expert_prior_scale),
+            "expert_prior_scale": scale,
+            "expert_prior_scale_selection": None
+            if scale_table is None
+            else {"method": "5-fold cross-validation", "table": scale_table},
             "intercepts": True,
             "seed": seed,
             "num_starts": num_starts,
+            "num_finalists": num_finalists,
             "fit": {
                 "method": fit.method,
                 "log_likelihood": _finite(fit.log_likelihood),
@@ -430,9 +476,12 @@ def fit_csv(
             *notes,
             f"model: {k} experts, link {params.link.name}, {noise}, expert and gate intercepts"
             + ("" if gate_names is None else f"; experts on {expert_names}, gate on {gate_names}")
-            + ("" if priors is None else f"; experts' prior Normal(0, {float(expert_prior_scale):g})"),
+            + f"; experts' prior Normal(0, {scale:g})"
+            + (" (chosen by cross-validation)" if scale_table is not None else ""),
             (
-                f"fit: {num_starts} EM starts ({', '.join(fit.start_labels)}); start {fit.start} "
+                f"fit: {num_starts} EM starts"
+                + ("" if num_finalists is None else f", the best {num_finalists} after a short EM continued")
+                + f" ({', '.join(fit.start_labels)}); start {fit.start} "
                 f"({fit.start_labels[fit.start]}) won; mean log-likelihood per point {fit.log_likelihood:.4f}; "
                 f"EM iterations {fit.iterations}, converged {fit.converged}"
             ),
@@ -441,6 +490,8 @@ def fit_csv(
         if selection is not None:
             summary_table = format_selection(selection.table, int(selection.num_experts), criterion)
             summary.append(summary_table)
+        if scale_table is not None:
+            summary.append(format_scale_selection(scale_table, scale))
         if gate_x is None:
             plot_gates(params, x, expert_names, staging / "gate_probabilities.png")
         else:
