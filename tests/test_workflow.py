@@ -592,6 +592,32 @@ def test_fit_csv_chooses_k_by_cross_validation(tmp_path, capsys):
     assert selection["table"][1]["cv"] < selection["table"][0]["cv"]
 
 
+def test_fit_csv_chooses_the_expert_prior_scale_by_cross_validation(tmp_path, monkeypatch):
+    # The default, "auto": at the chosen k the sds 1, 3 and 10 are compared by 5-fold CV and the
+    # lowest deviance wins; on columns that nearly cancel (least-squares coefficients +-9 in
+    # standardised units) the prior sd 1 loses (see test_penalized's test of the function).
+    rng = np.random.default_rng(0)
+    z = rng.standard_normal(300)
+    u, v = z + 0.1 * rng.standard_normal(300), rng.standard_normal(300)
+    y = 10 * z - 10 * u + 0.5 * v + 0.3 * rng.standard_normal(300)
+    path = _write(tmp_path / "d.csv", "a,b,c,y\n" + "".join(f"{r[0]},{r[1]},{r[2]},{r[3]}\n" for r in zip(z, u, v, y)))
+    fit_csv(path, out=tmp_path / "auto", **{**SMOKE, "num_experts": 1})
+    model = json.loads((tmp_path / "auto" / "model.json").read_text())
+    table = model["expert_prior_scale_selection"]["table"]
+    assert [row["scale"] for row in table] == list(csv_workflow.AUTO_PRIOR_SCALES)
+    deviance = {row["scale"]: row["cv"] for row in table}
+    assert model["expert_prior_scale"] == min(deviance, key=deviance.get) != 1.0
+    fit = load_result(tmp_path / "auto" / "fit.npz")
+    assert abs(float(fit.params.experts[0][0])) > 8.5  # not shrunk towards b's coefficient
+    summary = (tmp_path / "auto" / "summary.txt").read_text()
+    assert f"experts' prior Normal(0, {model['expert_prior_scale']:g}) (chosen by cross-validation)" in summary
+    assert "CV deviance" in summary
+    # Beyond AUTO_PRIOR_SCALE_ROWS rows the likelihood outweighs the prior: sd 1, no CV.
+    monkeypatch.setattr(csv_workflow, "AUTO_PRIOR_SCALE_ROWS", 299)
+    fit_csv(path, out=tmp_path / "large", **{**SMOKE, "num_experts": 1})
+    model = json.loads((tmp_path / "large" / "model.json").read_text())
+    assert model["expert_prior_scale"] == 1.0 and model["expert_prior_scale_selection"] is None
+
 def test_fit_csv_expert_prior_scale_reaches_the_fits(tmp_path, monkeypatch):
     # The scale becomes the Normal prior of the experts' coefficients and intercepts in the point
     # fit (and NUTS: the same `priors`), is recorded in model.json, and bad values are refused.
@@ -605,13 +631,14 @@ def test_fit_csv_expert_prior_scale_reaches_the_fits(tmp_path, monkeypatch):
 
     monkeypatch.setattr(csv_workflow, "fit_moe", spy)
     fit_csv(path, out=tmp_path / "wide", **{**SMOKE, "expert_prior_scale": 5})
-    fit_csv(path, out=tmp_path / "default", **SMOKE)
-    wide, default = seen
-    assert default is None
+    fit_csv(path, out=tmp_path / "one", **{**SMOKE, "expert_prior_scale": 1.0})
+    wide, one = seen
+    assert one is None
     assert set(wide) == {"experts", "expert_intercepts"}
     assert all(isinstance(prior, numpyro.distributions.Normal) and float(prior.scale) == 5.0 for prior in wide.values())
-    assert json.loads((tmp_path / "wide" / "model.json").read_text())["expert_prior_scale"] == 5.0
-    assert json.loads((tmp_path / "default" / "model.json").read_text())["expert_prior_scale"] == 1.0
-    for bad in (0, -1.0, float("nan"), float("inf"), "5", True):
+    for name, scale in (("wide", 5.0), ("one", 1.0)):
+        model = json.loads((tmp_path / name / "model.json").read_text())
+        assert model["expert_prior_scale"] == scale and model["expert_prior_scale_selection"] is None
+    for bad in (0, -1.0, float("nan"), float("inf"), "5", True, "automatic"):
         with pytest.raises(ValueError, match=r"^--expert-prior-scale: expected a positive number"):
             fit_csv(path, out=tmp_path / "bad", **{**SMOKE, "expert_prior_scale": bad})
