@@ -217,11 +217,13 @@ def _expert_priors(scale: float) -> dict | None:
 
 def format_scale_selection(table: list[dict], chosen: float) -> str:
     """The cross-validated deviance of each prior sd tried, the chosen one starred."""
-    lines = ["experts' prior sd   CV deviance"]
+    lines = ["experts' prior sd   CV deviance   SE of the difference to the lowest"]
     for row in table:
         mark = "*" if row["scale"] == chosen else " "
-        lines.append(f"{row['scale']:>16g} {mark} {row['cv']:>12.2f}")
-    lines.append(f"prior sd {chosen:g} chosen: the lowest cross-validated deviance (* above)")
+        lines.append(f"{row['scale']:>16g} {mark} {row['cv']:>12.2f} {row['cv_se_difference']:>12.2f}")
+    lines.append(
+        f"prior sd {chosen:g} chosen (* above): the smallest within one standard error of the lowest deviance"
+    )
     return "\n".join(lines)
 
 
@@ -271,7 +273,8 @@ def fit_csv(
     ones), of which, after a short EM, the ``num_finalists`` best continue (None: all of them;
     `fit_moe`). ``expert_prior_scale``: the sd of the Normal prior on the experts' standardised
     coefficients and intercepts, in the point fit and in NUTS; ``"auto"`` (the default) chooses it
-    among `AUTO_PRIOR_SCALES` at the chosen k by 5-fold cross-validation
+    among `AUTO_PRIOR_SCALES` at the chosen k by 5-fold cross-validation and the
+    one-standard-error rule
     (`numpyro_moe.select_expert_prior_scale`, 16 more fits) when the data have at most
     `AUTO_PRIOR_SCALE_ROWS` rows, and keeps 1 (`numpyro_moe.moe_priors`' default) beyond, where
     the likelihood outweighs the prior. A wider prior suits strongly correlated columns, such as a
