@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         metavar="S|auto",
         help="sd of the Normal prior on the experts' standardised coefficients and intercepts (default: auto = "
-        "chosen among 1, 3 and 10 by 5-fold cross-validation at the chosen k, on data of at most 10,000 rows; "
+        "chosen among 1, 3 and 10 by 5-fold cross-validation at the chosen k, on data of at most 2,000 rows; "
         "1 beyond). Wide priors suit strongly correlated columns, as in a polynomial basis",
     )
     fit.add_argument(
