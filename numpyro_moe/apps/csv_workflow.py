@@ -274,12 +274,12 @@ def fit_csv(
     `fit_moe`). ``expert_prior_scale``: the sd of the Normal prior on the experts' standardised
     coefficients and intercepts, in the point fit and in NUTS; ``"auto"`` (the default) chooses it
     among `AUTO_PRIOR_SCALES` at the chosen k by 5-fold cross-validation and the
-    one-standard-error rule
-    (`numpyro_moe.select_expert_prior_scale`, 16 more fits) when the data have at most
-    `AUTO_PRIOR_SCALE_ROWS` rows, and keeps 1 (`numpyro_moe.moe_priors`' default) beyond, where
-    the likelihood outweighs the prior (on the 5,389 training rows of the High School and Beyond
-    set the three sds' cross-validated deviances, about 13,444, differed by 0.4). A wider prior suits strongly correlated columns, such as a
-    polynomial basis, whose fits need large coefficients of opposite signs.
+    one-standard-error rule (`numpyro_moe.select_expert_prior_scale`, 16 more fits) when the data
+    have at most `AUTO_PRIOR_SCALE_ROWS` rows, and keeps 1 (`numpyro_moe.moe_priors`' default)
+    beyond, where the likelihood outweighs the prior (on the 5,389 training rows of the High
+    School and Beyond set the three sds' cross-validated deviances, about 13,444, differed by
+    0.4). A wider prior suits strongly correlated columns, such as a polynomial basis, whose fits
+    need large coefficients of opposite signs.
 
     Outputs: ``model.json`` (format `FORMAT`: the package version, columns, one-hot levels,
     features, target, standardisation, training ranges, link, noise, number of experts, seed, the
