@@ -299,7 +299,9 @@ def fit_csv(
         isinstance(expert_prior_scale, bool) or not isinstance(expert_prior_scale, numbers.Real)
         or not math.isfinite(expert_prior_scale) or expert_prior_scale <= 0
     ):
-        raise ValueError(f"--expert-prior-scale: expected a positive number or 'auto', got {expert_prior_scale!r}")
+        raise ValueError(
+            f"--expert-prior-scale: expected a positive number or 'auto', got {expert_prior_scale!r}"
+        )
     if num_finalists is not None:
         num_finalists = _positive_int(num_finalists, "--finalists")
         if num_finalists >= num_starts:
@@ -402,10 +404,14 @@ def fit_csv(
             say(format_selection(selection.table, int(selection.num_experts), criterion))
         scale_table = None
         if auto_scale and n <= AUTO_PRIOR_SCALE_ROWS:
-            say(f"choosing the experts' prior sd among {list(AUTO_PRIOR_SCALES)} by 5-fold cross-validation at k = {k}")
+            say(
+                f"choosing the experts' prior sd among {list(AUTO_PRIOR_SCALES)} by 5-fold "
+                f"cross-validation at k = {k}"
+            )
+            quiet = {**options, "priors": None, "progress_bar": False}
             with column_names_in_warnings(expert_names):
                 chosen = numpyro_moe.select_expert_prior_scale(
-                    x, y, num_experts=k, scales=AUTO_PRIOR_SCALES, **{**options, "priors": None, "progress_bar": False}
+                    x, y, num_experts=k, scales=AUTO_PRIOR_SCALES, **quiet
                 )
             scale, scale_table = chosen.scale, chosen.table
             if scale != 1.0:  # the sd-1 fit above stands otherwise
