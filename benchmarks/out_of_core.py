@@ -181,6 +181,8 @@ def main() -> None:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print(text)
+    if any("failed" in run for run in runs.values()):
+        sys.exit("out_of_core.py: a fit failed or was stopped (its row above says which)")
 
 
 if __name__ == "__main__":
