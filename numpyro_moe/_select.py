@@ -314,8 +314,6 @@ def select_expert_prior_scale(
     PriorScaleSelection
         The fit with the chosen sd, the sd, and the table of every sd's deviance.
     """
-    import numpyro.distributions as dist
-
     x, y = check_data(x, y)
     gate_x = check_gate_x(gate_x, x.shape[0])
     key = check_key(key)
@@ -331,14 +329,27 @@ def select_expert_prior_scale(
     taken = sorted({"experts", "expert_intercepts"} & set(priors))
     if taken:
         raise ValueError(f"priors: the experts' prior is what is chosen here; leave out {taken}")
+    chosen, table = _choose_prior_scale(x, y, gate_x, key, num_experts, values, folds, priors, options)
+    fit = fit_moe(x, y, num_experts=num_experts, key=key, gate_x=gate_x, **_with_expert_scale(options, priors, chosen))
+    return PriorScaleSelection(fit, chosen, table)
+
+
+def _with_expert_scale(options: dict, priors: dict, scale: float) -> dict:
+    """`fit_moe`'s ``options`` with ``priors`` and the experts' Normal(0, ``scale``) prior."""
+    import numpyro.distributions as dist
+
+    normal = dist.Normal(0.0, scale)
+    return {**options, "priors": {**priors, "experts": normal, "expert_intercepts": normal}}
+
+
+def _choose_prior_scale(
+    x, y, gate_x, key: jax.Array, num_experts: int, values: list[float], folds: int, priors: dict, options: dict
+) -> tuple[float, list[dict]]:
+    """`select_expert_prior_scale` on checked arguments, without the final fit: the chosen sd and
+    the table of every sd's deviance."""
     fold_of = _fold_assignment(key, x.shape[0], folds)
-
-    def with_scale(scale):
-        normal = dist.Normal(0.0, scale)
-        return {**options, "priors": {**priors, "experts": normal, "expert_intercepts": normal}}
-
     densities = [
-        _held_out_log_densities(x, y, gate_x, fold_of, num_experts, key, with_scale(value))
+        _held_out_log_densities(x, y, gate_x, fold_of, num_experts, key, _with_expert_scale(options, priors, value))
         for value in values
     ]
     scores = np.array([-2.0 * np.sum(row) for row in densities])
@@ -352,9 +363,7 @@ def select_expert_prior_scale(
         table.append({"scale": value, "cv": float(score), "cv_se_difference": se})
         if np.isfinite(score) and score - scores[best] <= se:
             within.append(value)
-    chosen = min(within) if within else values[best]
-    fit = fit_moe(x, y, num_experts=num_experts, key=key, gate_x=gate_x, **with_scale(chosen))
-    return PriorScaleSelection(fit, chosen, table)
+    return (min(within) if within else values[best]), table
 
 
 def _cross_validated(x, y, gate_x, fold_of: np.ndarray, k: int, key: jax.Array, options: dict) -> float:

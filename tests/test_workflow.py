@@ -258,11 +258,11 @@ def test_fit_csv_is_reproducible_for_a_seed(csv_file, fitted, tmp_path):
 
 def test_fit_csv_defaults():
     # The command's defaults are the function's: 20 EM starts of which 5 continue after a short
-    # EM, k chosen among 1-5 by BIC, the experts' prior sd by cross-validation, a noise per
-    # expert, missing values refused.
+    # EM, k chosen among 1-5 by BIC, the experts' prior sd 1 (cross-validation on request), a
+    # noise per expert, missing values refused.
     defaults = inspect.signature(fit_csv).parameters
     assert defaults["num_starts"].default == 20 and defaults["num_finalists"].default == 5
-    assert defaults["expert_prior_scale"].default == "auto" and csv_workflow.AUTO_PRIOR_SCALES == (1.0, 3.0, 10.0)
+    assert defaults["expert_prior_scale"].default == 1.0 and csv_workflow.AUTO_PRIOR_SCALES == (1.0, 3.0, 10.0)
     assert defaults["num_experts"].default == "auto" and csv_workflow.AUTO_EXPERTS == (1, 2, 3, 4, 5)
     args = build_parser().parse_args(["fit", "d.csv", "--target", "y"])
     for flag, name in [("starts", "num_starts"), ("link", "link"), ("seed", "seed"), ("nuts", "nuts"),
@@ -280,6 +280,9 @@ def test_cli_fit_flags_reach_fit_csv(monkeypatch, tmp_path, keep_xla_flags):
     calls = []
     monkeypatch.setattr(csv_workflow, "fit_csv", lambda path, **kwargs: calls.append((path, kwargs)))
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "dir").mkdir()
+    for name in ("dir/d.csv", "d.csv"):  # the command checks that the file is there
+        _write(tmp_path / name, "a,y\n1,2\n")
     assert main(["fit", "dir/d.csv", "--target", "y", "--experts", "1-3", "--criterion", "icl", "--one-hot",
                  "a, b", "--missing", "drop", "--shared-noise", "--quiet", "--features", "a, b,c", "--max-draws",
                  "800", "--max-iterations", "900", "--expert-prior-scale", "5", "--finalists", "3"]) == 0
@@ -294,7 +297,7 @@ def test_cli_fit_flags_reach_fit_csv(monkeypatch, tmp_path, keep_xla_flags):
         "shared_noise": True, "verbose": False, "features": ["a", "b", "c"], "out": "d-moe", "max_samples": 800,
         "max_iterations": 900, "expert_prior_scale": 5.0, "num_finalists": 3,
     }
-    assert second["expert_prior_scale"] == "auto" and second["num_finalists"] == 5
+    assert second["expert_prior_scale"] == 1.0 and second["num_finalists"] == 5
     # One k keeps it in the default folder's name.
     assert second["num_experts"] == 3 and second["out"] == "d-moe-k3" and second["one_hot"] == "all"
     assert second["verbose"] is True and second["shared_noise"] is False
@@ -553,6 +556,36 @@ def test_cli_fit_errors_name_the_option(csv_file, tmp_path, capsys, keep_xla_fla
     assert "--restarts" in capsys.readouterr().err
 
 
+def test_cli_reports_a_missing_file_or_a_taken_folder_before_importing_jax(csv_file, tmp_path):
+    # A fresh process, as a user meets it: the errors come before JAX and NumPyro are imported
+    # (which takes seconds), with the same messages as fit_csv's and predict_csv's.
+    import subprocess
+    import sys
+
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    script = (
+        "import sys\nfrom numpyro_moe.apps.cli import main\nrc = main(sys.argv[1:])\n"
+        "print(rc, 'jax' in sys.modules, 'numpyro' in sys.modules)"
+    )
+    cases = [
+        (["fit", str(tmp_path / "none.csv"), "--target", "y"], "numpyro-moe fit: error: DATA: no such file"),
+        (["fit", str(csv_file), "--target", "y", "--out", str(taken)], "numpyro-moe fit: error: --out: "),
+        (["fit", str(csv_file), "--target", "y", "--experts", "two"], "numpyro-moe fit: error: --experts: "),
+        (["fit", str(csv_file), "--target", "y", "--expert-prior-scale", "wide"],
+         "numpyro-moe fit: error: --expert-prior-scale: "),
+        (["predict", str(tmp_path / "nofit"), str(csv_file)], "numpyro-moe predict: error: FIT_DIR: no such folder"),
+        (["predict", str(taken), str(tmp_path / "none.csv")], "numpyro-moe predict: error: DATA: no such file"),
+    ]
+    for argv, message in cases:
+        result = subprocess.run(
+            [sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=60, cwd=tmp_path
+        )
+        assert result.stdout.split() == ["2", "False", "False"], (argv, result.stdout, result.stderr)
+        assert result.stderr.startswith(message), (argv, result.stderr)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["taken"]
+
+
 def test_trace_plot_handles_more_panels_than_arviz_default(tmp_path):
     """k (2d + 2) - 1 > 40 panels: ArviZ refuses by default; the trace plot raises its limit, and
     above 60 panels keeps the first features."""
@@ -593,7 +626,7 @@ def test_fit_csv_chooses_k_by_cross_validation(tmp_path, capsys):
 
 
 def test_fit_csv_chooses_the_expert_prior_scale_by_cross_validation(tmp_path, monkeypatch):
-    # The default, "auto": at the chosen k the sds 1, 3 and 10 are compared by 5-fold CV and the
+    # "auto": at the chosen k the sds 1, 3 and 10 are compared by 5-fold CV and the
     # one-standard-error rule; on columns that nearly cancel (least-squares coefficients +-9 in
     # standardised units) the prior sd 1 loses (see test_penalized's test of the function).
     rng = np.random.default_rng(0)
@@ -601,7 +634,7 @@ def test_fit_csv_chooses_the_expert_prior_scale_by_cross_validation(tmp_path, mo
     u, v = z + 0.1 * rng.standard_normal(300), rng.standard_normal(300)
     y = 10 * z - 10 * u + 0.5 * v + 0.3 * rng.standard_normal(300)
     path = _write(tmp_path / "d.csv", "a,b,c,y\n" + "".join(f"{r[0]},{r[1]},{r[2]},{r[3]}\n" for r in zip(z, u, v, y)))
-    fit_csv(path, out=tmp_path / "auto", **{**SMOKE, "num_experts": 1})
+    fit_csv(path, out=tmp_path / "auto", **{**SMOKE, "num_experts": 1, "expert_prior_scale": "auto"})
     model = json.loads((tmp_path / "auto" / "model.json").read_text())
     table = model["expert_prior_scale_selection"]["table"]
     assert [row["scale"] for row in table] == list(csv_workflow.AUTO_PRIOR_SCALES)
@@ -616,7 +649,7 @@ def test_fit_csv_chooses_the_expert_prior_scale_by_cross_validation(tmp_path, mo
     assert "CV deviance" in summary
     # Beyond AUTO_PRIOR_SCALE_ROWS rows the likelihood outweighs the prior: sd 1, no CV.
     monkeypatch.setattr(csv_workflow, "AUTO_PRIOR_SCALE_ROWS", 299)
-    fit_csv(path, out=tmp_path / "large", **{**SMOKE, "num_experts": 1})
+    fit_csv(path, out=tmp_path / "large", **{**SMOKE, "num_experts": 1, "expert_prior_scale": "auto"})
     model = json.loads((tmp_path / "large" / "model.json").read_text())
     assert model["expert_prior_scale"] == 1.0 and model["expert_prior_scale_selection"] is None
 

@@ -70,8 +70,10 @@ def _one_hot(text: str | None):
     return "all" if text.strip() == "all" else [name.strip() for name in text.split(",") if name.strip()]
 
 
-def _prior_scale(text: str) -> float | str:
+def _prior_scale(text: str | float) -> float | str:
     """``--expert-prior-scale``: ``auto`` or a positive number (checked by `fit_csv`)."""
+    if isinstance(text, float):  # the default
+        return text
     if text.strip().lower() == "auto":
         return "auto"
     try:
@@ -94,14 +96,12 @@ def _df(text: str) -> float | None:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    import numpyro
-
-    numpyro.set_host_device_count(max(args.chains, 1))
-    numpyro.enable_x64()
-
-    from numpyro_moe.apps.csv_workflow import fit_csv
-
+    # What can be checked without JAX is checked first: a mistyped name or flag costs a moment,
+    # not the seconds of importing JAX and NumPyro (fit_csv checks all of it again).
     num_experts = parse_experts(args.experts)
+    prior_scale, df = _prior_scale(args.expert_prior_scale), _df(args.df)
+    if not Path(args.data).is_file():
+        raise FileNotFoundError(f"DATA: no such file {args.data!r}")
     single = isinstance(num_experts, int) or (isinstance(num_experts, tuple) and len(set(num_experts)) == 1)
     if args.out:
         out = args.out
@@ -109,6 +109,16 @@ def _fit(args: argparse.Namespace) -> int:
         out = f"{Path(args.data).stem}-moe-k{num_experts if isinstance(num_experts, int) else num_experts[0]}"
     else:
         out = f"{Path(args.data).stem}-moe"
+    if Path(out).exists() and not args.overwrite:
+        raise FileExistsError(f"--out: {str(out)!r} already exists; choose another folder or pass --overwrite")
+
+    import numpyro
+
+    numpyro.set_host_device_count(max(args.chains, 1))
+    numpyro.enable_x64()
+
+    from numpyro_moe.apps.csv_workflow import fit_csv
+
     fit_csv(
         args.data,
         target=args.target,
@@ -121,9 +131,9 @@ def _fit(args: argparse.Namespace) -> int:
         missing=args.missing,
         one_hot=_one_hot(args.one_hot),
         shared_noise=args.shared_noise,
-        expert_prior_scale=_prior_scale(args.expert_prior_scale),
+        expert_prior_scale=prior_scale,
         family=args.family,
-        df=_df(args.df),
+        df=df,
         nuts=args.nuts,
         seed=args.seed,
         num_starts=args.starts,
@@ -140,6 +150,12 @@ def _fit(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    # As in _fit: missing inputs are reported before JAX is imported (predict_csv checks again).
+    if not Path(args.fit_dir).is_dir():
+        raise FileNotFoundError(f"FIT_DIR: no such folder {args.fit_dir!r}; expected a folder of numpyro-moe fit")
+    if not Path(args.data).is_file():
+        raise FileNotFoundError(f"DATA: no such file {args.data!r}")
+
     import numpyro
 
     numpyro.enable_x64()  # the fits are float64
@@ -241,11 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--expert-prior-scale",
-        default="auto",
+        default=1.0,
         metavar="S|auto",
-        help="sd of the Normal prior on the experts' standardised coefficients and intercepts (default: auto = "
-        "chosen among 1, 3 and 10 by 5-fold cross-validation at the chosen k, on data of at most 2,000 rows; "
-        "1 beyond). Wide priors suit strongly correlated columns, as in a polynomial basis",
+        help="sd of the Normal prior on the experts' standardised coefficients and intercepts (default 1; "
+        "auto = chosen among 1, 3 and 10 by 5-fold cross-validation at the chosen k, on data of at most 2,000 "
+        "rows, 1 beyond). Wide priors suit strongly correlated columns, as in a polynomial basis",
     )
     fit.add_argument(
         "--family",

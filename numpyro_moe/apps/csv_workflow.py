@@ -20,6 +20,7 @@ import numpy as np
 
 import numpyro_moe
 from numpyro_moe import MoEParams, fit_moe, run_nuts
+from numpyro_moe._select import _choose_prior_scale
 from numpyro_moe.apps.folders import output_folder
 from numpyro_moe.apps.messages import column_names_in_warnings, progress_bars
 from numpyro_moe.apps.plots import plot_gates, plot_predictive_check, plot_trace, save_plot
@@ -240,7 +241,7 @@ def fit_csv(
     missing: str = "error",
     one_hot: str | list[str] = (),
     shared_noise: bool = False,
-    expert_prior_scale: float | str = "auto",
+    expert_prior_scale: float | str = 1.0,
     family: str = "normal",
     df: float | None = None,
     nuts: bool = False,
@@ -272,13 +273,15 @@ def fit_csv(
     iterations per start (`fit_moe`). ``num_starts`` EM starts (the tensor estimate and random
     ones), of which, after a short EM, the ``num_finalists`` best continue (None: all of them;
     `fit_moe`). ``expert_prior_scale``: the sd of the Normal prior on the experts' standardised
-    coefficients and intercepts, in the point fit and in NUTS; ``"auto"`` (the default) chooses it
-    among `AUTO_PRIOR_SCALES` at the chosen k by 5-fold cross-validation and the
-    one-standard-error rule (`numpyro_moe.select_expert_prior_scale`, 16 more fits) when the data
-    have at most `AUTO_PRIOR_SCALE_ROWS` rows, and keeps 1 (`numpyro_moe.moe_priors`' default)
-    beyond, where the likelihood outweighs the prior (on the 5,389 training rows of the High
-    School and Beyond set the three sds' cross-validated deviances, about 13,444, differed by
-    0.4). A wider prior suits strongly correlated columns, such as a polynomial basis, whose fits
+    coefficients and intercepts, in the point fit and in NUTS (default 1, `numpyro_moe.moe_priors`'
+    default); ``"auto"`` chooses it among `AUTO_PRIOR_SCALES` at the chosen k by 5-fold
+    cross-validation and the one-standard-error rule (`numpyro_moe.select_expert_prior_scale`, 15
+    more fits, and one more when the chosen sd is not 1) when the data have at most
+    `AUTO_PRIOR_SCALE_ROWS` rows, and keeps 1 beyond, where the likelihood outweighs the prior (on
+    the 5,389 training rows of the High School and Beyond set the three sds' cross-validated
+    deviances, about 13,444, differed by 0.4). It is not the default because it chose 1 on every
+    real data set of ``benchmarks/real_data.py`` while making the command more than twice as slow
+    (1,000 rows, d = 8, k = 3: 28 s against 13 s). A wider prior suits strongly correlated columns, such as a polynomial basis, whose fits
     need large coefficients of opposite signs.
 
     Outputs: ``model.json`` (format `FORMAT`: the package version, columns, one-hot levels,
@@ -408,14 +411,14 @@ def fit_csv(
                 f"choosing the experts' prior sd among {list(AUTO_PRIOR_SCALES)} by 5-fold "
                 f"cross-validation at k = {k}"
             )
-            quiet = {**options, "priors": None, "progress_bar": False}
+            quiet = {name: value for name, value in options.items() if name not in ("key", "gate_x", "priors")}
+            quiet["progress_bar"] = False
             with column_names_in_warnings(expert_names):
-                chosen = numpyro_moe.select_expert_prior_scale(
-                    x, y, num_experts=k, scales=AUTO_PRIOR_SCALES, **quiet
+                scale, scale_table = _choose_prior_scale(
+                    x, y, gate_x, fit_key, k, list(AUTO_PRIOR_SCALES), 5, {}, quiet
                 )
-            scale, scale_table = chosen.scale, chosen.table
-            if scale != 1.0:  # the sd-1 fit above stands otherwise
-                fit = chosen.fit
+                if scale != 1.0:  # the sd-1 fit above stands otherwise
+                    fit = fit_moe(x, y, num_experts=k, **{**options, "priors": _expert_priors(scale)})
             say(format_scale_selection(scale_table, scale))
         params = fit.params
         priors = _expert_priors(scale)

@@ -9,8 +9,6 @@ import sys
 import warnings
 from collections.abc import Iterator
 
-from numpyro_moe import ReliabilityWarning
-
 __all__ = ["ADVICE", "FLAGS", "column_names_in_warnings", "progress_bars", "short_warnings"]
 
 _COLUMN = re.compile(r"\b(column|feature) (\d+)\b")
@@ -71,6 +69,9 @@ def short_warnings(command: str, *, quiet: bool) -> Iterator[None]:
     seen = set()
 
     def show(message, category, filename, lineno, file=None, line=None):
+        # Imported here: the command line checks its arguments before JAX is imported.
+        from numpyro_moe import ReliabilityWarning
+
         text = str(message)
         if text in seen or issubclass(category, _HIDDEN):
             return
