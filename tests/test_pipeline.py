@@ -218,6 +218,34 @@ def test_short_em_screening_keeps_the_best_starts_and_the_tensor_start(small):
         moe.fit_moe(x, y, num_experts=2, key=jax.random.key(11), num_finalists=1, screen_iterations=0)
 
 
+
+def test_short_em_screening_reads_a_subsample_above_screen_rows(monkeypatch):
+    # Above screen_rows the screen runs on that many rows and the finalists on all of them, so the
+    # screen's cost does not grow with n; in this easy setting every start's basin is the
+    # optimum's, and the fit is the one screening all the rows finds.
+    import numpyro_moe._fit as fit_module
+
+    x, y, truth = simulation.simulate(key=jax.random.key(8), num_samples=3000, dim=4, num_experts=2)
+    x, y = np.asarray(x), np.asarray(y)
+    seen = []
+    em_all = fit_module._em_all
+
+    def spy(x, y, init, **options):
+        seen.append((x.shape[0], options["max_iterations"]))
+        return em_all(x, y, init, **options)
+
+    monkeypatch.setattr(fit_module, "_em_all", spy)
+    options = {"num_experts": 2, "key": jax.random.key(1), "num_starts": 6, "num_finalists": 2}
+    sampled = moe.fit_moe(x, y, screen_rows=1000, **options)
+    assert (1000, 10) in seen and all(rows == 3000 for rows, iterations in seen if iterations != 10)
+    seen.clear()
+    everything = moe.fit_moe(x, y, screen_rows=None, **options)
+    assert (3000, 10) in seen and all(rows == 3000 for rows, _ in seen)
+    assert sampled.start_objectives.max() == pytest.approx(everything.start_objectives.max(), abs=1e-7)
+    assert metrics.expert_error(sampled, truth) < 0.05
+    with pytest.raises(ValueError, match="screen_rows"):
+        moe.fit_moe(x, y, screen_rows=0, **options)
+
 def test_fit_moe_passes_the_design_to_the_moment_estimate(small):
     x, y, _ = small
     fit = moe.fit_moe(x, y, num_experts=2, key=jax.random.key(11), num_starts=2, intercepts=True, design="mixture")
