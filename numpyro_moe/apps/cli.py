@@ -98,10 +98,11 @@ def _df(text: str) -> float | None:
 def _fit(args: argparse.Namespace) -> int:
     # What can be checked without JAX is checked first: a mistyped name or flag costs a moment,
     # not the seconds of importing JAX and NumPyro (fit_csv checks all of it again).
+    from numpyro_moe.apps.folders import existing_file, refuse_existing
+
     num_experts = parse_experts(args.experts)
     prior_scale, df = _prior_scale(args.expert_prior_scale), _df(args.df)
-    if not Path(args.data).is_file():
-        raise FileNotFoundError(f"DATA: no such file {args.data!r}")
+    existing_file(args.data, "DATA")
     single = isinstance(num_experts, int) or (isinstance(num_experts, tuple) and len(set(num_experts)) == 1)
     if args.out:
         out = args.out
@@ -109,8 +110,7 @@ def _fit(args: argparse.Namespace) -> int:
         out = f"{Path(args.data).stem}-moe-k{num_experts if isinstance(num_experts, int) else num_experts[0]}"
     else:
         out = f"{Path(args.data).stem}-moe"
-    if Path(out).exists() and not args.overwrite:
-        raise FileExistsError(f"--out: {str(out)!r} already exists; choose another folder or pass --overwrite")
+    refuse_existing(out, overwrite=args.overwrite)
 
     import numpyro
 
@@ -151,10 +151,10 @@ def _fit(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     # As in _fit: missing inputs are reported before JAX is imported (predict_csv checks again).
-    if not Path(args.fit_dir).is_dir():
-        raise FileNotFoundError(f"FIT_DIR: no such folder {args.fit_dir!r}; expected a folder of numpyro-moe fit")
-    if not Path(args.data).is_file():
-        raise FileNotFoundError(f"DATA: no such file {args.data!r}")
+    from numpyro_moe.apps.folders import existing_file, existing_fit_folder
+
+    existing_fit_folder(args.fit_dir)
+    existing_file(args.data, "DATA")
 
     import numpyro
 

@@ -1,4 +1,6 @@
-"""Output folders that never look complete when they are not."""
+"""Output folders that never look complete when they are not, and the checks of the paths the
+applications read and write (standard library only: the command line runs them before importing
+JAX)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,29 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["output_folder"]
+__all__ = ["existing_file", "existing_fit_folder", "output_folder", "refuse_existing"]
+
+
+def existing_file(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` as a `Path`, or a FileNotFoundError naming ``flag`` when it is not a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag}: no such file {str(path)!r}")
+    return path
+
+
+def existing_fit_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a `Path`, or a FileNotFoundError (``FIT_DIR``) when it is not a folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"FIT_DIR: no such folder {str(path)!r}; expected a folder of numpyro-moe fit")
+    return path
+
+
+def refuse_existing(path: str | os.PathLike, *, overwrite: bool) -> None:
+    """A FileExistsError (``--out``) when ``path`` exists and ``overwrite`` is False."""
+    if Path(path).exists() and not overwrite:
+        raise FileExistsError(f"--out: {str(path)!r} already exists; choose another folder or pass --overwrite")
 
 
 @contextlib.contextmanager
@@ -20,10 +44,7 @@ def output_folder(path: str | os.PathLike, *, overwrite: bool = False) -> Iterat
     that looks complete. An existing ``path`` is an error unless ``overwrite`` is True.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"--out: {str(path)!r} already exists; choose another folder or pass --overwrite"
-        )
+    refuse_existing(path, overwrite=overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
     try:

@@ -22,6 +22,7 @@ import numpy as np
 import numpyro_moe
 from numpyro_moe import ReliabilityWarning
 from numpyro_moe.apps.csv_workflow import FORMAT, READABLE_FORMATS
+from numpyro_moe.apps.folders import existing_fit_folder
 from numpyro_moe.apps.tables import read_new_csv
 from numpyro_moe.io import load_result
 
@@ -60,11 +61,7 @@ def read_fit_folder(fit_dir: str | os.PathLike) -> dict:
     ValueError
         If it is not a fit folder, or its ``model.json`` is damaged or of another format version.
     """
-    fit_dir = Path(fit_dir)
-    if not fit_dir.is_dir():
-        raise FileNotFoundError(
-            f"FIT_DIR: no such folder {str(fit_dir)!r}; expected a folder of numpyro-moe fit"
-        )
+    fit_dir = existing_fit_folder(fit_dir)
     path = fit_dir / "model.json"
     if not path.is_file():
         older = " (it has fit.npz but no model.json: made by an older numpyro-moe; refit with this version)"

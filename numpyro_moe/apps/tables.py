@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import csv
 import os
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+
+from numpyro_moe.apps.folders import existing_file
 
 __all__ = [
     "INDEX_NAMES",
@@ -133,9 +134,7 @@ def _read_table(path: str | os.PathLike, flag: str, keep: set[str]) -> _Table:
 
     ``keep`` are columns the caller names: never taken for row names.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{flag}: no such file {str(path)!r}")
+    path = existing_file(path, flag)
     with open(path, newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
