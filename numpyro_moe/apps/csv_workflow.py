@@ -279,10 +279,11 @@ def fit_csv(
     more fits, and one more when the chosen sd is not 1) when the data have at most
     `AUTO_PRIOR_SCALE_ROWS` rows, and keeps 1 beyond, where the likelihood outweighs the prior (on
     the 5,389 training rows of the High School and Beyond set the three sds' cross-validated
-    deviances, about 13,444, differed by 0.4). It is not the default because it chose 1 on every
-    real data set of ``benchmarks/real_data.py`` while making the command more than twice as slow
-    (1,000 rows, d = 8, k = 3: 28 s against 13 s). A wider prior suits strongly correlated columns, such as a polynomial basis, whose fits
-    need large coefficients of opposite signs.
+    deviances, about 13,444, differed by 0.4). It is not the default: on the four real data sets
+    of ``benchmarks/real_data.py`` small enough for it, it chose 1 every time, and it made the
+    command more than twice as slow (1,000 rows, d = 8, k = 3: 28 s against 13 s). A wider prior
+    suits strongly correlated columns, such as a polynomial basis, whose fits need large
+    coefficients of opposite signs.
 
     Outputs: ``model.json`` (format `FORMAT`: the package version, columns, one-hot levels,
     features, target, standardisation, training ranges, link, noise, number of experts, seed, the
