@@ -119,6 +119,18 @@ class Fit(NamedTuple):
     entropy: float | None = None
     start_objectives: np.ndarray | None = None
 
+    @property
+    def tensor_gap(self) -> float | None:
+        """How far the tensor start ended below the winner: the winning start's final objective
+        minus the tensor start's, per point (0 when the tensor start won). None when no start
+        came from the moment estimate (k > d, or the labels say otherwise) or the per-start
+        objectives were not kept. Over many fits, how often it is 0 (or within EM's tolerance)
+        is the moment start's share of wins."""
+        if "tensor" not in self.start_labels or self.start_objectives is None:
+            return None
+        objectives = np.asarray(self.start_objectives, dtype=float)
+        return float(objectives[self.start] - objectives[self.start_labels.index("tensor")])
+
 
 def check_data(x, y):
     """Validated (x, y) in JAX's default float dtype (float64 under x64, else float32).

@@ -213,6 +213,15 @@ def test_fit_csv_summary_names_the_starts_and_the_winner(fitted, csv_file):
     assert (f"fit: 2 EM starts (tensor, random); start {fit.start} ({label}) won; "
             f"mean log-likelihood per point {fit.log_likelihood:.4f}; "
             f"EM iterations {fit.iterations}, converged {fit.converged}") in summary
+    # Where the moment start ended, in the summary and in model.json (the start's objectives).
+    record = json.loads((out / "model.json").read_text())["fit"]
+    assert record["start_labels"] == ["tensor", "random"]
+    np.testing.assert_allclose(record["start_objectives"], fit.start_objectives, rtol=1e-12)
+    assert record["tensor_gap"] == pytest.approx(fit.start_objectives[fit.start] - fit.start_objectives[0], abs=1e-12)
+    if fit.start == 0:
+        assert "; the tensor start won" in summary and record["tensor_gap"] == 0
+    else:
+        assert f"; the tensor start ended {record['tensor_gap']:.3g} per point below the winner" in summary
     assert "parameters (standardised units): see parameters.csv" in summary
 
 

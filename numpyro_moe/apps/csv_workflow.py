@@ -162,6 +162,17 @@ def _header(path) -> list[str] | None:
         return None
 
 
+def _tensor_note(fit) -> str:
+    """Where the moment start ended, for the summary: won (a tie goes to it, the first start) or
+    how far below the winner."""
+    gap = fit.tensor_gap
+    if gap is None:
+        return ""
+    if fit.start_labels[fit.start] == "tensor":
+        return "; the tensor start won"
+    return f"; the tensor start ended {gap:.3g} per point below the winner"
+
+
 def _finite(value):
     """JSON has no NaN or infinity: None instead (counts stay integers)."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
@@ -470,6 +481,10 @@ def fit_csv(
                 "converged": bool(fit.converged),
                 "start": int(fit.start),
                 "start_labels": list(fit.start_labels),
+                "start_objectives": None
+                if fit.start_objectives is None
+                else [_finite(value) for value in fit.start_objectives],
+                "tensor_gap": None if fit.tensor_gap is None else _finite(fit.tensor_gap),
             },
             "selection": None
             if selection is None
@@ -498,6 +513,7 @@ def fit_csv(
                 + f" ({', '.join(fit.start_labels)}); start {fit.start} "
                 f"({fit.start_labels[fit.start]}) won; mean log-likelihood per point {fit.log_likelihood:.4f}; "
                 f"EM iterations {fit.iterations}, converged {fit.converged}"
+                + _tensor_note(fit)
             ),
         ]
         summary_table = None
