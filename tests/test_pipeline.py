@@ -75,8 +75,8 @@ def test_fit_moe_keeps_the_best_start(small, with_restarts):
 def test_tensor_gap_is_how_far_the_moment_start_ended_below_the_winner(with_restarts):
     # The fixture's tensor start won (index 0): no gap.
     assert with_restarts.start == 0 and with_restarts.tensor_gap == 0.0
-    record = dict(params=with_restarts.params, log_likelihood=-1.0, history=np.zeros(1), iterations=1,
-                  converged=True, method="em")
+    record = {"params": with_restarts.params, "log_likelihood": -1.0, "history": np.zeros(1), "iterations": 1,
+              "converged": True, "method": "em"}
     lost = moe.Fit(**record, start=0, start_labels=("random", "tensor", "random"),
                    start_objectives=np.array([-1.0, -1.25, -3.0]))
     assert lost.tensor_gap == pytest.approx(0.25, abs=1e-15)
