@@ -129,15 +129,18 @@ def sample_data(params: MoEParams, *, key: jax.Array, num_samples: int) -> tuple
     return x, sample_response(params, x, key=y_key)
 
 
-def sample_response(params: MoEParams, x, *, key: jax.Array, gate_x=None) -> jax.Array:
+def sample_response(params: MoEParams, x, *, key: jax.Array, gate_x=None, num_draws: int | None = None) -> jax.Array:
     """Draw y (n,) given inputs x (n, d) from the `MixtureOfExperts` of ``params``; the gate
     reads ``gate_x`` (n, q) when given (``params.gates`` then has q columns), else x.
+    ``num_draws``: that many independent replicates at once, (num_draws, n) (one call, one
+    compiled program, where a loop over keys would dispatch each draw).
 
     Raises
     ------
     TypeError, ValueError
-        For a bad key, ``params`` that are not well-formed `MoEParams` with noise > 0, or ``x``
-        that is not a finite (n, d) array with d = ``params.dim``.
+        For a bad key, ``params`` that are not well-formed `MoEParams` with noise > 0, ``x``
+        that is not a finite (n, d) array with d = ``params.dim``, or ``num_draws`` not a
+        positive integer.
     """
     key = check_key(key)
     x = check_design(x)
@@ -147,7 +150,8 @@ def sample_response(params: MoEParams, x, *, key: jax.Array, gate_x=None) -> jax
     )
     if x.shape[1] != params.dim:
         raise ValueError(f"x: expected {params.dim} columns like params.experts, got {x.shape[1]}")
-    return MixtureOfExperts.from_params(params, x, gate_x=gate_x).sample(key)
+    shape = () if num_draws is None else (check_positive_int(num_draws, "num_draws"),)
+    return MixtureOfExperts.from_params(params, x, gate_x=gate_x).sample(key, shape)
 
 
 def simulate(

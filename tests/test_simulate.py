@@ -414,6 +414,18 @@ def test_sample_response_shapes_and_keys():
     assert y.shape == (30,) and y.dtype == jnp.float64
     np.testing.assert_array_equal(y, moe.simulation.sample_response(truth, x, key=jax.random.key(55)))
     assert not np.allclose(y, moe.simulation.sample_response(truth, x, key=jax.random.key(56)))
+    # num_draws: independent replicates in one call, the distribution's own sample shape.
+    draws = moe.simulation.sample_response(truth, x, key=jax.random.key(55), num_draws=400)
+    assert draws.shape == (400, 30)
+    np.testing.assert_array_equal(draws, MixtureOfExperts.from_params(truth, x).sample(jax.random.key(55), (400,)))
+    assert np.unique(np.asarray(draws)[:, 0]).size == 400  # no two replicates alike
+    # Each point's replicates follow its mixture: mean within 5 standard errors of the model's.
+    mixture = MixtureOfExperts.from_params(truth, x)
+    error = np.asarray(draws).mean(axis=0) - np.asarray(mixture.mean)
+    assert np.all(np.abs(error) < 5 * np.sqrt(np.asarray(mixture.variance) / 400))
+    for bad in (0, -1, 2.5):
+        with pytest.raises((TypeError, ValueError), match=r"^num_draws: expected an integer >= 1"):
+            moe.simulation.sample_response(truth, x, key=jax.random.key(55), num_draws=bad)
 
 
 def test_a_callable_link_is_recorded_and_used():
