@@ -16,12 +16,16 @@ D. The rare-expert regime (k=8, n=4000, d=10, gate scale 8: one expert holds abo
    data): the methods of B on the same footing, to say whether the moment start helps where one
    expert has few points; and `fit_moe` with two rounds of split-and-merge moves (Ueda et al.
    2000) after EM.
+E. The moment start against random starts as n grows, in the two regimes where one start fails
+   often (relu experts, k=5; the rare expert, k=8 at gate scale 8): expert error of the tensor
+   estimate alone, success of tensor -> EM, of EM from 1 random start and of the oracle, at n from
+   the regime's own size to 10x-50x more, same seeds at every n.
 
 Writes every printed figure to benchmarks/results/em_pipeline.csv (em_pipeline-quick.csv with
 --quick; benchmarks/results_csv.py describes the columns; --only replaces that part's rows).
 
 Usage: python benchmarks/em_pipeline.py [--quick] [--seeds N] [--papers-seeds N] [--skip-flexmix]
-       [--only A|B|C|D]
+       [--only A|B|C|D|E]
 """
 
 from __future__ import annotations
@@ -142,6 +146,47 @@ def hard_regimes(num_seeds, gd_steps, out, regimes=REGIMES, section="B", split_m
                        seeds=num_seeds)
 
 
+GROWING = {
+    "relu, k=5": ({"num_experts": 5, "link": "relu"}, (2_000, 20_000, 100_000)),
+    "k=8, gate scale 8 (one expert ~1% of the data)": ({"num_experts": 8, "gate_scale": 8.0}, (4_000, 40_000)),
+}
+
+
+def moment_start_against_n(num_seeds, out, regimes=GROWING):
+    """Part E: does the moment start overtake random starts as n grows, where one start fails?"""
+    jax, moe = _setup()
+    from numpyro_moe.metrics import expert_error
+    from numpyro_moe.simulation import simulate
+    for name, (setting, sizes) in regimes.items():
+        setting = dict(setting)
+        link = setting.pop("link", "linear")
+        k = setting["num_experts"]
+        for n in sizes:
+            errors = {}
+            start = time.perf_counter()
+            for seed in range(num_seeds):
+                x, y, truth = simulate(key=jax.random.key(seed), dim=10, link=link, num_samples=n, **setting)
+                key = jax.random.key(1000 + seed)
+                estimate = moe.estimate_experts(x, y, num_experts=k, link=link, key=key)
+                fits = {
+                    "tensor estimate alone": estimate.experts,
+                    "tensor -> EM (1 start)": _tensor_then_em(moe, x, y, estimate),
+                    "EM, 1 random start": moe.fit_em(
+                        x, y, moe.random_starts(x, y, num_experts=k, num_starts=1, key=key, link=link)
+                    ).params,
+                    "oracle (EM from truth)": moe.fit_em(x, y, truth).params,
+                }
+                for method, fitted in fits.items():
+                    errors.setdefault(method, []).append(expert_error(fitted, truth))
+            print(f"  {name}, n={n} (d=10), {num_seeds} seeds, {time.perf_counter() - start:.0f} s", flush=True)
+            for method, values in errors.items():
+                values = np.array(values)
+                print(f"    {method:28s} success {np.mean(values < 0.1):5.0%}  median error {np.median(values):.3f}")
+                setting_name = f"{name}, n={n} | {method}"
+                out.record("E", setting_name, "successes", int((values < 0.1).sum()), n=n, seeds=num_seeds)
+                out.record("E", setting_name, "median_expert_error", float(np.median(values)), n=n, seeds=num_seeds)
+
+
 _FLEXMIX = r"""
 suppressMessages(library(flexmix))
 args <- commandArgs(trailingOnly = TRUE)
@@ -240,7 +285,7 @@ def main():
     parser.add_argument("--seeds", type=int, default=None, help="seeds per hard regime (default 10)")
     parser.add_argument("--papers-seeds", type=int, default=None, help="seeds of part A (default 50)")
     parser.add_argument("--skip-flexmix", action="store_true")
-    parser.add_argument("--only", choices=["A", "B", "C", "D"], default=None)
+    parser.add_argument("--only", choices=["A", "B", "C", "D", "E"], default=None)
     args = parser.parse_args()
     started = time.perf_counter()
     out = ResultsCSV("em_pipeline", args.quick)
@@ -257,6 +302,12 @@ def main():
         print("D. The rare-expert regime: success = expert error < 0.1, same seeds for every method")
         hard_regimes(args.seeds or (2 if args.quick else 10), gd_steps=500 if args.quick else 3000, out=out,
                      regimes=RARE_EXPERT, section="D", split_merge=True)
+    if args.only in (None, "E"):
+        print("E. The moment start against random starts as n grows: success = expert error < 0.1")
+        regimes = GROWING
+        if args.quick:  # the regimes' own sizes and one 10x larger
+            regimes = {name: (setting, sizes[:2]) for name, (setting, sizes) in GROWING.items()}
+        moment_start_against_n(args.seeds or (2 if args.quick else 10), out, regimes)
     print(f"total benchmark time {time.perf_counter() - started:.0f} s; figures in {out.path}")
 
 

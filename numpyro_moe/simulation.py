@@ -129,7 +129,9 @@ def sample_data(params: MoEParams, *, key: jax.Array, num_samples: int) -> tuple
     return x, sample_response(params, x, key=y_key)
 
 
-def sample_response(params: MoEParams, x, *, key: jax.Array, gate_x=None, num_draws: int | None = None) -> jax.Array:
+def sample_response(
+    params: MoEParams, x, *, key: jax.Array, gate_x=None, num_draws: int | None = None
+) -> jax.Array:
     """Draw y (n,) given inputs x (n, d) from the `MixtureOfExperts` of ``params``; the gate
     reads ``gate_x`` (n, q) when given (``params.gates`` then has q columns), else x.
     ``num_draws``: that many independent replicates at once, (num_draws, n) (one call, one
