@@ -203,6 +203,25 @@ def test_fit_csv_model_json_standardization(fitted, table):
     assert meta["target_scale"] == pytest.approx(y.std(), rel=1e-12)
 
 
+def test_fit_csv_design_reaches_the_tensor_start_and_model_json(fitted, csv_file, tmp_path, monkeypatch):
+    # The default: the Gaussian moments, recorded.
+    assert json.loads((fitted[1] / "model.json").read_text())["design"] == "gaussian"
+    # --design mixture: the moment estimate of the tensor start reads the fitted design's scores.
+    seen = []
+    estimate = moe._fit.estimate_experts
+
+    def spy(*args, **kwargs):
+        result = estimate(*args, **kwargs)
+        seen.append((kwargs["design"], result.diagnostics.design))
+        return result
+
+    monkeypatch.setattr(moe._fit, "estimate_experts", spy)
+    out = fit_csv(csv_file, out=tmp_path / "mixture", **{**SMOKE, "design": "mixture"})
+    assert seen == [("mixture", "mixture")]
+    assert json.loads((out / "model.json").read_text())["design"] == "mixture"
+    assert load_result(out / "fit.npz").start_labels[0] == "tensor"
+
+
 def test_fit_csv_summary_names_the_starts_and_the_winner(fitted, csv_file):
     _, out = fitted
     fit = load_result(out / "fit.npz")
@@ -279,7 +298,7 @@ def test_fit_csv_defaults():
                        ("overwrite", "overwrite"), ("experts", "num_experts"), ("criterion", "criterion"),
                        ("missing", "missing"), ("shared_noise", "shared_noise"), ("max_draws", "max_samples"),
                        ("max_iterations", "max_iterations"), ("expert_prior_scale", "expert_prior_scale"),
-                       ("finalists", "num_finalists")]:
+                       ("finalists", "num_finalists"), ("design", "design")]:
         assert getattr(args, flag) == defaults[name].default, flag
     assert args.quiet is (not defaults["verbose"].default) is False
     assert args.one_hot is None and defaults["one_hot"].default == ()
@@ -294,19 +313,21 @@ def test_cli_fit_flags_reach_fit_csv(monkeypatch, tmp_path, keep_xla_flags):
         _write(tmp_path / name, "a,y\n1,2\n")
     assert main(["fit", "dir/d.csv", "--target", "y", "--experts", "1-3", "--criterion", "icl", "--one-hot",
                  "a, b", "--missing", "drop", "--shared-noise", "--quiet", "--features", "a, b,c", "--max-draws",
-                 "800", "--max-iterations", "900", "--expert-prior-scale", "5", "--finalists", "3"]) == 0
+                 "800", "--max-iterations", "900", "--expert-prior-scale", "5", "--finalists", "3",
+                 "--design", "auto"]) == 0
     assert main(["fit", "d.csv", "--target", "y", "--experts", "3", "--one-hot", "all"]) == 0
     assert main(["fit", "d.csv", "--target", "y", "--experts", "2,4"]) == 0
     (path, first), (_, second), (_, third) = calls
     assert path == "dir/d.csv"
     assert {key: first[key] for key in ("num_experts", "criterion", "one_hot", "missing", "shared_noise",
                                         "verbose", "features", "out", "max_samples", "max_iterations",
-                                        "expert_prior_scale", "num_finalists")} == {
+                                        "expert_prior_scale", "num_finalists", "design")} == {
         "num_experts": (1, 2, 3), "criterion": "icl", "one_hot": ["a", "b"], "missing": "drop",
         "shared_noise": True, "verbose": False, "features": ["a", "b", "c"], "out": "d-moe", "max_samples": 800,
-        "max_iterations": 900, "expert_prior_scale": 5.0, "num_finalists": 3,
+        "max_iterations": 900, "expert_prior_scale": 5.0, "num_finalists": 3, "design": "auto",
     }
     assert second["expert_prior_scale"] == 1.0 and second["num_finalists"] == 5
+    assert second["design"] == "gaussian"
     # One k keeps it in the default folder's name.
     assert second["num_experts"] == 3 and second["out"] == "d-moe-k3" and second["one_hot"] == "all"
     assert second["verbose"] is True and second["shared_noise"] is False
@@ -371,6 +392,7 @@ ENOUGH = "a,y\n" + "".join(f"{i},{i % 3}\n" for i in range(40))
          r"^--max-draws: expected at least --num-draws \(50\), got 20"),
         ("a,y\n1,2\n", {"nuts": True, "max_samples": 0}, ValueError, r"^--max-draws: expected an integer >= 1, got 0"),
         ("a,y\n1,2\n", {"max_iterations": 0}, ValueError, r"^--max-iterations: expected an integer >= 1, got 0"),
+        ("a,y\n1,2\n", {"design": "normal"}, ValueError, r"^--design: expected one of \['gaussian', 'mixture', 'auto'\], got 'normal'"),
         (ENOUGH, {"link": "cubic"}, ValueError, r"^link: unknown link 'cubic'"),
         ("a,y\n1,2\n", {"target": "z"}, ValueError, r"^--target: "),
         ("a,y\n1,2\n", {"features": ["b"]}, ValueError, r"^--features: columns \['b'\] are not in"),

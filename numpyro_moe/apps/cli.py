@@ -134,6 +134,7 @@ def _fit(args: argparse.Namespace) -> int:
         expert_prior_scale=prior_scale,
         family=args.family,
         df=df,
+        design=args.design,
         nuts=args.nuts,
         seed=args.seed,
         num_starts=args.starts,
@@ -271,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--df", default="auto", help="Student-t degrees of freedom: a number > 0, or auto to estimate them"
+    )
+    fit.add_argument(
+        "--design",
+        choices=("gaussian", "mixture", "auto"),
+        default="gaussian",
+        help="the inputs the tensor start's moments assume: gaussian (default), mixture (score functions of "
+        "a density fitted to the features, for skewed, heavy-tailed or multimodal columns) or auto (mixture "
+        "when a normality test rejects and there are at least 20,000 rows)",
     )
     fit.add_argument("--nuts", action="store_true", help="also run NUTS from the fit and write a DataTree")
     fit.add_argument("--out", help="output folder (default: <DATA>-moe, or <DATA>-moe-k<K> for one k)")

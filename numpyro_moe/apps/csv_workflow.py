@@ -20,6 +20,7 @@ import numpy as np
 
 import numpyro_moe
 from numpyro_moe import MoEParams, fit_moe, run_nuts
+from numpyro_moe._design import DESIGNS
 from numpyro_moe._select import _choose_prior_scale
 from numpyro_moe.apps.folders import output_folder
 from numpyro_moe.apps.messages import column_names_in_warnings, progress_bars
@@ -257,6 +258,7 @@ def fit_csv(
     expert_prior_scale: float | str = 1.0,
     family: str = "normal",
     df: float | None = None,
+    design: str = "gaussian",
     nuts: bool = False,
     seed: int = 0,
     num_starts: int = 20,
@@ -278,7 +280,8 @@ def fit_csv(
     `numpyro_moe.select_num_experts` fits each and keeps the best by ``criterion`` (``"bic"``,
     ``"icl"``, or ``"cv"``: 5-fold cross-validated log-likelihood, 6 fits per k).
     ``family="student_t"`` fits robust Student-t experts (``df`` fixed degrees of freedom, or None
-    to estimate them). ``gate_features`` (column names) gives the gate covariates
+    to estimate them). ``design``: the inputs the tensor start's moments assume (`fit_moe`:
+    ``"gaussian"``, ``"mixture"`` or ``"auto"``). ``gate_features`` (column names) gives the gate covariates
     of its own (flexmix's concomitant variables): the gate reads those columns, the experts read
     ``features`` (default: every column but the target and the gate's). With ``nuts``, `run_nuts`
     from the fit; while its chains disagree (max r_hat > 1.01) they draw ``num_samples`` more, up
@@ -309,6 +312,8 @@ def fit_csv(
     candidates, auto = _candidates(num_experts)
     if criterion not in CRITERIA:
         raise ValueError(f"--criterion: expected one of {list(CRITERIA)}, got {criterion!r}")
+    if design not in DESIGNS:
+        raise ValueError(f"--design: expected one of {list(DESIGNS)}, got {design!r}")
     num_starts = _positive_int(num_starts, "--starts")
     max_iterations = _positive_int(max_iterations, "--max-iterations")
     auto_scale = expert_prior_scale == "auto"
@@ -406,6 +411,7 @@ def fit_csv(
             "gate_x": gate_x,
             "max_iterations": max_iterations,
             "progress_bar": bars,
+            "design": design,
         }
         with column_names_in_warnings(expert_names):
             if len(candidates) == 1:
@@ -476,6 +482,7 @@ def fit_csv(
             "seed": seed,
             "num_starts": num_starts,
             "num_finalists": num_finalists,
+            "design": design,
             "fit": {
                 "method": fit.method,
                 "log_likelihood": _finite(fit.log_likelihood),
