@@ -302,6 +302,13 @@ def test_fit_csv_defaults():
         assert getattr(args, flag) == defaults[name].default, flag
     assert args.quiet is (not defaults["verbose"].default) is False
     assert args.one_hot is None and defaults["one_hot"].default == ()
+    # The command line lists --design's choices before importing the library: the same as its own.
+    from numpyro_moe._design import DESIGNS
+
+    for design in DESIGNS:
+        assert build_parser().parse_args(["fit", "d.csv", "--target", "y", "--design", design]).design == design
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["fit", "d.csv", "--target", "y", "--design", "normal"])
 
 
 def test_cli_fit_flags_reach_fit_csv(monkeypatch, tmp_path, keep_xla_flags):

@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--design",
-        choices=("gaussian", "mixture", "auto"),
+        choices=("gaussian", "mixture", "auto"),  # numpyro_moe._design.DESIGNS, without importing JAX
         default="gaussian",
         help="the inputs the tensor start's moments assume: gaussian (default), mixture (score functions of "
         "a density fitted to the features, for skewed, heavy-tailed or multimodal columns) or auto (mixture "
