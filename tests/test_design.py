@@ -163,14 +163,17 @@ def test_auto_picks_the_mixture_on_skewed_inputs_from_enough_rows():
 
 def test_streamed_chunks_give_the_in_memory_estimate():
     """The design is fitted on the same rows and the passes sum the same terms, whatever the
-    chunking: equal to rounding."""
+    chunking: equal up to rounding, which the design's iterative fit and the decomposition amplify
+    (the largest difference measured 2.2e-8, relative 2e-7, with jax 0.12.0.1 and numpy 2.5.5,
+    where earlier releases kept it below 1e-8); one row left out moves the experts by
+    1.6e-3, one block's y shifted by a row by 5.6e-2."""
     x, y, _ = _lognormal_data(2, 6_000, d=4, k=2)
     key = jax.random.PRNGKey(1)
     in_memory = estimate_experts(x, y, num_experts=2, key=key, design="mixture", chunk_size=1024)
     chunks = [(x[start : start + 700], y[start : start + 700]) for start in range(0, len(x), 700)]
     streamed = estimate_experts(chunks, num_experts=2, key=key, design="mixture", chunk_size=1024)
     assert streamed.diagnostics.design == "mixture"
-    np.testing.assert_allclose(streamed.experts, in_memory.experts, atol=1e-8)
+    np.testing.assert_allclose(streamed.experts, in_memory.experts, atol=1e-6)
 
 
 def test_auto_keeps_the_gaussian_path_on_gaussian_inputs():
