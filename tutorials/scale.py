@@ -95,9 +95,9 @@ print(f"expert error against the truth: {expert_error(fit.params.experts, truth.
 print(f"log-likelihood per point: {fit.log_likelihood:.5f}")
 
 # %% [markdown]
-# The streamed EM takes one Newton step on the gate per iteration where the in-memory EM solves
-# the gate's M-step to tolerance, so their paths differ; their optimum is the same. On the first
-# rows, loaded into memory:
+# Both EMs take one Newton step on the gate per iteration, but the streamed one takes every step
+# from the sums of one pass at the current parameters, so their paths differ a little; their
+# optimum is the same. On the first rows, loaded into memory:
 
 # %%
 rows = sizes[0]
