@@ -59,22 +59,43 @@ write.csv(parameters(fit), args[3], row.names = TRUE)
 class Report:
     """Prints lines and keeps them, with machine-readable rows, for the results files."""
 
-    def __init__(self, stem: Path):
+    def __init__(self, stem: Path, *, parts: bool = False):
         self.stem = stem
         self.lines: list[str] = []
         self.rows: list[dict] = []
+        # A full run also writes each part's files (stem-A.txt, ...), which the README's results
+        # section reads, as a run with --only would.
+        self.parts = parts
+        self.part: str | None = None
+        self.part_of: list[str | None] = []
+
+    def begin(self, part: str, line: str) -> None:
+        self.part = part
+        self.say(line)
+
+    def _write(self, stem: Path, lines: list[str], rows: list[dict]) -> None:
+        stem.with_suffix(".txt").write_text("\n".join(lines) + "\n")
+        with open(stem.with_suffix(".csv"), "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["section", "setting", "measure", "value"])
+            writer.writeheader()
+            writer.writerows(rows)
 
     def save(self) -> None:
         self.stem.parent.mkdir(parents=True, exist_ok=True)
-        self.stem.with_suffix(".txt").write_text("\n".join(self.lines) + "\n")
-        with open(self.stem.with_suffix(".csv"), "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["section", "setting", "measure", "value"])
-            writer.writeheader()
-            writer.writerows(self.rows)
+        self._write(self.stem, self.lines, self.rows)
+        if not self.parts:
+            return
+        head = [line for line, part in zip(self.lines, self.part_of, strict=True) if part is None]
+        for part in sorted({part for part in self.part_of if part is not None}):
+            lines = [line for line, own in zip(self.lines, self.part_of, strict=True) if own == part]
+            note = f"part {part} of a full run of benchmarks/speed.py (all parts: {self.stem.name}.txt)"
+            rows = [row for row in self.rows if row["section"] == part]
+            self._write(self.stem.with_name(f"{self.stem.name}-{part}"), [note, *head[:2], *lines], rows)
 
     def say(self, line: str = "") -> None:
         print(line, flush=True)
         self.lines.append(line)
+        self.part_of.append(self.part)
         self.save()  # at every line: a long run stopped early keeps what it measured
 
     def record(self, section: str, setting: str, measure: str, value) -> None:
@@ -273,19 +294,19 @@ def main() -> None:
     num_seeds = args.seeds or (3 if args.quick else 10)
     sizes = [(1_000, 8), (20_000, 10)] + ([] if args.quick else [(200_000, 10)])
     stem = "speed-quick" if args.quick else "speed"
-    report = Report(RESULTS / (stem + (f"-{args.only}" if args.only else "")))
+    report = Report(RESULTS / (stem + (f"-{args.only}" if args.only else "")), parts=args.only is None)
     report.say(f"benchmarks/speed.py{' --quick' if args.quick else ''}: {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
     report.say(f"start: {_load()} (timings are wall-clock on a shared machine)")
     if args.only in (None, "A"):
-        report.say("A. Whole processes: numpyro-moe fit (compilation cache cold, then warm) vs Rscript + flexmix")
+        report.begin("A", "A. Whole processes: numpyro-moe fit (compilation cache cold, then warm) vs Rscript + flexmix")
         whole_processes(report, sizes)
         report.say(f"   {_load()}")
     if args.only in (None, "B"):
-        report.say("B. One warm process: fit_moe repeated at the same n vs at a new n")
+        report.begin("B", "B. One warm process: fit_moe repeated at the same n vs at a new n")
         new_size(report, [(1_000, 8), (20_000, 10)])
         report.say(f"   {_load()}")
     if args.only in (None, "C"):
-        report.say(f"C. Hard regime: d = 10, k = 8, n = 4,000, linear, noise 0.1, {num_seeds} seeds per gate scale")
+        report.begin("C", f"C. Hard regime: d = 10, k = 8, n = 4,000, linear, noise 0.1, {num_seeds} seeds per gate scale")
         hard_regime(report, num_seeds)
         report.say(f"   {_load()}")
     print(f"written: {report.stem}.txt and .csv")
