@@ -18,7 +18,7 @@ import numpyro_moe as moe
 from numpyro_moe import Fit, MixtureOfExperts, MoEParams
 from numpyro_moe.apps import csv_workflow
 from numpyro_moe.apps.cli import build_parser, main
-from numpyro_moe.apps.csv_workflow import CsvData, fit_csv, read_csv
+from numpyro_moe.apps.csv_workflow import CsvData, _nuts_line, fit_csv, read_csv
 from numpyro_moe.apps.plots import MAX_TRACE_PANELS, plot_trace
 from numpyro_moe.io import load_result
 from numpyro_moe.simulation import sample_data, true_params
@@ -497,9 +497,32 @@ def test_fit_csv_with_nuts_writes_the_posterior(fitted_nuts, fitted):
         np.testing.assert_allclose(posterior["experts"].mean(("chain", "draw")), point.params.experts, atol=0.05)
     header = (out / "summary.csv").read_text().splitlines()[0].split(",")
     assert {"mean", "sd", "r_hat", "ess_bulk"} <= set(header)
-    assert "posterior summary (az.summary)" in (out / "summary.txt").read_text()
+    text = (out / "summary.txt").read_text()
+    assert "posterior summary (az.summary)" in text
+    recorded = json.loads((out / "model.json").read_text())["nuts"]
+    assert f"max r_hat {recorded['max_r_hat']:.3f}" in text
+    assert ("Not to be trusted" in text) == (not recorded["max_r_hat"] <= 1.01 or recorded["divergences"] > 0)
     for name in ("trace.png", "ppc.png"):
         assert (out / name).read_bytes().startswith(PNG)
+
+
+def test_the_summary_says_when_the_chains_cannot_be_trusted():
+    agreeing = {"max_r_hat": 1.004, "min_ess_bulk": 812.4, "divergences": 0, "draws": 500}
+    line = _nuts_line(agreeing, 4, 500)
+    assert line == (
+        "NUTS: 4 chains x 500 draws (500 warmup); max r_hat 1.004, min bulk ESS 812, 0 divergent transitions"
+    )
+    # Chains in different modes (the Boston data at k = 3 measured 1.457): what is wrong, and what to do.
+    apart = _nuts_line({**agreeing, "max_r_hat": 1.457, "min_ess_bulk": 8.1}, 4, 500)
+    assert apart.startswith("NUTS: 4 chains x 500 draws (500 warmup); max r_hat 1.457, min bulk ESS 8,")
+    assert "the chains disagree (max r_hat above 1.01)" in apart and "--max-draws" in apart
+    assert "diverged" not in apart
+    diverged = _nuts_line({**agreeing, "divergences": 3}, 4, 500)
+    assert "some transitions diverged" in diverged and "disagree" not in diverged
+    # Chains that never moved have a NaN r_hat: not trusted either.
+    assert "disagree" in _nuts_line({**agreeing, "max_r_hat": float("nan")}, 4, 500)
+    # One chain has no r_hat to judge.
+    assert "Not to be trusted" not in _nuts_line({**agreeing, "max_r_hat": float("nan")}, 1, 500)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -176,6 +176,29 @@ def _tensor_note(fit) -> str:
     return f"; the tensor start ended {gap:.3g} per point below the winner"
 
 
+def _nuts_line(diagnostics: dict, chains: int, warmup: int) -> str:
+    """The summary's line on the chains: their diagnostics, and what to do when they disagree."""
+    from numpyro_moe._bayes import RHAT_LIMIT
+
+    r_hat, divergences = diagnostics["max_r_hat"], int(diagnostics["divergences"])
+    line = (
+        f"NUTS: {chains} chains x {diagnostics['draws']} draws ({warmup} warmup); max r_hat {r_hat:.3f}, "
+        f"min bulk ESS {diagnostics['min_ess_bulk']:.0f}, {divergences} divergent transitions"
+    )
+    problems = []
+    if chains > 1 and not r_hat <= RHAT_LIMIT:
+        problems.append(f"the chains disagree (max r_hat above {RHAT_LIMIT})")
+    if divergences:
+        problems.append("some transitions diverged")
+    if not problems:
+        return line
+    return (
+        f"{line}. Not to be trusted as it stands: {' and '.join(problems)}; the summaries and the "
+        "posterior predictive mix what the chains found separately. Run longer (--max-draws), try "
+        "fewer experts, or look at trace.png for chains stuck in different modes"
+    )
+
+
 def _finite(value):
     """JSON has no NaN or infinity: None instead (counts stay integers)."""
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
@@ -570,6 +593,7 @@ def fit_csv(
             (staging / "model.json").write_text(json.dumps(model, indent=2) + "\n")
             table = az.summary(datatree)
             table.to_csv(staging / "summary.csv")
+            summary.append(_nuts_line(result.diagnostics, num_chains, num_warmup))
             summary.append("posterior summary (az.summary):\n" + table.to_string())
             plot_trace(datatree, staging / "trace.png")
             save_plot(az.plot_ppc_dist(datatree, backend="matplotlib"), staging / "ppc.png")
