@@ -241,6 +241,68 @@ def test_new_data_missing_values(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# Plain numbers: read at once
+
+
+NUMERIC = [
+    "a,b,y\n1.5,2,3\n-4e-3,+5,6.25\n7,8,9\n",
+    "\ufeffa, b ,y\r\n 1.5 ,2,3\r\n-4e-3,5,6.25\r\n7,8,9",  # a byte-order mark, CRLF, spaces, no last newline
+    'a,"b",y\n1.5,2,3\n-4e-3,5,6.25\n7,8,9\n',  # a quoted name (R's write.csv without row names)
+]
+
+
+def _general_path(monkeypatch):
+    """Reading cell by cell, whatever the file."""
+    monkeypatch.setattr(tables, "_numeric_table", lambda text, keep: None)
+
+
+@pytest.mark.parametrize("text", NUMERIC)
+def test_a_file_of_numbers_is_read_at_once_as_cell_by_cell(tmp_path, monkeypatch, text):
+    path = tmp_path / "d.csv"
+    path.write_bytes(text.encode())
+    with open(path, encoding="utf-8-sig", newline="") as handle:
+        assert tables._numeric_table(handle.read(), set()) is not None  # the fast path reads it
+    fast = read_csv(path, target="y", one_hot=["b"])
+    new_fast = read_new_csv(path, columns=["a", "b"], target="y", levels=fast.levels)
+    _general_path(monkeypatch)
+    general = read_csv(path, target="y", one_hot=["b"])
+    new_general = read_new_csv(path, columns=["a", "b"], target="y", levels=general.levels)
+    np.testing.assert_array_equal(fast.x, general.x)
+    np.testing.assert_array_equal(fast.y, general.y)
+    np.testing.assert_array_equal(fast.lines, general.lines)
+    # The one-hot levels are the cells' text ("+5" stays "+5"), as the general path has them.
+    assert fast.levels == general.levels and fast.feature_names == general.feature_names
+    assert fast.notes == general.notes == []
+    np.testing.assert_array_equal(new_fast.x, new_general.x)
+    np.testing.assert_array_equal(new_fast.y, new_general.y)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a,y\n1,2\n\n3,4\n",  # a blank line: the file's line numbers differ from the rows'
+        "a,y\n1,2\nNA,4\n",  # a missing value
+        "a,y\n1,2\ninf,4\n",  # not finite
+        'a,y\n"1",2\n3,4\n',  # a quoted cell
+        ",a,y\n1,1,2\n2,3,4\n",  # row names
+        "index,a,y\n1,1,2\n2,3,4\n",  # an index-named first column
+        "a,y\n1,2,3\n3,4,5\n",  # a field more than the header
+        "a,a,y\n1,2,3\n",  # a repeated name
+        "a,y\n",  # no data rows
+    ],
+)
+def test_anything_but_plain_numbers_takes_the_general_path(text):
+    assert tables._numeric_table(text, set()) is None
+
+
+def test_a_blank_line_keeps_the_files_line_numbers_in_messages(tmp_path):
+    path = _write(tmp_path / "d.csv", "a,y\n1,2\n\n3,4\nNA,5\n")
+    with pytest.raises(ValueError, match=r"line 5\b"):
+        read_csv(path, target="y")
+    np.testing.assert_array_equal(read_csv(path, target="y", missing="drop").lines, [2, 4])
+
+
+# ---------------------------------------------------------------------------------------------
 # Command-line helpers
 
 

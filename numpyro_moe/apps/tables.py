@@ -21,7 +21,10 @@ What is accepted, and what each case becomes:
 from __future__ import annotations
 
 import csv
+import io
 import os
+import warnings
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -99,8 +102,27 @@ class NewData(NamedTuple):
 class _Table(NamedTuple):
     header: list[str]
     lines: np.ndarray
-    cells: list[list[str]]  # stripped cells per row, row names removed
+    cells: list[list[str]] | None  # stripped cells per row, row names removed (None: see values)
     notes: list[str]
+    # A file of finite numbers only, read at once: its values, and its data lines for the cells.
+    values: np.ndarray | None = None
+    raw: list[str] | None = None
+
+
+class _Cells(Sequence):
+    """One column's stripped cells of a table read as numbers, split from its lines on demand
+    (only text work, such as --one-hot levels, needs them)."""
+
+    def __init__(self, raw: list[str], index: int):
+        self.raw, self.index = raw, index
+
+    def __len__(self) -> int:
+        return len(self.raw)
+
+    def __getitem__(self, row):
+        if isinstance(row, slice):
+            return [self[i] for i in range(*row.indices(len(self)))]
+        return self.raw[row].split(",")[self.index].strip()
 
 
 class _Column(NamedTuple):
@@ -129,6 +151,34 @@ def _is_index(cells: list[str]) -> bool:
     return n > 0 and (values == list(range(1, n + 1)) or values == list(range(n)))
 
 
+def _numeric_table(text: str, keep: set[str]) -> _Table | None:
+    """The table of a CSV file's ``text`` when it is plain numbers: a header of distinct names (no
+    row-name column), then lines of as many finite numbers, unquoted, with no blank line. NumPy's
+    C parser reads them at once (at 200,000 rows x 11 columns, 0.2 s where reading cell by cell
+    takes 2 s); anything else returns None, for `_read_table`'s general path."""
+    head, _, body = text.partition("\n")
+    header = [name.strip() for name in next(csv.reader([head.rstrip("\r")]), [])]
+    first = header[0] if header else ""
+    if (
+        len(header) < 2 or "" in header or len(set(header)) < len(header) or '"' in body
+        or (first.lower() in _INDEX and first not in keep)
+    ):
+        return None
+    lines = body.splitlines()
+    if not lines:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # NumPy warns of lines it reads as empty
+            values = np.loadtxt(lines, delimiter=",", dtype=float, ndmin=2, comments=None)
+    except (ValueError, UserWarning):
+        return None
+    # A blank line would be skipped (the rows' line numbers then differ): the general path.
+    if values.shape != (len(lines), len(header)) or not np.isfinite(values).all():
+        return None
+    return _Table(header, np.arange(2, len(lines) + 2), None, [], values, lines)
+
+
 def _read_table(path: str | os.PathLike, flag: str, keep: set[str]) -> _Table:
     """Header and stripped cells of a CSV file, blank lines skipped and row names dropped.
 
@@ -136,6 +186,11 @@ def _read_table(path: str | os.PathLike, flag: str, keep: set[str]) -> _Table:
     """
     path = existing_file(path, flag)
     with open(path, newline="", encoding="utf-8-sig") as handle:
+        text = handle.read()
+    numeric = _numeric_table(text, keep)
+    if numeric is not None:
+        return numeric
+    with io.StringIO(text, newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         if not header:
@@ -191,6 +246,9 @@ def _read_table(path: str | os.PathLike, flag: str, keep: set[str]) -> _Table:
 
 def _column(table: _Table, name: str) -> _Column:
     index = table.header.index(name)
+    if table.values is not None:
+        values = table.values[:, index]
+        return _Column(values, np.zeros(len(values), dtype=bool), [], _Cells(table.raw, index))
     cells = [row[index] for row in table.cells]
     # Fast path: every cell a number (NumPy parses them in C). A NaN may be a missing-value marker
     # ("NaN", "nan"), and any cell NumPy cannot parse may be text or missing: the loop below sorts
@@ -322,7 +380,7 @@ def read_csv(
         raise ValueError(f"--features: columns {absent} are not in {path!r}; columns are {header}")
     if not features:
         raise ValueError(f"DATA: {path!r} has no feature columns besides the target {target!r}")
-    if not table.cells:
+    if not len(table.lines):
         raise ValueError(f"DATA: {path!r} has a header but no data rows")
     chosen = _one_hot_columns(one_hot, features, target)
     columns = {name: _column(table, name) for name in [target, *features]}
@@ -430,7 +488,7 @@ def read_new_csv(
             f"{flag}: {path!r} lacks the columns {absent} that the model needs (it was fitted on {columns}); "
             f"columns are {table.header}"
         )
-    if not table.cells:
+    if not len(table.lines):
         raise ValueError(f"{flag}: {path!r} has a header but no data rows")
     parsed = {name: _column(table, name) for name in columns}
     for name, column in parsed.items():
