@@ -9,6 +9,7 @@ import os
 import warnings
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import numpyro
 import pytest
@@ -18,7 +19,7 @@ import numpyro_moe as moe
 from numpyro_moe import Fit, MixtureOfExperts, MoEParams
 from numpyro_moe.apps import csv_workflow
 from numpyro_moe.apps.cli import build_parser, main
-from numpyro_moe.apps.csv_workflow import CsvData, _nuts_line, fit_csv, read_csv
+from numpyro_moe.apps.csv_workflow import CsvData, _binding_prior_note, _nuts_line, fit_csv, read_csv
 from numpyro_moe.apps.plots import MAX_TRACE_PANELS, plot_trace
 from numpyro_moe.io import load_result
 from numpyro_moe.simulation import sample_data, true_params
@@ -504,6 +505,23 @@ def test_fit_csv_with_nuts_writes_the_posterior(fitted_nuts, fitted):
     assert ("Not to be trusted" in text) == (not recorded["max_r_hat"] <= 1.01 or recorded["divergences"] > 0)
     for name in ("trace.png", "ppc.png"):
         assert (out / name).read_bytes().startswith(PNG)
+
+
+def test_the_summary_says_when_the_experts_prior_holds_a_coefficient_back():
+    # The motorcycle set's k = 3 fit at S = 1: expert 0's coefficient on time was 2.57.
+    experts = jnp.asarray([[2.57113, 1.36916, -0.532276], [0.27, 0.41, -0.42], [0.30, 0.11, -0.09]])
+    params = MoEParams(experts, jnp.zeros((3, 3)), jnp.full(3, 0.3), expert_intercepts=jnp.asarray([0.45, 0.12, 0.79]))
+    names = ["time", "time2", "time3"]
+    note = _binding_prior_note(params, 1.0, names)
+    assert note.startswith("note: expert 0's time coefficient is 2.57 (standardised), 2.6 sd of the experts' "
+                           "Normal(0, 1) prior")
+    assert "--expert-prior-scale auto" in note
+    # Within 2 sd of the prior (S = 1.5 puts 2.57 at 1.7 sd), or a negative intercept beyond it.
+    assert _binding_prior_note(params, 1.5, names) is None
+    small = params.replace(experts=experts / 2)
+    assert _binding_prior_note(small, 1.0, names) is None
+    far = small.replace(expert_intercepts=jnp.asarray([0.1, -2.4, 0.0]))
+    assert _binding_prior_note(far, 1.0, names).startswith("note: expert 1's intercept coefficient is -2.4")
 
 
 def test_the_summary_says_when_the_chains_cannot_be_trusted():
