@@ -7,9 +7,10 @@ One EM iteration, compiled once per (link, which blocks are updated) and run in 
 - Gates: ``argmax sum_n sum_i r_ni log softmax(W x_n)_i`` over W with the last row zero, a convex
   soft-label multinomial logistic regression (a 1e-8 ridge keeps it strictly convex when the
   labels separate). Each iteration takes one Newton step on it, with a step search, from the
-  current gate (``gate_steps``, default 1) rather than solving it to tolerance: a generalised EM
-  (Dempster, Laird and Rubin 1977; the one-step M-step of Jordan and Jacobs's IRLS) with the same
-  fixed points, since at a fixed point the step is zero, i.e. the gate solves its M-step. The
+  current gate (``gate_steps``, default 1) rather than solving it to tolerance (Jordan and Jacobs
+  1994 solve it by IRLS; this is one of its iterations): a generalised EM (Dempster, Laird and
+  Rubin 1977) with the same fixed points, since at a fixed point the step is zero, i.e. the gate
+  solves its M-step. The
   targets move little between iterations, so the solves to tolerance spent most of their Newton
   steps, each a pass over the data, on a problem about to change. Measured side by side with up
   to 50 steps per iteration: on the papers' setting (d = 10, k = 3, n = 1,000 to 200,000)
