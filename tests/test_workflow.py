@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+from pathlib import Path
 import warnings
 
 import jax
@@ -287,11 +288,12 @@ def test_fit_csv_is_reproducible_for_a_seed(csv_file, fitted, tmp_path):
 
 def test_fit_csv_defaults():
     # The command's defaults are the function's: 20 EM starts of which 5 continue after a short
-    # EM, k chosen among 1-5 by BIC, the experts' prior sd 1 (cross-validation on request), a
-    # noise per expert, missing values refused.
+    # EM, k chosen among 1-5 by BIC, the experts' prior sd 1 widened to 3 and 10 while it binds
+    # (None; cross-validation on request), a noise per expert, missing values refused.
     defaults = inspect.signature(fit_csv).parameters
     assert defaults["num_starts"].default == 20 and defaults["num_finalists"].default == 5
-    assert defaults["expert_prior_scale"].default == 1.0 and csv_workflow.AUTO_PRIOR_SCALES == (1.0, 3.0, 10.0)
+    assert defaults["expert_prior_scale"].default is None and csv_workflow.AUTO_PRIOR_SCALES == (1.0, 3.0, 10.0)
+    assert csv_workflow.WIDER_PRIOR_SCALES == (3.0, 10.0) and csv_workflow.BINDING_PRIOR_SDS == 2.0
     assert defaults["num_experts"].default == "auto" and csv_workflow.AUTO_EXPERTS == (1, 2, 3, 4, 5)
     args = build_parser().parse_args(["fit", "d.csv", "--target", "y"])
     for flag, name in [("starts", "num_starts"), ("link", "link"), ("seed", "seed"), ("nuts", "nuts"),
@@ -334,7 +336,7 @@ def test_cli_fit_flags_reach_fit_csv(monkeypatch, tmp_path, keep_xla_flags):
         "shared_noise": True, "verbose": False, "features": ["a", "b", "c"], "out": "d-moe", "max_samples": 800,
         "max_iterations": 900, "expert_prior_scale": 5.0, "num_finalists": 3, "design": "auto",
     }
-    assert second["expert_prior_scale"] == 1.0 and second["num_finalists"] == 5
+    assert second["expert_prior_scale"] is None and second["num_finalists"] == 5
     assert second["design"] == "gaussian"
     # One k keeps it in the default folder's name.
     assert second["num_experts"] == 3 and second["out"] == "d-moe-k3" and second["one_hot"] == "all"
@@ -522,6 +524,41 @@ def test_the_summary_says_when_the_experts_prior_holds_a_coefficient_back():
     assert _binding_prior_note(small, 1.0, names) is None
     far = small.replace(expert_intercepts=jnp.asarray([0.1, -2.4, 0.0]))
     assert _binding_prior_note(far, 1.0, names).startswith("note: expert 1's intercept coefficient is -2.4")
+
+
+def _cubic_basis_csv(path):
+    """The motorcycle data (models/data/mcycle.csv) on a cubic basis of standardised time: strongly
+    correlated columns whose experts need large coefficients."""
+    data = np.genfromtxt(Path(__file__).parent.parent / "models" / "data" / "mcycle.csv", delimiter=",", names=True)
+    t = (data["times"] - data["times"].mean()) / data["times"].std()
+    rows = [f"{a!r},{a * a!r},{a**3!r},{b!r}" for a, b in zip(t.tolist(), data["accel"].tolist(), strict=True)]
+    return _write(path, "time,time2,time3,accel\n" + "\n".join(rows) + "\n")
+
+
+def test_the_default_experts_prior_widens_while_it_binds(tmp_path, fitted):
+    path = _cubic_basis_csv(tmp_path / "cubic.csv")
+    options = {"target": "accel", "num_experts": 3, "num_starts": 5, "verbose": False}
+    out = fit_csv(path, out=tmp_path / "default", **options)
+    model = json.loads((out / "model.json").read_text())
+    steps = model["expert_prior_scale_widened"]
+    # Each step: a coefficient beyond 2 sd of the prior it left, the next sd of 3 and 10.
+    assert [(step["from"], step["to"]) for step in steps] == [(1.0, 3.0), (3.0, 10.0)][: len(steps)] and steps
+    assert all(abs(step["value"]) > 2 * step["from"] for step in steps)
+    scale = model["expert_prior_scale"]
+    assert scale == steps[-1]["to"]
+    fit = load_result(out / "fit.npz")
+    largest = max(np.abs(np.asarray(fit.params.experts)).max(), np.abs(np.asarray(fit.params.expert_intercepts)).max())
+    assert largest <= 2 * scale or scale == 10.0  # it stops once nothing binds, or at the widest
+    summary = (out / "summary.txt").read_text()
+    assert f"experts' prior Normal(0, {scale:g}) (widened from Normal(0, 1): {steps[0]['coefficient']}" in summary
+    # A given sd is kept, and the summary says that it binds.
+    given = fit_csv(path, out=tmp_path / "given", expert_prior_scale=1.0, **options)
+    model = json.loads((given / "model.json").read_text())
+    assert model["expert_prior_scale"] == 1.0 and model["expert_prior_scale_widened"] is None
+    assert "note: expert " in (given / "summary.txt").read_text()
+    # Where nothing binds (the simulated data of the other tests), the default stays at 1.
+    model = json.loads((fitted[1] / "model.json").read_text())
+    assert model["expert_prior_scale"] == 1.0 and model["expert_prior_scale_widened"] is None
 
 
 def test_the_summary_says_when_the_chains_cannot_be_trusted():

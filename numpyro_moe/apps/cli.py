@@ -70,10 +70,11 @@ def _one_hot(text: str | None):
     return "all" if text.strip() == "all" else [name.strip() for name in text.split(",") if name.strip()]
 
 
-def _prior_scale(text: str | float) -> float | str:
-    """``--expert-prior-scale``: ``auto`` or a positive number (checked by `fit_csv`)."""
-    if isinstance(text, float):  # the default
-        return text
+def _prior_scale(text: str | None) -> float | str | None:
+    """``--expert-prior-scale``: ``auto``, a positive number (checked by `fit_csv`), or None (the
+    default: 1, widened while it binds)."""
+    if text is None:
+        return None
     if text.strip().lower() == "auto":
         return "auto"
     try:
@@ -258,11 +259,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--expert-prior-scale",
-        default=1.0,
+        default=None,
         metavar="S|auto",
-        help="sd of the Normal prior on the experts' standardised coefficients and intercepts (default 1; "
-        "auto = chosen among 1, 3 and 10 by 5-fold cross-validation at the chosen k, on data of at most 2,000 "
-        "rows, 1 beyond). Wide priors suit strongly correlated columns, as in a polynomial basis",
+        help="sd of the Normal prior on the experts' standardised coefficients and intercepts (default: 1, "
+        "widened to 3, then 10, while a fitted coefficient lies beyond 2 sd of it, as strongly correlated "
+        "columns such as a polynomial basis need; auto = chosen among 1, 3 and 10 by 5-fold cross-validation "
+        "at the chosen k, on data of at most 2,000 rows, 1 beyond)",
     )
     fit.add_argument(
         "--family",
