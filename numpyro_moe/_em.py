@@ -10,10 +10,9 @@ One EM iteration, compiled once per (link, which blocks are updated) and run in 
   current gate (``gate_steps``, default 1) rather than solving it to tolerance (Jordan and Jacobs
   1994 solve it by IRLS; this is one of its iterations): a generalised EM (Dempster, Laird and
   Rubin 1977) with the same fixed points, since at a fixed point the step is zero, i.e. the gate
-  solves its M-step. The
-  targets move little between iterations, so the solves to tolerance spent most of their Newton
-  steps, each a pass over the data, on a problem about to change. Measured side by side with up
-  to 50 steps per iteration: on the papers' setting (d = 10, k = 3, n = 1,000 to 200,000)
+  solves its M-step. The targets move little between iterations, so the solves to tolerance spent
+  most of their Newton steps, each a pass over the data, on a problem about to change. Measured
+  side by side with up to 50 steps per iteration: on the papers' setting (d = 10, k = 3, n = 1,000 to 200,000)
   `fit_moe` reached the same optimum in as many iterations 2.5-3x faster; on d = 10, k = 8,
   n = 4,000 (``benchmarks/speed.py`` part C, 10 seeds per gate scale) the same optimum on every
   seed, median times 4.1 s -> 1.1 s and 13.9 s -> 4.9 s. The streamed EM

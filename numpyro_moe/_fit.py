@@ -849,8 +849,8 @@ def fit_moe(
         convergence, and keeps the result only when it raises EM's objective; rounds stop at the
         first that does not. 0 (the default): none. In memory only. It mends the optimum it is
         built for (``tests/test_split_merge.py``: two identical experts over two true ones, a
-        fixed point of EM, expert error 1.08 -> 0.01). In the rare-expert regime (d = 10, k = 8, n = 4,000, gate
-        scale 8, 10 seeds; ``benchmarks/em_pipeline.py`` part D) two rounds left the success count
+        fixed point of EM, expert error 1.08 -> 0.01). In the rare-expert regime (d = 10, k = 8,
+        n = 4,000, gate scale 8, 10 seeds; ``benchmarks/em_pipeline.py`` part D) two rounds left the success count
         as it was (4/10; median expert error 0.177 -> 0.173): on the failing seeds examined (2 and
         6) EM misses the rare expert itself (24-32 points; on seed 2 its gate probability is
         nowhere above 0.13), and no move from the fitted state finds it.

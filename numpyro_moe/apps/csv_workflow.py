@@ -355,16 +355,16 @@ def fit_csv(
     with the next of `WIDER_PRIOR_SCALES`, and ``model.json`` records each step
     (``expert_prior_scale_widened``). On the five real data sets of ``benchmarks/real_data.py``
     only the motorcycle set's cubic basis widens (to 10; the largest coefficients elsewhere were
-    0.47-1.40 sd). A number fixes the sd (a note in the summary says when it binds); ``"auto"`` chooses it among `AUTO_PRIOR_SCALES` at the chosen k by 5-fold
-    cross-validation and the one-standard-error rule (`numpyro_moe.select_expert_prior_scale`, 15
-    more fits, and one more when the chosen sd is not 1) when the data have at most
-    `AUTO_PRIOR_SCALE_ROWS` rows, and keeps 1 beyond, where the likelihood outweighs the prior (on
-    the 5,389 training rows of the High School and Beyond set the three sds' cross-validated
-    deviances, about 13,444, differed by 0.4). It is not the default: on the four real data sets
-    of ``benchmarks/real_data.py`` small enough for it, it chose 1 every time, and it made the
-    command more than twice as slow (1,000 rows, d = 8, k = 3: 28 s against 13 s). A wider prior
-    suits strongly correlated columns, such as a polynomial basis, whose fits need large
-    coefficients of opposite signs.
+    0.47-1.40 sd). A number fixes the sd (a note in the summary says when it binds); ``"auto"``
+    chooses it among `AUTO_PRIOR_SCALES` at the chosen k by 5-fold cross-validation and the
+    one-standard-error rule (`numpyro_moe.select_expert_prior_scale`, 15 more fits, and one more
+    when the chosen sd is not 1) when the data have at most `AUTO_PRIOR_SCALE_ROWS` rows, and
+    keeps 1 beyond, where the likelihood outweighs the prior (on the 5,389 training rows of the
+    High School and Beyond set the three sds' cross-validated deviances, about 13,444, differed by
+    0.4). It is not the default: on the four real data sets of ``benchmarks/real_data.py`` small
+    enough for it, it chose 1 every time, and it made the command more than twice as slow (1,000
+    rows, d = 8, k = 3: 28 s against 13 s). A wider prior suits strongly correlated columns, such
+    as a polynomial basis, whose fits need large coefficients of opposite signs.
 
     Outputs: ``model.json`` (format `FORMAT`: the package version, columns, one-hot levels,
     features, target, standardisation, training ranges, link, noise, number of experts, seed, the
