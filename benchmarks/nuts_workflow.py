@@ -12,9 +12,10 @@ B. Experts fixed at the estimate (NUTS over gate and noise) against experts free
 C. Choosing the number of experts: `az.compare` (PSIS-LOO) among k = 2, 3, 4 on data with k = 3;
    target: the true k ranks first on >= 8/10 seeds.
 D. Mass matrices for NUTS from the estimate (part A's setting and seeds): NumPyro's adapted
-   diagonal one against the Laplace one (`run_nuts(mass_matrix="laplace")`, the default: the
-   inverse Hessian at the fit, desynchronised, fixed): max r_hat (rank-normalised, and its bulk
-   part alone), min bulk and folded ESS, bulk ESS per second.
+   diagonal one, the Laplace one (`run_nuts(mass_matrix="laplace-fixed")`: the inverse Hessian at
+   the posterior mode, desynchronised, fixed) and the default (`"laplace"`: that one, adapted in a
+   second warmup when the first round's chains disagree): max r_hat (rank-normalised, and its
+   bulk part alone), min bulk and folded ESS, bulk ESS per second.
 
 Writes every printed figure to benchmarks/results/nuts_workflow.csv (nuts_workflow-quick.csv with
 --quick; benchmarks/results_csv.py describes the columns; --part replaces that part's rows).
@@ -166,7 +167,7 @@ def part_d(num_seeds, num_warmup, num_samples, out):
     import arviz as az
 
     jax, moe = _setup()
-    rows = {"diagonal": [], "laplace": []}
+    rows = {"diagonal": [], "laplace-fixed": [], "laplace": []}
     for seed in range(num_seeds):
         x, y, truth = _data(jax, moe, seed)
         fit = moe.fit_moe(x, y, num_experts=3, key=jax.random.key(seed), num_starts=1)
@@ -221,7 +222,7 @@ def main():
         print("C. LOO choice of k among 2, 3, 4 (true k = 3)")
         part_c(args.seeds or (1 if args.quick else 10), *((100, 100) if args.quick else (300, 300)), out)
     if args.part in (None, "D"):
-        print("D. Mass matrix of NUTS from the estimate: adapted diagonal vs Laplace (the default)")
+        print("D. Mass matrix of NUTS from the estimate: adapted diagonal, fixed Laplace, Laplace (the default)")
         part_d(args.seeds or (2 if args.quick else 20), *draws, out)
     print(f"total benchmark time {time.perf_counter() - started:.0f} s; figures in {out.path}")
 

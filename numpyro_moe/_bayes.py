@@ -23,7 +23,7 @@ from jax.flatten_util import ravel_pytree
 from jax.scipy.special import logsumexp
 from numpyro import handlers
 from numpyro.infer import MCMC, NUTS, Predictive, init_to_value
-from numpyro.infer.util import potential_energy, unconstrain_fn
+from numpyro.infer.util import constrain_fn, potential_energy, unconstrain_fn
 from numpyro.primitives import CondIndepStackFrame, Messenger
 from scipy.optimize import linear_sum_assignment
 
@@ -74,7 +74,10 @@ __all__ = [
 TREE_DIVIDER = "."
 RHAT_LIMIT = 1.01
 PARETO_K_LIMIT = 0.7
-MASS_MATRICES = ("laplace", "dense", "diagonal")
+MASS_MATRICES = ("laplace", "laplace-fixed", "dense", "diagonal")
+# Fewer effective draws than this (the smallest bulk ESS over all entries, all chains together)
+# in chains that disagree: the fixed Laplace metric does not suit the posterior (see `run_nuts`).
+STUCK_ESS = 100
 # Rescaling range of the Laplace metric's eigen-directions (see `_desynchronised`).
 METRIC_SPREAD = 2.0
 
@@ -195,6 +198,70 @@ def laplace_inverse_mass_matrix(
     if not np.all(np.isfinite(eigenvalues)) or eigenvalues[0] <= 1e-10 * max(eigenvalues[-1], 1e-300):
         return None
     return jnp.asarray((eigenvectors / eigenvalues) @ eigenvectors.T, flat.dtype)
+
+
+MODE_STEPS = 100  # Newton steps of `posterior_mode` at most (it stops once converged)
+
+
+def posterior_mode(
+    model, init, *, prefix: str = "", values: dict | None = None, model_args=(), model_kwargs=None,
+    max_steps: int = MODE_STEPS,
+) -> tuple[dict, jax.Array | None]:
+    """The posterior mode of ``model`` nearest ``init``, by Newton's method on the potential energy
+    (the negative log joint density) in unconstrained space.
+
+    Each step solves with the Hessian's eigenvalues replaced by their absolute values (floored;
+    a saddle or a flat direction is left downhill, Nocedal and Wright 2006, section 3.4) and
+    halves the step until the potential decreases (Armijo's condition). It stops when the Newton
+    decrement ``g' H^-1 g / 2`` (the predicted decrease left) is below 1e-9 at a positive definite
+    Hessian. From a penalised EM fit it moves the start to the mode of the density in the
+    coordinates NUTS samples (the log noise sd adds its Jacobian), where `run_nuts` takes the
+    Laplace metric; from an EM fit stopped by its iteration cap it finishes the climb (though
+    the mode it reaches may be another than the one EM was heading for).
+
+    ``init``, ``prefix``, ``values``, ``model_args`` and ``model_kwargs`` as in
+    `laplace_inverse_mass_matrix`. Returns the constrained values of the model's latent sites at
+    the point reached (a dict for `chain_init_params`) and, when it converged, the inverse Hessian
+    there (`laplace_inverse_mass_matrix`'s metric at the mode), else None.
+    """
+    model_kwargs = model_kwargs or {}
+    max_steps = check_positive_int(max_steps, "max_steps")
+    start = _start_values(
+        model, init, prefix=prefix, values=values, key=jax.random.key(0), model_args=model_args,
+        model_kwargs=model_kwargs,
+    )
+    flat, unravel = ravel_pytree(unconstrain_fn(model, model_args, model_kwargs, start))
+
+    def potential(point):
+        return potential_energy(model, model_args, model_kwargs, unravel(point))
+
+    value_and_grad = jax.jit(jax.value_and_grad(potential))
+    hessian_of = jax.jit(jax.hessian(potential))
+    value, grad = value_and_grad(flat)
+    inverse = None
+    for _ in range(max_steps):
+        hessian = np.asarray(hessian_of(flat), dtype=np.float64)
+        eigenvalues, eigenvectors = np.linalg.eigh((hessian + hessian.T) / 2)
+        if not np.all(np.isfinite(eigenvalues)) or not np.isfinite(value):
+            break
+        floor = 1e-8 * max(np.max(np.abs(eigenvalues)), 1e-300)
+        gradient = np.asarray(grad, dtype=np.float64)
+        step = -(eigenvectors @ ((eigenvectors.T @ gradient) / np.maximum(np.abs(eigenvalues), floor)))
+        decrease = float(-gradient @ step)  # g' |H|^-1 g >= 0
+        if eigenvalues[0] > 1e-10 * max(eigenvalues[-1], 1e-300) and decrease / 2 < 1e-9:
+            inverse = jnp.asarray((eigenvectors / eigenvalues) @ eigenvectors.T, flat.dtype)
+            break
+        length = 1.0
+        while length > 1e-10:
+            trial = flat + jnp.asarray(length * step, flat.dtype)
+            trial_value, trial_grad = value_and_grad(trial)
+            if np.isfinite(trial_value) and trial_value <= value - 1e-4 * length * decrease:
+                break
+            length /= 2
+        else:
+            break  # no decrease along the step: as close as Newton gets
+        flat, value, grad = trial, trial_value, trial_grad
+    return constrain_fn(model, model_args, model_kwargs, unravel(flat)), inverse
 
 
 def _desynchronised(inverse_mass):
@@ -625,8 +692,10 @@ class NutsResult(NamedTuple):
         log_likelihood, sample_stats, observed_data (and constant_data with fixed sites); dims
         expert, gate, feature, obs.
     diagnostics
-        ``max_r_hat`` (NaN for one chain), ``min_ess_bulk``, ``divergences`` and ``draws`` (per
-        chain, over all rounds: see ``max_samples``).
+        ``max_r_hat`` (NaN for one chain), ``min_ess_bulk``, ``divergences``, ``draws`` (per
+        chain, over all rounds: see ``max_samples``) and ``metric``, the metric the draws used:
+        ``"laplace"`` (fixed), ``"laplace, adapted"`` (the second warmup), ``"dense"`` or
+        ``"diagonal"`` (adapted; see ``mass_matrix``).
     """
 
     mcmc: MCMC
@@ -760,16 +829,28 @@ def run_nuts(
     relabel_draws
         Align draws with ``init``'s expert labels (`relabel`).
     mass_matrix
-        ``"laplace"`` (default): a dense inverse mass matrix fixed at the Laplace approximation's
-        covariance, the inverse Hessian of the potential (negative log joint density) at ``init``
-        in unconstrained space, with the correlations between experts and gates; its
+        ``"laplace"`` (default): when the potential's (negative log joint density's) Hessian at
+        ``init`` is positive definite, the chains start near the posterior mode that Newton's
+        steps reach from it (`posterior_mode`: the mode of the density NUTS samples, in
+        unconstrained space), and NUTS's dense inverse mass matrix is fixed at the Laplace
+        approximation's covariance there, the inverse Hessian of the potential, with the
+        correlations between experts and gates; its
         eigen-directions are rescaled by fixed factors within [1/2, 2] so that NUTS draws are not
-        antithetic (see `_desynchronised`). Warmup then only tunes the step size. Meant for
-        ``init`` at a mode (an EM, MAP or `fit_moe` fit); if the Hessian is not positive definite
-        there, ``"dense"`` is used with a warning. ``"dense"`` and ``"diagonal"``: NumPyro's
-        adapted dense or diagonal mass matrix. Measured in benchmarks/nuts_workflow.py (part D;
-        d=5, k=3, n=2000, 4 x (500 + 500)): r_hat <= 1.01 and ESS >= 400 on 19/20 seeds with
-        ``"laplace"`` against 16/20 with ``"diagonal"``, and 3.7x the bulk ESS per second.
+        antithetic (see `_desynchronised`). Warmup then only tunes the step size. When the first
+        round's chains disagree (max r_hat above 1.01) and barely move (smallest bulk ESS below
+        `STUCK_ESS`, 100: 4 x 500 draws of chains that mix give hundreds), the posterior is far
+        from that Gaussian (as on real data, where an expert's posterior can be wide and skewed)
+        and more draws would not help: the chains warm up again from the same starts, NumPyro
+        adapting a dense metric that begins at the Laplace one, and the first round's draws are
+        dropped (``diagnostics["metric"]``). Where the Hessian at ``init`` is not positive
+        definite (not a mode: EM stopped by its iteration cap where experts overlap), the posterior
+        there is no Gaussian to take a metric from, and ``"dense"`` is used with a warning (on the
+        benchmark's High School and Beyond set, k = 4, Newton's steps from such a fit reached a
+        mode whose fixed metric left the chains stuck: max r_hat 1.12 after 4 x 500 draws, 187 s).
+        ``"laplace-fixed"``: the fixed metric alone. ``"dense"`` and ``"diagonal"``: NumPyro's
+        dense or diagonal metric adapted from the identity. Measured in
+        benchmarks/nuts_workflow.py (part D; d=5, k=3, n=2000, 4 x (500 + 500)) and
+        benchmarks/real_data.py (see the README's results).
 
     Warns
     -----
@@ -820,19 +901,9 @@ def run_nuts(
     fixed = fixed_sites(fix, start, shared_noise=shared_noise)
     model = handlers.condition(moe_regression, fixed) if fixed else moe_regression
     chain_key, run_key, predictive_key = jax.random.split(key, 3)
-    init_params = chain_init_params(
-        model,
-        start,
-        num_chains=num_chains,
-        key=chain_key,
-        jitter=jitter,
-        model_args=(x, y),
-        model_kwargs=model_kwargs,
-    )
-    if num_chains == 1:  # MCMC takes a single chain's start without the chain axis
-        init_params = jax.tree_util.tree_map(lambda value: value[0], init_params)
     mass_options = {"dense_mass": mass_matrix != "diagonal"}
-    if mass_matrix == "laplace":
+    chain_start = start
+    if mass_matrix in ("laplace", "laplace-fixed"):
         inverse_mass = laplace_inverse_mass_matrix(model, start, model_args=(x, y), model_kwargs=model_kwargs)
         if inverse_mass is None:
             warnings.warn(
@@ -842,7 +913,23 @@ def run_nuts(
                 stacklevel=2,
             )
         else:
+            # Near a mode: the metric is the Laplace approximation's at the mode of the density NUTS
+            # samples (in unconstrained space, a step or two of Newton's from the fit).
+            mode, at_mode = posterior_mode(model, start, model_args=(x, y), model_kwargs=model_kwargs)
+            if at_mode is not None:
+                chain_start, inverse_mass = mode, at_mode
             mass_options.update(inverse_mass_matrix=_desynchronised(inverse_mass), adapt_mass_matrix=False)
+    init_params = chain_init_params(
+        model,
+        chain_start,
+        num_chains=num_chains,
+        key=chain_key,
+        jitter=jitter,
+        model_args=(x, y),
+        model_kwargs=model_kwargs,
+    )
+    if num_chains == 1:  # MCMC takes a single chain's start without the chain axis
+        init_params = jax.tree_util.tree_map(lambda value: value[0], init_params)
     kernel = NUTS(model, init_strategy=init_to_params(params=start), **mass_options)
     mcmc = MCMC(
         kernel,
@@ -854,16 +941,49 @@ def run_nuts(
     )
     mcmc.run(run_key, x, y, init_params=init_params, extra_fields=("diverging",), **model_kwargs)
     draws = _Draws(mcmc)
+    adapted = mass_options.get("adapt_mass_matrix", True)
+    metric = ("dense" if mass_options["dense_mass"] else "diagonal") if adapted else "laplace"
+    checked = num_chains > 1 and (max_samples is not None or (mass_matrix == "laplace" and not adapted))
+
+    def relabelled(draws):
+        return to_datatree(draws, reference=start, relabel_draws=relabel_draws, log_likelihood=False)
+
+    tree = relabelled(draws) if checked else None
+    r_hat = _max_r_hat(tree) if checked else float("nan")
+    if (
+        mass_matrix == "laplace"
+        and checked
+        and not adapted
+        and not r_hat <= RHAT_LIMIT
+        and not _diagnostic_extreme(az.ess(tree, method="bulk"), min) >= STUCK_ESS
+    ):
+        # The chains disagree and barely move: the fixed Laplace metric does not suit this posterior
+        # (far from Gaussian, as on real data), and more draws would not mend it. Warm up again from
+        # the same starts, adapting a dense metric that begins at the Laplace one.
+        metric = "laplace, adapted"
+        kernel = NUTS(model, init_strategy=init_to_params(params=start), **{**mass_options, "adapt_mass_matrix": True})
+        mcmc = MCMC(
+            kernel,
+            num_warmup=num_warmup,
+            num_samples=num_samples,
+            num_chains=num_chains,
+            chain_method=chain_method or _chain_method(num_chains),
+            progress_bar=progress_bar,
+        )
+        mcmc.run(jax.random.fold_in(run_key, 1), x, y, init_params=init_params, extra_fields=("diverging",),
+                 **model_kwargs)
+        draws = _Draws(mcmc)
+        r_hat = _max_r_hat(relabelled(draws)) if max_samples is not None else float("nan")
     while (
         num_chains > 1
         and max_samples is not None
         and draws.draws + num_samples <= max_samples
-        and not _max_r_hat(to_datatree(draws, reference=start, relabel_draws=relabel_draws, log_likelihood=False))
-        <= RHAT_LIMIT
+        and not r_hat <= RHAT_LIMIT
     ):
         mcmc.post_warmup_state = mcmc.last_state
         mcmc.run(mcmc.post_warmup_state.rng_key, x, y, extra_fields=("diverging",), **model_kwargs)
         draws = draws.extended(mcmc)
+        r_hat = _max_r_hat(relabelled(draws))
 
     # The predictive is label-invariant: the raw draws give the same as relabelled ones.
     replicated = Predictive(model, posterior_samples=draws.get_samples(), return_sites=["y"])(
@@ -881,6 +1001,7 @@ def run_nuts(
         "min_ess_bulk": _diagnostic_extreme(az.ess(datatree, method="bulk"), min),
         "divergences": int(diverging.sum()),
         "draws": draws.draws,
+        "metric": metric,
     }
     # A NaN r_hat (chains that never moved) fails the check too.
     if (num_chains > 1 and not diagnostics["max_r_hat"] <= RHAT_LIMIT) or diagnostics["divergences"]:

@@ -440,7 +440,7 @@ BAD_INPUTS = [
     pytest.param(lambda c: moe.run_nuts(c.x, c.y, c.truth, key=K(0), fix=("experts", "intercepts")), ValueError,
                  r"^fix: unknown parameter groups \['intercepts'\]", id="run_nuts-fix-unknown-group"),
     pytest.param(lambda c: moe.run_nuts(c.x, c.y, c.truth, key=K(0), mass_matrix="identity"), ValueError,
-                 r"^mass_matrix: expected one of \('laplace', 'dense', 'diagonal'\), got 'identity'",
+                 r"^mass_matrix: expected one of \('laplace', 'laplace-fixed', 'dense', 'diagonal'\), got 'identity'",
                  id="run_nuts-mass-matrix"),
     pytest.param(lambda c: moe.predict(c.truth, c.x, key=K(0), interval=1.5), ValueError,
                  r"^interval: expected a probability in \(0, 1\), got 1\.5", id="predict-interval"),

@@ -142,7 +142,8 @@ save_figure(figure, "choosing_k")
 # ## The posterior by NUTS
 #
 # `run_nuts` samples `moe_regression` (the same priors as the point fit) from the chosen fit: each chain
-# starts near it, NUTS's metric is the Laplace approximation there, the draws are relabelled to the
+# starts near the posterior mode nearest it, NUTS's metric is the Laplace approximation there
+# (adapted in a second warmup when the chains disagree), the draws are relabelled to the
 # fit's order of the experts, and the DataTree carries the posterior predictive. With 100 points and
 # a few parameters per expert, the posterior is wide: r_hat and ESS say whether the chains agree.
 

@@ -199,15 +199,16 @@ save_figure(figure, "noise_free_against_fixed")
 # ## The same in one call
 #
 # `run_nuts` does all of the above for the ready-made `moe_regression` model (the priors, the plate and
-# the likelihood): per-chain starts near the fit, NUTS's metric fixed at the Laplace approximation
-# around it (so warmup only tunes the step size), relabelled draws and the posterior predictive. Its
-# `diagnostics` hold the worst r_hat, the smallest bulk ESS and the divergences, and `predict` turns
-# the draws into predictions with intervals.
+# the likelihood): per-chain starts near the posterior mode (a Newton step or two from the fit),
+# NUTS's metric fixed at the Laplace approximation there (so warmup only tunes the step size; should
+# the chains disagree and barely move, a second warmup adapts that metric), relabelled draws and the posterior
+# predictive. Its `diagnostics` hold the worst r_hat, the smallest bulk ESS, the divergences and the
+# metric used, and `predict` turns the draws into predictions with intervals.
 #
-# The Laplace metric is taken at the start, so the start should be the posterior's mode: joint EM on
-# the rows NUTS will see (penalised by the same default priors that `moe_regression` samples under)
-# refines the experts and the gate together. Started at `gated`, whose experts are the tensor
-# estimate's, `run_nuts` would warn that the start is not a mode and adapt a dense metric instead.
+# The Laplace metric needs a start near the posterior's mode: joint EM on the rows NUTS will see
+# (penalised by the same default priors that `moe_regression` samples under) refines the experts
+# and the gate together. Started at `gated`, whose experts are the tensor estimate's, `run_nuts`
+# would warn that the start is not a mode and adapt a dense metric instead.
 
 # %%
 mode = moe.fit_em(x_nuts, y_nuts, gated)

@@ -156,7 +156,8 @@ print(az.summary(tree, var_names=["noise", "gates"]))
 
 # %% [markdown]
 # `run_nuts` does the same for `moe_regression` (the model above) in one call, and fixes NUTS's metric
-# at the Laplace approximation around the fit, so warmup only tunes the step size; its `DataTree` also
+# at the Laplace approximation around the posterior mode nearest the fit, so warmup only tunes the
+# step size (a second warmup adapts it when the chains disagree); its `DataTree` also
 # holds the posterior predictive, and `diagnostics` the worst r_hat, the smallest bulk ESS and the
 # divergences. With `fix=("experts",)` the model is conditioned on the fit's experts
 # (`numpyro.handlers.condition`) and NUTS samples the gate and noise only.

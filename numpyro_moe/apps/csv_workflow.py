@@ -220,6 +220,10 @@ def _nuts_line(diagnostics: dict, chains: int, warmup: int) -> str:
     line = (
         f"NUTS: {chains} chains x {diagnostics['draws']} draws ({warmup} warmup); max r_hat {r_hat:.3f}, "
         f"min bulk ESS {diagnostics['min_ess_bulk']:.0f}, {divergences} divergent transitions"
+        + (
+            "; the fixed Laplace metric's chains disagreed, so warmup ran again adapting it"
+            if diagnostics.get("metric") == "laplace, adapted" else ""
+        )
     )
     problems = []
     if chains > 1 and not r_hat <= RHAT_LIMIT:
@@ -236,7 +240,9 @@ def _nuts_line(diagnostics: dict, chains: int, warmup: int) -> str:
 
 
 def _finite(value):
-    """JSON has no NaN or infinity: None instead (counts stay integers)."""
+    """JSON has no NaN or infinity: None instead (counts stay integers, names strings)."""
+    if isinstance(value, str):
+        return value
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return int(value)
     value = float(value)
