@@ -930,16 +930,21 @@ def run_nuts(
     )
     if num_chains == 1:  # MCMC takes a single chain's start without the chain axis
         init_params = jax.tree_util.tree_map(lambda value: value[0], init_params)
-    kernel = NUTS(model, init_strategy=init_to_params(params=start), **mass_options)
-    mcmc = MCMC(
-        kernel,
-        num_warmup=num_warmup,
-        num_samples=num_samples,
-        num_chains=num_chains,
-        chain_method=chain_method or _chain_method(num_chains),
-        progress_bar=progress_bar,
-    )
-    mcmc.run(run_key, x, y, init_params=init_params, extra_fields=("diverging",), **model_kwargs)
+
+    def sampled(options: dict, run_key) -> MCMC:
+        """Warmup and ``num_samples`` draws from the chains' starts, under the metric ``options``."""
+        mcmc = MCMC(
+            NUTS(model, init_strategy=init_to_params(params=start), **options),
+            num_warmup=num_warmup,
+            num_samples=num_samples,
+            num_chains=num_chains,
+            chain_method=chain_method or _chain_method(num_chains),
+            progress_bar=progress_bar,
+        )
+        mcmc.run(run_key, x, y, init_params=init_params, extra_fields=("diverging",), **model_kwargs)
+        return mcmc
+
+    mcmc = sampled(mass_options, run_key)
     draws = _Draws(mcmc)
     adapted = mass_options.get("adapt_mass_matrix", True)
     metric = ("dense" if mass_options["dense_mass"] else "diagonal") if adapted else "laplace"
@@ -961,17 +966,7 @@ def run_nuts(
         # (far from Gaussian, as on real data), and more draws would not mend it. Warm up again from
         # the same starts, adapting a dense metric that begins at the Laplace one.
         metric = "laplace, adapted"
-        kernel = NUTS(model, init_strategy=init_to_params(params=start), **{**mass_options, "adapt_mass_matrix": True})
-        mcmc = MCMC(
-            kernel,
-            num_warmup=num_warmup,
-            num_samples=num_samples,
-            num_chains=num_chains,
-            chain_method=chain_method or _chain_method(num_chains),
-            progress_bar=progress_bar,
-        )
-        mcmc.run(jax.random.fold_in(run_key, 1), x, y, init_params=init_params, extra_fields=("diverging",),
-                 **model_kwargs)
+        mcmc = sampled({**mass_options, "adapt_mass_matrix": True}, jax.random.fold_in(run_key, 1))
         draws = _Draws(mcmc)
         r_hat = _max_r_hat(relabelled(draws)) if max_samples is not None else float("nan")
     while (

@@ -1015,6 +1015,40 @@ def _weighted_least_squares(design: np.ndarray, y: np.ndarray, weights: np.ndarr
     return coef, float(np.sqrt(np.sum(weights * residual**2) / max(np.sum(weights), 1e-300)))
 
 
+def _with_lines(params: MoEParams, lines: dict, *, free: int, gate_of: int, noise_floor: float, shared_noise: bool,
+                dtype) -> MoEParams:
+    """``params`` with the experts of ``lines`` (slot -> (coefficients, with the intercept last when
+    the model has them; residual sd)) replaced, and slot ``free`` given the gate (and Student-t
+    degrees of freedom) of expert ``gate_of``: a split-and-merge or birth move."""
+    experts = np.asarray(params.experts).copy()
+    noise = np.broadcast_to(np.asarray(params.noise), (params.num_experts,)).copy()
+    intercepts = None if params.expert_intercepts is None else np.asarray(params.expert_intercepts).copy()
+    for slot, (coef, sd) in lines.items():
+        experts[slot] = coef[: experts.shape[1]]
+        if intercepts is not None:
+            intercepts[slot] = coef[-1]
+        if not shared_noise:
+            noise[slot] = max(sd, noise_floor)
+    gates = np.asarray(params.gates).copy()
+    gates[free] = gates[gate_of]
+    gate_intercepts = params.gate_intercepts
+    if gate_intercepts is not None:
+        gate_intercepts = np.asarray(gate_intercepts).copy()
+        gate_intercepts[free] = gate_intercepts[gate_of]
+    df = params.df
+    if df is not None and np.ndim(df) == 1:
+        df = np.asarray(df).copy()
+        df[free] = df[gate_of]
+    return params.replace(
+        experts=jnp.asarray(experts, dtype),
+        gates=jnp.asarray(gates, dtype),
+        noise=jnp.asarray(noise if np.ndim(params.noise) else params.noise, dtype),
+        expert_intercepts=None if intercepts is None else jnp.asarray(intercepts, dtype),
+        gate_intercepts=None if gate_intercepts is None else jnp.asarray(gate_intercepts, dtype),
+        df=df if df is None else jnp.asarray(df, dtype),
+    ).normalized()
+
+
 def _split_merge_candidates(
     params: MoEParams, x, y, *, gate_x=None, num_splits: int = 3, shared_noise: bool = False
 ) -> list[MoEParams]:
@@ -1035,7 +1069,7 @@ def _split_merge_candidates(
     x, y = np.asarray(x), np.asarray(y)
     mixture = MixtureOfExperts.from_params(params, x, gate_x=gate_x)
     responsibilities = np.asarray(mixture.expert_probabilities(y))
-    experts, noise = np.asarray(params.experts), np.broadcast_to(np.asarray(params.noise), (k,))
+    noise = np.broadcast_to(np.asarray(params.noise), (k,))
     intercepts = None if params.expert_intercepts is None else np.asarray(params.expert_intercepts)
     design = x if intercepts is None else np.column_stack([x, np.ones(x.shape[0], x.dtype)])
     residuals = y[:, None] - np.asarray(params.expert_means(x))
@@ -1047,34 +1081,9 @@ def _split_merge_candidates(
         for free in range(k):
             if free == split:
                 continue
-            new_experts, new_noise = experts.copy(), noise.copy()
-            new_intercepts = None if intercepts is None else intercepts.copy()
-            for slot, (coef, sd) in zip((split, free), halves, strict=True):
-                new_experts[slot] = coef[: x.shape[1]]
-                if new_intercepts is not None:
-                    new_intercepts[slot] = coef[-1]
-                if not shared_noise:
-                    new_noise[slot] = max(sd, 1e-3 * float(noise[split]))
-            gates = np.asarray(params.gates).copy()
-            gates[free] = gates[split]
-            gate_intercepts = params.gate_intercepts
-            if gate_intercepts is not None:
-                gate_intercepts = np.asarray(gate_intercepts).copy()
-                gate_intercepts[free] = gate_intercepts[split]
-            df = params.df
-            if df is not None and np.ndim(df) == 1:
-                df = np.asarray(df).copy()
-                df[free] = df[split]
-            moves.append(
-                params.replace(
-                    experts=jnp.asarray(new_experts, x.dtype),
-                    gates=jnp.asarray(gates, x.dtype),
-                    noise=jnp.asarray(new_noise if np.ndim(params.noise) else params.noise, x.dtype),
-                    expert_intercepts=None if new_intercepts is None else jnp.asarray(new_intercepts, x.dtype),
-                    gate_intercepts=None if gate_intercepts is None else jnp.asarray(gate_intercepts, x.dtype),
-                    df=df if df is None else jnp.asarray(df, x.dtype),
-                ).normalized()
-            )
+            lines = dict(zip((split, free), halves, strict=True))
+            moves.append(_with_lines(params, lines, free=free, gate_of=split, noise_floor=1e-3 * float(noise[split]),
+                                     shared_noise=shared_noise, dtype=x.dtype))
     return moves
 
 
@@ -1127,28 +1136,8 @@ def _birth_candidates(params: MoEParams, x, y, *, gate_x=None, shared_noise: boo
             coef, sd = _weighted_least_squares(design, y, weights)
         host = int(np.bincount(owner[kept], minlength=k).argmax())
         for free in range(k):
-            experts, new_noise = np.asarray(params.experts).copy(), noise.copy()
-            experts[free] = coef[: x.shape[1]]
-            if not shared_noise:
-                new_noise[free] = max(sd, 1e-3 * float(noise.max()))
-            new_intercepts = None if intercepts is None else intercepts.copy()
-            if new_intercepts is not None:
-                new_intercepts[free] = coef[-1]
-            gates = np.asarray(params.gates).copy()
-            gates[free] = gates[host]
-            gate_intercepts = params.gate_intercepts
-            if gate_intercepts is not None:
-                gate_intercepts = np.asarray(gate_intercepts).copy()
-                gate_intercepts[free] = gate_intercepts[host]
-            moves.append(
-                params.replace(
-                    experts=jnp.asarray(experts, x.dtype),
-                    gates=jnp.asarray(gates, x.dtype),
-                    noise=jnp.asarray(new_noise if np.ndim(params.noise) else params.noise, x.dtype),
-                    expert_intercepts=None if new_intercepts is None else jnp.asarray(new_intercepts, x.dtype),
-                    gate_intercepts=None if gate_intercepts is None else jnp.asarray(gate_intercepts, x.dtype),
-                ).normalized()
-            )
+            moves.append(_with_lines(params, {free: (coef, sd)}, free=free, gate_of=host,
+                                     noise_floor=1e-3 * float(noise.max()), shared_noise=shared_noise, dtype=x.dtype))
     return moves
 
 
