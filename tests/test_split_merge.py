@@ -23,13 +23,17 @@ def stuck():
     start from here reaches the truth by EM alone, however long it runs."""
     x, y, truth = simulation.simulate(key=jax.random.key(31), num_samples=1500, dim=4, num_experts=3)
     a, g = np.asarray(truth.experts), np.asarray(truth.gates)
+    return x, y, truth, _em_from(x, y, truth, [(a[0] + a[1]) / 2, (a[0] + a[1]) / 2, a[2]],
+                                 [(g[0] + g[1]) / 2, (g[0] + g[1]) / 2, g[2]])
+
+
+def _em_from(x, y, truth, experts, gates):
+    """EM (with intercepts, started at zero) from the given experts and gates."""
     start = truth.replace(
-        experts=jnp.asarray([(a[0] + a[1]) / 2, (a[0] + a[1]) / 2, a[2]]),
-        gates=jnp.asarray([(g[0] + g[1]) / 2, (g[0] + g[1]) / 2, g[2]]),
-        expert_intercepts=jnp.zeros(3),
+        experts=jnp.asarray(experts), gates=jnp.asarray(gates), expert_intercepts=jnp.zeros(3),
         gate_intercepts=jnp.zeros(3),
     ).normalized()
-    return x, y, truth, moe.fit_em(x, y, start)
+    return moe.fit_em(x, y, start)
 
 
 def test_a_move_splits_one_of_the_twin_experts_and_reaches_the_truth(stuck):
@@ -97,13 +101,7 @@ def missing():
     to experts that do not explain them."""
     x, y, truth = simulation.simulate(key=jax.random.key(31), num_samples=1500, dim=4, num_experts=3)
     a, g = np.asarray(truth.experts), np.asarray(truth.gates)
-    start = truth.replace(
-        experts=jnp.asarray([a[0], a[1], a[1]]),
-        gates=jnp.asarray([g[0], g[1], g[1]]),
-        expert_intercepts=jnp.zeros(3),
-        gate_intercepts=jnp.zeros(3),
-    ).normalized()
-    return x, y, truth, moe.fit_em(x, y, start)
+    return x, y, truth, _em_from(x, y, truth, [a[0], a[1], a[1]], [g[0], g[1], g[1]])
 
 
 def test_a_birth_candidate_is_the_missing_experts_line(missing):
