@@ -205,7 +205,7 @@ MODE_STEPS = 100  # Newton steps of `posterior_mode` at most (it stops once conv
 
 def posterior_mode(
     model, init, *, prefix: str = "", values: dict | None = None, model_args=(), model_kwargs=None,
-    max_steps: int = MODE_STEPS,
+    max_steps: int = MODE_STEPS, near_a_mode: bool = False,
 ) -> tuple[dict, jax.Array | None]:
     """The posterior mode of ``model`` nearest ``init``, by Newton's method on the potential energy
     (the negative log joint density) in unconstrained space.
@@ -222,7 +222,8 @@ def posterior_mode(
     ``init``, ``prefix``, ``values``, ``model_args`` and ``model_kwargs`` as in
     `laplace_inverse_mass_matrix`. Returns the constrained values of the model's latent sites at
     the point reached (a dict for `chain_init_params`) and, when it converged, the inverse Hessian
-    there (`laplace_inverse_mass_matrix`'s metric at the mode), else None.
+    there (`laplace_inverse_mass_matrix`'s metric at the mode), else None. With ``near_a_mode``,
+    a start whose Hessian is not positive definite is returned as it is, with None.
     """
     model_kwargs = model_kwargs or {}
     max_steps = check_positive_int(max_steps, "max_steps")
@@ -242,13 +243,15 @@ def posterior_mode(
     for _ in range(max_steps):
         hessian = np.asarray(hessian_of(flat), dtype=np.float64)
         eigenvalues, eigenvectors = np.linalg.eigh((hessian + hessian.T) / 2)
-        if not np.all(np.isfinite(eigenvalues)) or not np.isfinite(value):
+        positive = eigenvalues[0] > 1e-10 * max(eigenvalues[-1], 1e-300)
+        if not np.all(np.isfinite(eigenvalues)) or not np.isfinite(value) or (near_a_mode and not positive):
             break
+        near_a_mode = False  # checked at the start only
         floor = 1e-8 * max(np.max(np.abs(eigenvalues)), 1e-300)
         gradient = np.asarray(grad, dtype=np.float64)
         step = -(eigenvectors @ ((eigenvectors.T @ gradient) / np.maximum(np.abs(eigenvalues), floor)))
         decrease = float(-gradient @ step)  # g' |H|^-1 g >= 0
-        if eigenvalues[0] > 1e-10 * max(eigenvalues[-1], 1e-300) and decrease / 2 < 1e-9:
+        if positive and decrease / 2 < 1e-9:
             inverse = jnp.asarray((eigenvectors / eigenvalues) @ eigenvectors.T, flat.dtype)
             break
         length = 1.0
@@ -904,7 +907,12 @@ def run_nuts(
     mass_options = {"dense_mass": mass_matrix != "diagonal"}
     chain_start = start
     if mass_matrix in ("laplace", "laplace-fixed"):
-        inverse_mass = laplace_inverse_mass_matrix(model, start, model_args=(x, y), model_kwargs=model_kwargs)
+        # Near a mode (a positive definite Hessian at the fit), the metric is the Laplace
+        # approximation's at the mode of the density NUTS samples (in unconstrained space, a step
+        # or two of Newton's from the fit).
+        mode, inverse_mass = posterior_mode(
+            model, start, model_args=(x, y), model_kwargs=model_kwargs, near_a_mode=True
+        )
         if inverse_mass is None:
             warnings.warn(
                 "mass_matrix: the potential's Hessian at init is not positive definite (init is not "
@@ -913,11 +921,7 @@ def run_nuts(
                 stacklevel=2,
             )
         else:
-            # Near a mode: the metric is the Laplace approximation's at the mode of the density NUTS
-            # samples (in unconstrained space, a step or two of Newton's from the fit).
-            mode, at_mode = posterior_mode(model, start, model_args=(x, y), model_kwargs=model_kwargs)
-            if at_mode is not None:
-                chain_start, inverse_mass = mode, at_mode
+            chain_start = mode
             mass_options.update(inverse_mass_matrix=_desynchronised(inverse_mass), adapt_mass_matrix=False)
     init_params = chain_init_params(
         model,

@@ -405,6 +405,11 @@ def test_laplace_inverse_mass_matrix_is_none_away_from_a_mode(data, user_fit):
     assert moe.laplace_inverse_mass_matrix(
         moe.moe_regression, far, model_args=(x, y), model_kwargs=MODEL_KWARGS
     ) is None
+    # posterior_mode(near_a_mode=True), run_nuts' check, returns such a start as it is, with no metric.
+    kept, none = posterior_mode(moe.moe_regression, far, model_args=(x, y), model_kwargs=MODEL_KWARGS,
+                                near_a_mode=True)
+    assert none is None
+    np.testing.assert_array_equal(np.asarray(kept["experts"]), np.zeros_like(np.asarray(truth.experts)))
     # At an EM fit (near the mode) it is the positive definite inverse Hessian.
     inverse = np.asarray(moe.laplace_inverse_mass_matrix(moe.moe_regression, user_fit, model_args=(x, y),
                                                          model_kwargs=MODEL_KWARGS))
