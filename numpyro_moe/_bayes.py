@@ -1002,16 +1002,29 @@ def run_nuts(
         "draws": draws.draws,
         "metric": metric,
     }
-    # A NaN r_hat (chains that never moved) fails the check too.
-    if (num_chains > 1 and not diagnostics["max_r_hat"] <= RHAT_LIMIT) or diagnostics["divergences"]:
-        warnings.warn(
-            f"NUTS: max r_hat {diagnostics['max_r_hat']:.3f} (limit {RHAT_LIMIT}) and "
-            f"{diagnostics['divergences']} divergent transitions; the chains may not agree: run longer (max_samples), "
-            "check the start, or inspect az.plot_trace",
-            ReliabilityWarning,
-            stacklevel=2,
-        )
+    problems = _nuts_problems(diagnostics, num_chains, diverging.size)
+    if problems:
+        warnings.warn("NUTS: " + "; ".join(problems), ReliabilityWarning, stacklevel=2)
     return NutsResult(mcmc, datatree, diagnostics)
+
+
+def _nuts_problems(diagnostics: dict, num_chains: int, transitions: int) -> list[str]:
+    """What makes a run's draws untrustworthy, each with what to do: chains that disagree (max
+    r_hat above `RHAT_LIMIT`; a NaN r_hat, from chains that never moved, counts) and divergent
+    transitions. Empty when neither."""
+    problems = []
+    if num_chains > 1 and not diagnostics["max_r_hat"] <= RHAT_LIMIT:
+        problems.append(
+            f"the chains disagree (max r_hat {diagnostics['max_r_hat']:.3f}, limit {RHAT_LIMIT}): draw longer "
+            "(max_samples), check the start, or look at az.plot_trace for chains in different modes"
+        )
+    if diagnostics["divergences"]:
+        problems.append(
+            f"{diagnostics['divergences']} of {transitions} transitions diverged: the sampler could not follow the "
+            "posterior's curvature there and the draws may miss that region; see where with "
+            "az.plot_pair(..., divergences=True); fewer experts or stronger priors usually remove them"
+        )
+    return problems
 
 
 def loo(datatree, **kwargs):

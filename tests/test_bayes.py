@@ -827,7 +827,8 @@ def test_run_nuts_warns_when_chains_are_too_short_to_agree(nuts_run):
     result, caught = nuts_run
     messages = _reliability(caught)
     assert len(messages) == 1
-    assert "limit 1.01" in messages[0] and "0 divergent transitions" in messages[0]
+    assert "the chains disagree" in messages[0] and "limit 1.01" in messages[0]
+    assert ("diverged" in messages[0]) == bool(result.diagnostics["divergences"])
     largest = _diagnostic_extreme(az.rhat(result.datatree))
     assert largest > 1.01
     assert re.search(r"max r_hat (\d+\.\d+)", messages[0]).group(1) == f"{largest:.3f}"
@@ -1577,3 +1578,20 @@ def test_compare_num_experts_with_nuts(data):
     assert set(result.datatrees["k=1"]["posterior"].data_vars) == {"experts", "noise"}
     assert result.datatrees["k=2"]["posterior"]["experts"].shape == (2, 50, 2, D)
     assert all(re.match(r"^(k=[12]: |NUTS: )", message) for message in _reliability(caught))
+
+
+def test_nuts_problems_name_each_problem_with_its_remedy():
+    from numpyro_moe._bayes import _nuts_problems
+
+    fine = {"max_r_hat": 1.004, "divergences": 0}
+    assert _nuts_problems(fine, 4, 2000) == []
+    # Divergences alone: no word of disagreeing chains (mathachieve at k = 4: r_hat 1.009, 13 of
+    # 8,000 transitions diverged).
+    (only,) = _nuts_problems({**fine, "divergences": 13}, 4, 8000)
+    assert only.startswith("13 of 8000 transitions diverged") and "disagree" not in only
+    assert "divergences=True" in only
+    (apart,) = _nuts_problems({**fine, "max_r_hat": 1.04}, 4, 8000)
+    assert apart.startswith("the chains disagree (max r_hat 1.040, limit 1.01)") and "max_samples" in apart
+    # Chains that never moved (NaN r_hat) disagree too; one chain has no r_hat to judge.
+    assert len(_nuts_problems({**fine, "max_r_hat": float("nan"), "divergences": 2}, 4, 8000)) == 2
+    assert _nuts_problems({**fine, "max_r_hat": float("nan")}, 1, 500) == []

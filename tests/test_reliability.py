@@ -1047,7 +1047,9 @@ def test_run_nuts_warns_when_r_hat_exceeds_the_limit(nuts_runs):
     assert result.diagnostics["max_r_hat"] == pytest.approx(
         max(float(np.max(np.asarray(value))) for value in r_hat.data_vars.values()), rel=1e-12
     )
-    assert any(re.search(r"^NUTS: max r_hat \d\.\d{3} \(limit 1\.01\)", message) for message in messages), messages
+    assert any(
+        re.search(r"^NUTS: the chains disagree \(max r_hat \d\.\d{3}, limit 1\.01\)", message) for message in messages
+    ), messages
 
 
 @pytest.mark.slow

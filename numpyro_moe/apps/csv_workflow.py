@@ -227,16 +227,19 @@ def _nuts_line(diagnostics: dict, chains: int, warmup: int) -> str:
     )
     problems = []
     if chains > 1 and not r_hat <= RHAT_LIMIT:
-        problems.append(f"the chains disagree (max r_hat above {RHAT_LIMIT})")
+        problems.append(
+            f"the chains disagree (max r_hat above {RHAT_LIMIT}), so the summaries and the posterior predictive "
+            "mix what the chains found separately: draw longer (--max-draws), try fewer experts, or look at "
+            "trace.png for chains stuck in different modes"
+        )
     if divergences:
-        problems.append("some transitions diverged")
+        problems.append(
+            f"{divergences} transitions diverged, so the draws may miss a region of the posterior the sampler "
+            "could not follow: fewer experts or a smaller --expert-prior-scale usually remove them"
+        )
     if not problems:
         return line
-    return (
-        f"{line}. Not to be trusted as it stands: {' and '.join(problems)}; the summaries and the "
-        "posterior predictive mix what the chains found separately. Run longer (--max-draws), try "
-        "fewer experts, or look at trace.png for chains stuck in different modes"
-    )
+    return f"{line}. Not to be trusted as it stands: {'; and '.join(problems)}"
 
 
 def _finite(value):
