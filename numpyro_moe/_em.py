@@ -481,6 +481,10 @@ def _em_step(
     )
 
 
+ACCELERATE_AFTER = 100
+"""``accelerate="auto"``: EM iterations run plainly before SQUAREM takes over a fit still moving.
+Fits that converge sooner (most do, in tens of iterations) never compile the accelerated program."""
+
 # SQUAREM's largest extrapolation (Varadhan and Roland 2008 bound the step length to keep the
 # extrapolated point near the EM path; the step is then doubled up to this after each success).
 _SQUAREM_MAX_STEP = 64.0
@@ -637,7 +641,7 @@ def em_iterations(
     progress: str | None = None,
     df=None,
     gate_x=None,
-    accelerate: bool = False,
+    accelerate: bool | str = False,
     gate_steps: int = 1,
 ) -> EMResult:
     """Run EM from augmented ``experts`` (k, p), ``gates`` (k, p_gate) and ``noise`` (k,); a
@@ -648,6 +652,9 @@ def em_iterations(
     experts; they are estimated unless ``"df"`` or ``"noise"`` is in ``fix``. ``gate_steps``: the
     Newton steps on the gate per iteration (at most; fewer once its gradient is below 1e-9, 1e-5
     in float32): 1, the generalised EM of the module's note, or more to solve each M-step.
+    ``accelerate``: SQUAREM cycles (`_squarem`) instead of single EM steps; ``"auto"``: plain
+    steps for the first `ACCELERATE_AFTER` iterations (to the end of that block), SQUAREM cycles
+    after them while any start still moves.
 
     Returns an `EMResult` with, per start, the final parameters, mean log-likelihood and
     objective, the (max_iterations,) objective history (valid up to ``iterations``), the
@@ -673,13 +680,19 @@ def em_iterations(
         jnp.full(shape + (max_iterations,), jnp.nan, dtype),
         None if df is None else jnp.broadcast_to(jnp.asarray(df, dtype), experts.shape[:-1]),
     )
-    run = partial(
-        _em_block, link_function=link.function, updates=updates, shared_noise=shared_noise,
-        expert_steps=expert_steps, gate_steps=gate_steps, block=block, accelerate=accelerate,
-    )
     final = partial(_final, link_function=link.function)
+
+    def program(accelerated: bool):
+        run = partial(
+            _em_block, link_function=link.function, updates=updates, shared_noise=shared_noise,
+            expert_steps=expert_steps, gate_steps=gate_steps, block=block, accelerate=accelerated,
+        )
+        return jax.vmap(run, in_axes=(0, None, None, None, None, None, None, None, None)) if batched else run
+
+    plain = program(accelerate is True)
+    # "auto": the accelerated program is built (and compiled) only for a fit that needs it.
+    switched = program(True) if accelerate == "auto" else plain
     if batched:
-        run = jax.vmap(run, in_axes=(0, None, None, None, None, None, None, None, None))
         final = jax.vmap(final, in_axes=(0, 0, 0, 0, None, None, None, None, None))
     gate_x = x if gate_x is None else gate_x.astype(dtype)
     # Padding to a size of a coarse ladder: EM's programs compile once per structure and size
@@ -694,6 +707,7 @@ def em_iterations(
         bar = tqdm(total=max_iterations, desc=progress, leave=False)
     while True:
         before = int(np.max(np.asarray(state.iteration)))
+        run = switched if before >= ACCELERATE_AFTER else plain
         state = run(state, x, gate_x, y, mask, penalty, jnp.asarray(estimate_df), tol_array, gate_tol)
         iterations = np.asarray(state.iteration)
         after = int(np.max(iterations))

@@ -12,6 +12,7 @@ from numpyro.infer.util import log_density
 
 import numpyro_moe as moe
 from numpyro_moe import metrics, simulation
+from numpyro_moe._em import ACCELERATE_AFTER
 
 numpyro.enable_x64()
 
@@ -244,10 +245,27 @@ def test_squarem_reaches_the_same_optimum_monotonically_in_fewer_iterations(fami
     x, y, _ = simulation.simulate(key=jax.random.key(0), num_samples=1500, dim=4, num_experts=3)
     x, y = np.asarray(x), np.asarray(y)
     starts = moe.random_starts(x, y, num_experts=3, num_starts=2, key=jax.random.key(1))
-    plain = moe.fit_em(x, y, starts, family=family, tol=1e-10, max_iterations=3000)
+    plain = moe.fit_em(x, y, starts, family=family, tol=1e-10, max_iterations=3000, accelerate=False)
     fast = moe.fit_em(x, y, starts, family=family, tol=1e-10, max_iterations=3000, accelerate=True)
     np.testing.assert_allclose(fast.start_objectives, plain.start_objectives, atol=1e-7)
     assert np.min(np.diff(fast.history)) > -1e-12
     assert fast.iterations <= plain.iterations
-    if family == "student_t":  # where EM crawls
-        assert fast.iterations < 0.6 * plain.iterations
+    # "auto": plain EM for the first ACCELERATE_AFTER iterations (the same path, exactly), SQUAREM
+    # after them; the same optimum.
+    auto = moe.fit_em(x, y, starts, family=family, tol=1e-10, max_iterations=3000, accelerate="auto")
+    np.testing.assert_allclose(auto.start_objectives, plain.start_objectives, atol=1e-7)
+    shared = min(ACCELERATE_AFTER, int(plain.iterations))
+    np.testing.assert_array_equal(auto.history[:shared], plain.history[:shared])
+    assert np.min(np.diff(auto.history)) > -1e-12
+    if family == "student_t":  # where EM crawls (measured: 494 plain, 126 accelerated, 198 auto)
+        assert plain.iterations > ACCELERATE_AFTER
+        assert fast.iterations < 0.7 * plain.iterations
+        assert auto.iterations < 0.85 * plain.iterations
+    else:  # converged before the switch: plain EM throughout
+        assert plain.iterations <= ACCELERATE_AFTER and auto.iterations == plain.iterations
+
+
+def test_accelerate_takes_true_false_or_auto():
+    x, y, truth = simulation.simulate(key=jax.random.key(0), num_samples=200, dim=3, num_experts=2)
+    with pytest.raises(ValueError, match="accelerate: expected True, False or 'auto', got 'yes'"):
+        moe.fit_em(x, y, truth, accelerate="yes")
