@@ -209,6 +209,7 @@ def least_squares(split: Split) -> dict:
         heldout_loglik_per_point=float(np.mean(log_density)),
         heldout_mse=float(np.mean((split.y_test - mean) ** 2)),
         fit_seconds=seconds,
+        log_densities=log_density,
     )
 
 
@@ -456,7 +457,8 @@ def fitted_num_experts(folder: Path) -> int:
     return sum(1 for line in lines if line.startswith("expert "))
 
 
-def read_prediction(path: Path, y_test: np.ndarray) -> tuple[float, float]:
+def read_prediction(path: Path, y_test: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """Held-out log-likelihood per point, MSE, and each test row's log density, from a prediction CSV."""
     with open(path, newline="") as handle:
         lines = list(csv.DictReader(handle))
     if len(lines) != len(y_test):
@@ -465,7 +467,7 @@ def read_prediction(path: Path, y_test: np.ndarray) -> tuple[float, float]:
     log_density = np.array([float(line["log_density"]) for line in lines])
     if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(log_density))):
         raise RuntimeError(f"{path.name} holds non-finite predictions")
-    return float(np.mean(log_density)), float(np.mean((y_test - mean) ** 2))
+    return float(np.mean(log_density)), float(np.mean((y_test - mean) ** 2)), log_density
 
 
 def max_r_hat(folder: Path) -> float:
@@ -489,8 +491,8 @@ def numpyro_moe(
         predict_command = [str(cli), "predict", str(point_dir), test, "--out", str(point_csv), "--point"]
         predict_s = timed([*predict_command, "--quiet"], environment)
         k = fitted_num_experts(point_dir)
-        loglik, mse = read_prediction(point_csv, split.y_test)
-        figures = {"heldout_loglik_per_point": loglik, "heldout_mse": mse}
+        loglik, mse, densities = read_prediction(point_csv, split.y_test)
+        figures = {"heldout_loglik_per_point": loglik, "heldout_mse": mse, "log_densities": densities}
         rows.append(row(split, PACKAGE_POINT, k=k, fit_seconds=fit_s, predict_seconds=predict_s, **figures))
     except (RuntimeError, subprocess.TimeoutExpired, OSError, KeyError, ValueError) as error:
         notes.append(f"{split.dataset.name}: numpyro-moe point fit: {error}")
@@ -503,8 +505,11 @@ def numpyro_moe(
         fit_s = timed([*fit_command, "--out", str(nuts_dir), "--quiet"], environment)
         predict_command = [str(cli), "predict", str(nuts_dir), test, "--out", str(nuts_csv)]
         predict_s = timed([*predict_command, "--quiet"], environment)
-        loglik, mse = read_prediction(nuts_csv, split.y_test)
-        figures = {"heldout_loglik_per_point": loglik, "heldout_mse": mse, "max_r_hat": max_r_hat(nuts_dir)}
+        loglik, mse, densities = read_prediction(nuts_csv, split.y_test)
+        figures = {
+            "heldout_loglik_per_point": loglik, "heldout_mse": mse, "max_r_hat": max_r_hat(nuts_dir),
+            "log_densities": densities,
+        }
         rows.append(row(split, PACKAGE_NUTS, k=fitted_num_experts(nuts_dir), fit_seconds=fit_s, predict_seconds=predict_s, **figures))
     except (RuntimeError, subprocess.TimeoutExpired, OSError, KeyError, ValueError) as error:
         notes.append(f"{split.dataset.name}: numpyro-moe NUTS: {error}")
@@ -554,6 +559,17 @@ def _compare(label: str, other: dict | None, value: float, key: str, higher_is_b
     return f"{label} {'PASS' if ok else 'FAIL'} ({theirs:.4g}{saved})"
 
 
+def _paired_difference(package: dict, least: dict | None) -> str | None:
+    """The package's held-out log density minus least squares', row by row: its mean and standard
+    error over the test rows (as ``arviz.compare``'s dse), to tell a loss from a tie on a small
+    test set."""
+    if least is None or "log_densities" not in package or "log_densities" not in least:
+        return None
+    difference = np.asarray(package["log_densities"]) - np.asarray(least["log_densities"])
+    mean, se = float(np.mean(difference)), float(np.std(difference, ddof=1) / np.sqrt(len(difference)))
+    return f"loglik minus least squares' row by row: {mean:+.4f} per point, standard error {se:.4f} ({mean / se:+.1f} SE)"
+
+
 def verdicts(rows: list[dict], names: list[str]) -> None:
     print(
         "\nVerdict against issue 13's targets (package >= flexmix(BIC) and >= least squares in "
@@ -581,6 +597,9 @@ def verdicts(rows: list[dict], names: list[str]) -> None:
                 ),
             ]
             print(f"  {name:12s} {method} (loglik {loglik:.4f}, MSE {mse:.5g}):\n      " + "; ".join(checks))
+            paired = _paired_difference(package, least)
+            if paired is not None:
+                print(f"      {paired}")
         if not any(method in mine for method in (PACKAGE_POINT, PACKAGE_NUTS)):
             print(f"  {name:12s} no numpyro-moe figures, no verdict")
 
