@@ -57,6 +57,7 @@ SOURCES = {
     "speed-A": ("speed-A.csv", "speed-quick-A.csv", "benchmarks/speed.py --only A"),
     "speed-C": ("speed-C.csv", "speed-quick-C.csv", "benchmarks/speed.py --only C"),
     "nuts_workflow": ("nuts_workflow.csv", "nuts_workflow-quick.csv", "benchmarks/nuts_workflow.py --part A"),
+    "landscape": ("landscape.csv", "landscape-quick.csv", "benchmarks/landscape.py"),
     "real_data": ("real_data.csv", "real_data_quick.csv", "benchmarks/real_data.py"),
     "real_data_flexmix": ("real_data_flexmix.csv", "real_data_flexmix.csv", "benchmarks/real_data.py"),
 }
@@ -206,6 +207,23 @@ def main_table(quick: bool = False) -> list[str]:
         "oracle (EM from the truth): 1",
         "≤ 1.2",
         "em_pipeline",
+    )
+    # The AISTATS 2020 expert loss from random starts, against gradient descent on the squared loss
+    # from the same starts.
+    landscape = Figures("landscape", quick)
+    loss = landscape.row("1", "recovered_starts", "| landscape loss")
+    add(
+        "Experts from the AISTATS 2020 loss (`method=\"landscape\"`), from random starts",
+        f"{loss['setting'].split(' | ')[0]}, n={thousands(loss['n'])}; {loss['seeds']} random starts",
+        f"recovered (expert error < 0.1) from {landscape.count('1', 'recovered_starts', '| landscape loss')} starts, "
+        f"median error {landscape.value('1', 'median_expert_error', '| landscape loss'):.4f}, "
+        f"{landscape.value('1', 'mean_seconds_per_start', '| landscape loss'):.1f} s a start",
+        f"Adam on the squared loss from the same starts: "
+        f"{landscape.count('1', 'recovered_starts', '| squared-loss GD')} "
+        f"(median error {landscape.value('1', 'median_expert_error', '| squared-loss GD'):.4f}, "
+        f"{landscape.value('1', 'mean_seconds_per_start', '| squared-loss GD'):.1f} s a start)",
+        "≥ " + share(0.9, loss['seeds'], '9/10').replace(" seeds", " starts"),
+        "landscape",
     )
     # Success (expert error < 0.1) in the harder regimes (part B) and the rare-expert one (part D),
     # every method on the same seeds.

@@ -52,9 +52,9 @@ def test_main_table_heads_the_section_with_one_row_per_claim(results):
     table = text[: text.index("Held-out prediction")]
     assert "| what | setting | numpyro-moe | baseline(s) | target | source |" in table
     for claim in ("Expert error / oracle's", "Success in a hard regime", "`x.T @ x`", "against flexmix",
-                  "NumPyro's default init", "Real data"):
+                  "NumPyro's default init", "Real data", "AISTATS 2020 loss"):
         assert claim in table, claim
-    for name in ("tensor_estimator", "em_pipeline", "speed-C", "nuts_workflow", "real_data"):
+    for name in ("tensor_estimator", "em_pipeline", "speed-C", "nuts_workflow", "landscape", "real_data"):
         assert f"`benchmarks/results/{results.SOURCES[name][0]}`" in table, name
 
 
