@@ -787,6 +787,7 @@ def run_nuts(
     relabel_draws: bool = True,
     chain_method: str | None = None,
     mass_matrix: str = "laplace",
+    target_accept_prob: float = 0.8,
     progress_bar: bool = False,
 ) -> NutsResult:
     """NUTS on `moe_regression` from ``init``, a thin convenience over this module's pieces.
@@ -854,6 +855,12 @@ def run_nuts(
         dense or diagonal metric adapted from the identity. Measured in
         benchmarks/nuts_workflow.py (part D; d=5, k=3, n=2000, 4 x (500 + 500)) and
         benchmarks/real_data.py (see the README's results).
+    target_accept_prob
+        The acceptance rate NUTS's step size is tuned to during warmup (NumPyro's default, 0.8).
+        Higher (0.9, 0.95) takes smaller steps, at more gradient evaluations per draw, and is
+        the usual remedy for divergent transitions (Stan's ``adapt_delta``): on the benchmark's
+        High School and Beyond set (k = 4, the dense metric adapted from the identity), 0.8 gave
+        3 divergent transitions, 0.9 none (max r_hat 1.005 and 1.009).
 
     Warns
     -----
@@ -876,6 +883,10 @@ def run_nuts(
                 f"max_samples: expected at least num_samples ({num_samples}) draws per chain, got {max_samples}"
             )
     jitter = check_positive(jitter, "jitter")
+    if isinstance(target_accept_prob, bool) or not (
+        isinstance(target_accept_prob, (int, float, np.floating)) and 0 < target_accept_prob < 1
+    ):
+        raise ValueError(f"target_accept_prob: expected a number strictly between 0 and 1, got {target_accept_prob!r}")
     if mass_matrix not in MASS_MATRICES:
         raise ValueError(f"mass_matrix: expected one of {MASS_MATRICES}, got {mass_matrix!r}")
     if chain_method not in (None, "parallel", "sequential", "vectorized"):
@@ -904,7 +915,7 @@ def run_nuts(
     fixed = fixed_sites(fix, start, shared_noise=shared_noise)
     model = handlers.condition(moe_regression, fixed) if fixed else moe_regression
     chain_key, run_key, predictive_key = jax.random.split(key, 3)
-    mass_options = {"dense_mass": mass_matrix != "diagonal"}
+    mass_options = {"dense_mass": mass_matrix != "diagonal", "target_accept_prob": float(target_accept_prob)}
     chain_start = start
     if mass_matrix in ("laplace", "laplace-fixed"):
         # Near a mode (a positive definite Hessian at the fit), the metric is the Laplace
@@ -1022,7 +1033,8 @@ def _nuts_problems(diagnostics: dict, num_chains: int, transitions: int) -> list
         problems.append(
             f"{diagnostics['divergences']} of {transitions} transitions diverged: the sampler could not follow the "
             "posterior's curvature there and the draws may miss that region; see where with "
-            "az.plot_pair(..., divergences=True); fewer experts or stronger priors usually remove them"
+            "az.plot_pair(..., divergences=True); a higher target_accept_prob (0.9, 0.95: smaller steps), fewer "
+            "experts or stronger priors usually remove them"
         )
     return problems
 

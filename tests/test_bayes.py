@@ -1595,3 +1595,25 @@ def test_nuts_problems_name_each_problem_with_its_remedy():
     # Chains that never moved (NaN r_hat) disagree too; one chain has no r_hat to judge.
     assert len(_nuts_problems({**fine, "max_r_hat": float("nan"), "divergences": 2}, 4, 8000)) == 2
     assert _nuts_problems({**fine, "max_r_hat": float("nan")}, 1, 500) == []
+
+
+def test_run_nuts_tunes_its_step_size_to_the_target_acceptance_rate(monkeypatch):
+    import numpyro_moe._bayes as bayes
+
+    x, y, truth = simulate(key=jax.random.key(3), num_samples=200, dim=3, num_experts=2)
+    with pytest.raises(ValueError, match=r"^target_accept_prob: expected a number strictly between 0 and 1, got 1"):
+        moe.run_nuts(x, y, truth, key=jax.random.key(0), target_accept_prob=1)
+    # The rate reaches NumPyro's NUTS (whose step-size adaptation targets it).
+    built = []
+
+    class Recording(bayes.NUTS):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs["target_accept_prob"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(bayes, "NUTS", Recording)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", moe.ReliabilityWarning)
+        moe.run_nuts(x, y, truth, key=jax.random.key(0), num_chains=1, num_warmup=5, num_samples=5,
+                     target_accept_prob=0.95)
+    assert built == [0.95]

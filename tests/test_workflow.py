@@ -324,19 +324,21 @@ def test_cli_fit_flags_reach_fit_csv(monkeypatch, tmp_path, keep_xla_flags):
     assert main(["fit", "dir/d.csv", "--target", "y", "--experts", "1-3", "--criterion", "icl", "--one-hot",
                  "a, b", "--missing", "drop", "--shared-noise", "--quiet", "--features", "a, b,c", "--max-draws",
                  "800", "--max-iterations", "900", "--expert-prior-scale", "5", "--finalists", "3",
-                 "--design", "auto"]) == 0
+                 "--design", "auto", "--target-accept", "0.95"]) == 0
     assert main(["fit", "d.csv", "--target", "y", "--experts", "3", "--one-hot", "all"]) == 0
     assert main(["fit", "d.csv", "--target", "y", "--experts", "2,4"]) == 0
     (path, first), (_, second), (_, third) = calls
     assert path == "dir/d.csv"
     assert {key: first[key] for key in ("num_experts", "criterion", "one_hot", "missing", "shared_noise",
                                         "verbose", "features", "out", "max_samples", "max_iterations",
-                                        "expert_prior_scale", "num_finalists", "design")} == {
+                                        "expert_prior_scale", "num_finalists", "design", "target_accept_prob")} == {
         "num_experts": (1, 2, 3), "criterion": "icl", "one_hot": ["a", "b"], "missing": "drop",
         "shared_noise": True, "verbose": False, "features": ["a", "b", "c"], "out": "d-moe", "max_samples": 800,
         "max_iterations": 900, "expert_prior_scale": 5.0, "num_finalists": 3, "design": "auto",
+        "target_accept_prob": 0.95,
     }
     assert second["expert_prior_scale"] is None and second["num_finalists"] == 5
+    assert second["target_accept_prob"] == 0.8  # NumPyro's default
     assert second["design"] == "gaussian"
     # One k keeps it in the default folder's name.
     assert second["num_experts"] == 3 and second["out"] == "d-moe-k3" and second["one_hot"] == "all"
@@ -401,6 +403,8 @@ ENOUGH = "a,y\n" + "".join(f"{i},{i % 3}\n" for i in range(40))
         ("a,y\n1,2\n", {"nuts": True, "num_samples": 50, "max_samples": 20}, ValueError,
          r"^--max-draws: expected at least --num-draws \(50\), got 20"),
         ("a,y\n1,2\n", {"nuts": True, "max_samples": 0}, ValueError, r"^--max-draws: expected an integer >= 1, got 0"),
+        ("a,y\n1,2\n", {"nuts": True, "target_accept_prob": 1.0}, ValueError,
+         r"^--target-accept: expected a number strictly between 0 and 1, got 1.0"),
         ("a,y\n1,2\n", {"max_iterations": 0}, ValueError, r"^--max-iterations: expected an integer >= 1, got 0"),
         ("a,y\n1,2\n", {"design": "normal"}, ValueError, r"^--design: expected one of \['gaussian', 'mixture', 'auto'\], got 'normal'"),
         (ENOUGH, {"link": "cubic"}, ValueError, r"^link: unknown link 'cubic'"),

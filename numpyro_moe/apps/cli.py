@@ -144,6 +144,7 @@ def _fit(args: argparse.Namespace) -> int:
         num_warmup=args.num_warmup,
         num_samples=args.num_draws,
         max_samples=args.max_draws,
+        target_accept_prob=args.target_accept,
         max_iterations=args.max_iterations,
         overwrite=args.overwrite,
         verbose=not args.quiet,
@@ -308,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="while the chains disagree (max r_hat > 1.01), draw --num-draws more per chain, up to this "
         "many (default: 4 x --num-draws)",
+    )
+    fit.add_argument(
+        "--target-accept",
+        type=float,
+        default=0.8,
+        help="acceptance rate NUTS tunes its step size to (default 0.8); 0.9 or 0.95 takes smaller steps, "
+        "the usual remedy for divergent transitions",
     )
     fit.add_argument("--quiet", action="store_true", help="print only errors and warnings that matter")
     fit.set_defaults(run=_fit)

@@ -235,7 +235,8 @@ def _nuts_line(diagnostics: dict, chains: int, warmup: int) -> str:
     if divergences:
         problems.append(
             f"{divergences} transitions diverged, so the draws may miss a region of the posterior the sampler "
-            "could not follow: fewer experts or a smaller --expert-prior-scale usually remove them"
+            "could not follow: a higher --target-accept (0.9, 0.95), fewer experts or a smaller "
+            "--expert-prior-scale usually remove them"
         )
     if not problems:
         return line
@@ -335,6 +336,7 @@ def fit_csv(
     num_warmup: int = 500,
     num_samples: int = 500,
     max_samples: int | None = None,
+    target_accept_prob: float = 0.8,
     max_iterations: int = 500,
     overwrite: bool = False,
     verbose: bool = True,
@@ -353,7 +355,8 @@ def fit_csv(
     of its own (flexmix's concomitant variables): the gate reads those columns, the experts read
     ``features`` (default: every column but the target and the gate's). With ``nuts``, `run_nuts`
     from the fit; while its chains disagree (max r_hat > 1.01) they draw ``num_samples`` more, up
-    to ``max_samples`` per chain (default four times ``num_samples``). ``max_iterations``: EM's
+    to ``max_samples`` per chain (default four times ``num_samples``); ``target_accept_prob``: the
+    acceptance rate NUTS's step size is tuned to (`run_nuts`). ``max_iterations``: EM's
     iterations per start (`fit_moe`). ``num_starts`` EM starts (the tensor estimate and random
     ones), of which, after a short EM, the ``num_finalists`` best continue (None: all of them;
     `fit_moe`). ``expert_prior_scale``: the sd of the Normal prior on the experts' standardised
@@ -413,6 +416,12 @@ def fit_csv(
         max_samples = 4 * num_samples if max_samples is None else _positive_int(max_samples, "--max-draws")
         if max_samples < num_samples:
             raise ValueError(f"--max-draws: expected at least --num-draws ({num_samples}), got {max_samples}")
+        if isinstance(target_accept_prob, bool) or not (
+            isinstance(target_accept_prob, numbers.Real) and 0 < target_accept_prob < 1
+        ):
+            raise ValueError(
+                f"--target-accept: expected a number strictly between 0 and 1, got {target_accept_prob!r}"
+            )
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(
@@ -659,6 +668,7 @@ def fit_csv(
                     num_warmup=num_warmup,
                     num_samples=num_samples,
                     max_samples=max_samples,
+                    target_accept_prob=target_accept_prob,
                     progress_bar=bars,
                 )
             datatree = result.datatree
@@ -667,6 +677,7 @@ def fit_csv(
                 "chains": num_chains,
                 "warmup": num_warmup,
                 "draws": num_samples,
+                "target_accept_prob": float(target_accept_prob),
                 **{name: _finite(value) for name, value in result.diagnostics.items()},
             }
             (staging / "model.json").write_text(json.dumps(model, indent=2) + "\n")

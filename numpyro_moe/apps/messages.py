@@ -19,10 +19,11 @@ FLAGS = {
     "num_chains": "--chains",
     "num_warmup": "--num-warmup",
     "num_samples": "--num-draws",
+    "target_accept_prob": "--target-accept",
 }
 _ARGUMENT = re.compile(r"(?<![\w-])(" + "|".join(FLAGS) + r"):")
 # Arguments that the library's advice names ("raise max_iterations"), for the flags that set them.
-ADVICE = {"max_iterations": "--max-iterations", "max_samples": "--max-draws"}
+ADVICE = {"max_iterations": "--max-iterations", "max_samples": "--max-draws", "target_accept_prob": "--target-accept"}
 _ADVICE = re.compile(r"(?<![\w-])(" + "|".join(ADVICE) + r")\b")
 # Third-party notices about their own future: not the user's concern.
 _HIDDEN = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
