@@ -51,6 +51,7 @@ from numpyro_moe._validation import (
     check_params,
     check_positive,
     check_positive_int,
+    check_probability,
     check_response,
 )
 
@@ -883,10 +884,7 @@ def run_nuts(
                 f"max_samples: expected at least num_samples ({num_samples}) draws per chain, got {max_samples}"
             )
     jitter = check_positive(jitter, "jitter")
-    if isinstance(target_accept_prob, bool) or not (
-        isinstance(target_accept_prob, (int, float, np.floating)) and 0 < target_accept_prob < 1
-    ):
-        raise ValueError(f"target_accept_prob: expected a number strictly between 0 and 1, got {target_accept_prob!r}")
+    target_accept_prob = check_probability(target_accept_prob, "target_accept_prob")
     if mass_matrix not in MASS_MATRICES:
         raise ValueError(f"mass_matrix: expected one of {MASS_MATRICES}, got {mass_matrix!r}")
     if chain_method not in (None, "parallel", "sequential", "vectorized"):
@@ -915,7 +913,7 @@ def run_nuts(
     fixed = fixed_sites(fix, start, shared_noise=shared_noise)
     model = handlers.condition(moe_regression, fixed) if fixed else moe_regression
     chain_key, run_key, predictive_key = jax.random.split(key, 3)
-    mass_options = {"dense_mass": mass_matrix != "diagonal", "target_accept_prob": float(target_accept_prob)}
+    mass_options = {"dense_mass": mass_matrix != "diagonal", "target_accept_prob": target_accept_prob}
     chain_start = start
     if mass_matrix in ("laplace", "laplace-fixed"):
         # Near a mode (a positive definite Hessian at the fit), the metric is the Laplace

@@ -465,8 +465,10 @@ def _em_all(
 
 
 def _check_accelerate(accelerate) -> bool | str:
-    if accelerate == "auto" or isinstance(accelerate, (bool, np.bool_)):
-        return accelerate if isinstance(accelerate, str) else bool(accelerate)
+    if isinstance(accelerate, str) and accelerate == "auto":
+        return accelerate
+    if isinstance(accelerate, (bool, np.bool_)):
+        return bool(accelerate)
     raise ValueError(f"accelerate: expected True, False or 'auto', got {accelerate!r}")
 
 

@@ -142,6 +142,14 @@ def check_nonnegative(value, name: str) -> float:
     return value
 
 
+def check_probability(value, name: str) -> float:
+    """Return ``value`` as a float strictly between 0 and 1, or raise naming ``name``."""
+    value = _as_real_number(value, name, "a number strictly between 0 and 1")
+    if not 0 < value < 1:
+        raise ValueError(f"{name}: expected a number strictly between 0 and 1, got {value}")
+    return value
+
+
 def _count_nonfinite(value) -> int:
     if isinstance(value, jax.core.Tracer):  # inside a trace: shapes only
         return 0

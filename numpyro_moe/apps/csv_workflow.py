@@ -22,6 +22,7 @@ import numpyro_moe
 from numpyro_moe import MoEParams, fit_moe, run_nuts
 from numpyro_moe._design import DESIGNS
 from numpyro_moe._select import _choose_prior_scale
+from numpyro_moe._validation import check_probability
 from numpyro_moe.apps.folders import output_folder
 from numpyro_moe.apps.messages import column_names_in_warnings, progress_bars
 from numpyro_moe.apps.plots import plot_gates, plot_predictive_check, plot_trace, save_plot
@@ -416,12 +417,7 @@ def fit_csv(
         max_samples = 4 * num_samples if max_samples is None else _positive_int(max_samples, "--max-draws")
         if max_samples < num_samples:
             raise ValueError(f"--max-draws: expected at least --num-draws ({num_samples}), got {max_samples}")
-        if isinstance(target_accept_prob, bool) or not (
-            isinstance(target_accept_prob, numbers.Real) and 0 < target_accept_prob < 1
-        ):
-            raise ValueError(
-                f"--target-accept: expected a number strictly between 0 and 1, got {target_accept_prob!r}"
-            )
+        target_accept_prob = check_probability(target_accept_prob, "--target-accept")
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(
@@ -677,7 +673,7 @@ def fit_csv(
                 "chains": num_chains,
                 "warmup": num_warmup,
                 "draws": num_samples,
-                "target_accept_prob": float(target_accept_prob),
+                "target_accept_prob": target_accept_prob,
                 **{name: _finite(value) for name, value in result.diagnostics.items()},
             }
             (staging / "model.json").write_text(json.dumps(model, indent=2) + "\n")
