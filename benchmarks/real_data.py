@@ -510,7 +510,8 @@ def numpyro_moe(
             "heldout_loglik_per_point": loglik, "heldout_mse": mse, "max_r_hat": max_r_hat(nuts_dir),
             "log_densities": densities,
         }
-        rows.append(row(split, PACKAGE_NUTS, k=fitted_num_experts(nuts_dir), fit_seconds=fit_s, predict_seconds=predict_s, **figures))
+        k = fitted_num_experts(nuts_dir)
+        rows.append(row(split, PACKAGE_NUTS, k=k, fit_seconds=fit_s, predict_seconds=predict_s, **figures))
     except (RuntimeError, subprocess.TimeoutExpired, OSError, KeyError, ValueError) as error:
         notes.append(f"{split.dataset.name}: numpyro-moe NUTS: {error}")
     return rows, notes
@@ -567,7 +568,8 @@ def _paired_difference(package: dict, least: dict | None) -> str | None:
         return None
     difference = np.asarray(package["log_densities"]) - np.asarray(least["log_densities"])
     mean, se = float(np.mean(difference)), float(np.std(difference, ddof=1) / np.sqrt(len(difference)))
-    return f"loglik minus least squares' row by row: {mean:+.4f} per point, standard error {se:.4f} ({mean / se:+.1f} SE)"
+    ratio = f" ({mean / se:+.1f} SE)" if se > 0 else ""
+    return f"loglik minus least squares' row by row: {mean:+.4f} per point, standard error {se:.4f}{ratio}"
 
 
 def verdicts(rows: list[dict], names: list[str]) -> None:
