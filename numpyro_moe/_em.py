@@ -128,11 +128,16 @@ class Penalty(NamedTuple):
     df_rate: jax.Array  # (k,)
 
 
+def _module(*values):
+    """NumPy for concrete values (host-side set-up compiles nothing), jax.numpy inside a trace."""
+    return jnp if any(isinstance(value, jax.core.Tracer) for value in values) else np
+
+
 def flat_penalty(num_experts: int, width: int, dtype, gate_width: int | None = None) -> Penalty:
     """No prior: plain maximum-likelihood EM (``gate_width``: the gate's columns, default ``width``)."""
-    zeros = jnp.zeros((num_experts, width), dtype)
-    gate_zeros = jnp.zeros((num_experts, width if gate_width is None else gate_width), dtype)
-    flat = jnp.zeros((num_experts,), dtype)
+    zeros = np.zeros((num_experts, width), dtype)
+    gate_zeros = np.zeros((num_experts, width if gate_width is None else gate_width), dtype)
+    flat = np.zeros((num_experts,), dtype)
     return Penalty(zeros, zeros, gate_zeros, gate_zeros, flat, flat, flat, flat, flat)
 
 
@@ -142,17 +147,19 @@ def _normal_prior(prior, name: str, shape: tuple[int, ...]):
             f"priors[{name!r}]: EM's closed-form M-steps take a Normal prior here, got "
             f"{type(prior).__name__}; use fit_map for other priors"
         )
-    loc = jnp.broadcast_to(jnp.asarray(prior.loc), shape)
-    return loc, jnp.broadcast_to(1.0 / jnp.asarray(prior.scale) ** 2, shape)
+    xp = _module(prior.loc, prior.scale)
+    loc = xp.broadcast_to(xp.asarray(prior.loc), shape)
+    return loc, xp.broadcast_to(1.0 / xp.asarray(prior.scale) ** 2, shape)
 
 
 def _noise_prior(prior, shape: tuple[int, ...]):
-    zeros = jnp.zeros(shape)
     if isinstance(prior, dist.InverseGamma):
-        count = jnp.broadcast_to(jnp.asarray(prior.concentration) + 1.0, shape)
-        return count, jnp.broadcast_to(jnp.asarray(prior.rate), shape), zeros
+        xp = _module(prior.concentration, prior.rate)
+        count = xp.broadcast_to(xp.asarray(prior.concentration) + 1.0, shape)
+        return count, xp.broadcast_to(xp.asarray(prior.rate), shape), np.zeros(shape)
     if isinstance(prior, dist.HalfNormal):
-        return zeros, zeros, jnp.broadcast_to(1.0 / jnp.asarray(prior.scale) ** 2, shape)
+        xp = _module(prior.scale)
+        return np.zeros(shape), np.zeros(shape), xp.broadcast_to(1.0 / xp.asarray(prior.scale) ** 2, shape)
     raise ValueError(
         f"priors['noise']: EM's closed-form noise step takes an InverseGamma or HalfNormal prior on "
         f"the noise sd, got {type(prior).__name__}; use fit_map for other priors"
@@ -161,16 +168,18 @@ def _noise_prior(prior, shape: tuple[int, ...]):
 
 def _df_prior(prior, shape: tuple[int, ...]):
     if isinstance(prior, dist.Exponential):  # Gamma(1, rate)
-        return jnp.zeros(shape), jnp.broadcast_to(jnp.asarray(prior.rate), shape)
+        xp = _module(prior.rate)
+        return np.zeros(shape), xp.broadcast_to(xp.asarray(prior.rate), shape)
     if isinstance(prior, dist.Gamma):
-        concentration = jnp.broadcast_to(jnp.asarray(prior.concentration), shape)
-        if not isinstance(concentration, jax.core.Tracer) and not bool(jnp.all(concentration >= 1)):
+        xp = _module(prior.concentration, prior.rate)
+        concentration = xp.broadcast_to(xp.asarray(prior.concentration), shape)
+        if not isinstance(concentration, jax.core.Tracer) and not bool(np.all(concentration >= 1)):
             raise ValueError(
                 "priors['df']: EM's degrees-of-freedom step takes a Gamma prior with concentration >= 1 "
                 f"(a log-concave one), got concentration {np.asarray(prior.concentration).tolist()}; use "
                 "fit_map for other priors"
             )
-        return concentration - 1.0, jnp.broadcast_to(jnp.asarray(prior.rate), shape)
+        return concentration - 1.0, xp.broadcast_to(xp.asarray(prior.rate), shape)
     raise ValueError(
         f"priors['df']: EM's degrees-of-freedom step takes a Gamma or Exponential prior, got "
         f"{type(prior).__name__}; "
@@ -191,18 +200,21 @@ def penalty_from_priors(
     gate_loc, gate_precision = _normal_prior(priors["gates"], "gates", (k, dim if gate_dim is None else gate_dim))
     if intercepts:
         bias_loc, bias_precision = _normal_prior(priors["expert_intercepts"], "expert_intercepts", (k,))
-        expert_loc = jnp.concatenate([expert_loc, bias_loc[:, None]], axis=1)
-        expert_precision = jnp.concatenate([expert_precision, bias_precision[:, None]], axis=1)
+        xp = _module(expert_loc, expert_precision, bias_loc, bias_precision)
+        expert_loc = xp.concatenate([expert_loc, bias_loc[:, None]], axis=1)
+        expert_precision = xp.concatenate([expert_precision, bias_precision[:, None]], axis=1)
         bias_loc, bias_precision = _normal_prior(priors["gate_intercepts"], "gate_intercepts", (k,))
-        gate_loc = jnp.concatenate([gate_loc, bias_loc[:, None]], axis=1)
-        gate_precision = jnp.concatenate([gate_precision, bias_precision[:, None]], axis=1)
+        xp = _module(gate_loc, gate_precision, bias_loc, bias_precision)
+        gate_loc = xp.concatenate([gate_loc, bias_loc[:, None]], axis=1)
+        gate_precision = xp.concatenate([gate_precision, bias_precision[:, None]], axis=1)
     count, inverse, square = _noise_prior(priors["noise"], (k,))
-    power = rate = jnp.zeros((k,))
+    power = rate = np.zeros((k,))
     if estimate_df:
         power, rate = _df_prior(priors["df"], (k,))
-    return Penalty(*(jnp.asarray(leaf, dtype) for leaf in (
-        expert_loc, expert_precision, gate_loc, gate_precision, count, inverse, square, power, rate
-    )))
+    leaves = (expert_loc, expert_precision, gate_loc, gate_precision, count, inverse, square, power, rate)
+    # Host (NumPy) arrays when the priors are concrete: nothing is compiled to set them up.
+    xp = _module(*leaves)
+    return Penalty(*(xp.asarray(leaf, dtype) for leaf in leaves))
 
 
 def log_prior(experts, gates, noise, penalty: Penalty, df=None) -> jax.Array:
@@ -223,17 +235,19 @@ def log_prior(experts, gates, noise, penalty: Penalty, df=None) -> jax.Array:
 def to_augmented(params: MoEParams, intercepts: bool):
     """Experts and gates (last row zero) with intercepts as a last column (when ``intercepts``);
     leading axes of stacked records are kept."""
-    experts, gates = jnp.asarray(params.experts), jnp.asarray(params.gates)
+    leaves = [params.experts, params.gates, params.expert_intercepts, params.gate_intercepts]
+    xp = _module(*(leaf for leaf in leaves if leaf is not None))
+    experts, gates = xp.asarray(params.experts), xp.asarray(params.gates)
     gates = gates - gates[..., -1:, :]
     if not intercepts:
         return experts, gates
-    zeros = jnp.zeros(experts.shape[:-1], experts.dtype)
-    expert_bias = zeros if params.expert_intercepts is None else jnp.asarray(params.expert_intercepts)
-    gate_bias = zeros if params.gate_intercepts is None else jnp.asarray(params.gate_intercepts)
+    zeros = xp.zeros(experts.shape[:-1], experts.dtype)
+    expert_bias = zeros if params.expert_intercepts is None else xp.asarray(params.expert_intercepts)
+    gate_bias = zeros if params.gate_intercepts is None else xp.asarray(params.gate_intercepts)
     gate_bias = gate_bias - gate_bias[..., -1:]
     return (
-        jnp.concatenate([experts, expert_bias[..., None].astype(experts.dtype)], axis=-1),
-        jnp.concatenate([gates, gate_bias[..., None].astype(gates.dtype)], axis=-1),
+        xp.concatenate([experts, expert_bias[..., None].astype(experts.dtype)], axis=-1),
+        xp.concatenate([gates, gate_bias[..., None].astype(gates.dtype)], axis=-1),
     )
 
 
@@ -616,12 +630,12 @@ def _padded(x, gate_x, y):
     def pad(values):
         values = np.asarray(values, dtype)
         if rows == n:
-            return jnp.asarray(values)
-        return jnp.asarray(np.concatenate([values, np.zeros((rows - n, *values.shape[1:]), dtype)]))
+            return values
+        return np.concatenate([values, np.zeros((rows - n, *values.shape[1:]), dtype)])
 
     same = gate_x is x
     x, y = pad(x), pad(y)
-    return x, (x if same else pad(gate_x)), y, jnp.asarray(mask)
+    return x, (x if same else pad(gate_x)), y, mask
 
 
 def em_iterations(
@@ -668,17 +682,18 @@ def em_iterations(
     shape = experts.shape[:1] if batched else ()
     estimate_df = df is not None and "df" not in fix and "noise" not in fix
     if not estimate_df:  # held degrees of freedom: their prior is a constant, left out
-        penalty = penalty._replace(df_power=jnp.zeros_like(penalty.df_power), df_rate=jnp.zeros_like(penalty.df_rate))
+        penalty = penalty._replace(df_power=np.zeros(np.shape(penalty.df_power)), df_rate=np.zeros(np.shape(penalty.df_rate)))
     updates = ("experts" not in fix, "gates" not in fix, "noise" not in fix)
+    # The starting state on the host (NumPy): setting it up compiles nothing.
     state = _State(
-        experts.astype(dtype),
-        gates.astype(dtype),
-        jnp.broadcast_to(jnp.asarray(noise, dtype), experts.shape[:-1]),
-        jnp.full(shape, -jnp.inf, dtype),
-        jnp.full(shape, jnp.inf, dtype),
-        jnp.zeros(shape, jnp.int32),
-        jnp.full(shape + (max_iterations,), jnp.nan, dtype),
-        None if df is None else jnp.broadcast_to(jnp.asarray(df, dtype), experts.shape[:-1]),
+        np.asarray(experts, dtype),
+        np.asarray(gates, dtype),
+        np.broadcast_to(np.asarray(noise, dtype), experts.shape[:-1]),
+        np.full(shape, -np.inf, dtype),
+        np.full(shape, np.inf, dtype),
+        np.zeros(shape, np.int32),
+        np.full(shape + (max_iterations,), np.nan, dtype),
+        None if df is None else np.broadcast_to(np.asarray(df, dtype), experts.shape[:-1]),
     )
     final = partial(_final, link_function=link.function)
 
@@ -694,12 +709,12 @@ def em_iterations(
     switched = program(True) if accelerate == "auto" else plain
     if batched:
         final = jax.vmap(final, in_axes=(0, 0, 0, 0, None, None, None, None, None))
-    gate_x = x if gate_x is None else gate_x.astype(dtype)
+    gate_x = x if gate_x is None else np.asarray(gate_x, dtype)
     # Padding to a size of a coarse ladder: EM's programs compile once per structure and size
     # class, not for every n (padding rows are zero and masked out).
     x, gate_x, y, mask = _padded(x, gate_x, y)
-    tol_array = jnp.asarray(tol, dtype)
-    gate_tol = jnp.asarray(1e-9 if dtype == jnp.float64 else 1e-5, dtype)
+    tol_array = np.asarray(tol, dtype)
+    gate_tol = np.asarray(1e-9 if dtype == jnp.float64 else 1e-5, dtype)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -708,7 +723,7 @@ def em_iterations(
     while True:
         before = int(np.max(np.asarray(state.iteration)))
         run = switched if before >= ACCELERATE_AFTER else plain
-        state = run(state, x, gate_x, y, mask, penalty, jnp.asarray(estimate_df), tol_array, gate_tol)
+        state = run(state, x, gate_x, y, mask, penalty, np.asarray(estimate_df), tol_array, gate_tol)
         iterations = np.asarray(state.iteration)
         after = int(np.max(iterations))
         if bar is not None:
@@ -722,7 +737,9 @@ def em_iterations(
     log_likelihood, objective, weights, entropy = final(
         state.experts, state.gates, state.noise, state.df, x, gate_x, y, mask, penalty
     )
+    # Host arrays out too: what the callers slice and stack next compiles nothing.
     return EMResult(
-        state.experts, state.gates, state.noise, np.asarray(log_likelihood), np.asarray(objective),
-        np.asarray(state.history), iterations, np.asarray(weights), np.asarray(entropy), state.df,
+        np.asarray(state.experts), np.asarray(state.gates), np.asarray(state.noise), np.asarray(log_likelihood),
+        np.asarray(objective), np.asarray(state.history), iterations, np.asarray(weights), np.asarray(entropy),
+        None if state.df is None else np.asarray(state.df),
     )

@@ -219,13 +219,15 @@ def _one_start(value, name: str, dim: int, gate_dim: int | None) -> MoEParams:
     if gate_dim is not None and not isinstance(value, MoEParams) and not hasattr(value, "params"):
         # An expert estimate's record has a uniform gate over x: give it the gate's width.
         params = params.replace(
-            gates=jnp.zeros((*np.shape(params.gates)[:-1], gate_dim), jnp.result_type(params.gates))
+            gates=np.zeros((*np.shape(params.gates)[:-1], gate_dim), np.result_type(params.gates))
         )
+    # Starts are set up on the host (NumPy): nothing is compiled for them.
     if np.ndim(params.experts) != 3:
         return jax.tree_util.tree_map(
-            lambda leaf: jnp.asarray(leaf)[None], check_params(params, name, dim=dim, gate_dim=gate_dim)
+            lambda leaf: np.asarray(leaf)[None], check_params(params, name, dim=dim, gate_dim=gate_dim)
         )
     # Starts stacked on a leading axis: each is checked as one start would be.
+    params = jax.tree_util.tree_map(np.asarray, params)
     count = np.shape(params.experts)[0]
     for index in range(count):
         check_params(
@@ -261,30 +263,30 @@ def as_starts(init, dim: int, name: str = "init", gate_dim: int | None = None) -
 
     def normal_form(start: MoEParams) -> MoEParams:
         count, k = start.experts.shape[:2]
-        zeros = jnp.zeros((count, k), dtype)
-        noise = jnp.broadcast_to(jnp.asarray(start.noise, dtype).reshape(count, -1), (count, k))
+        zeros = np.zeros((count, k), dtype)
+        noise = np.broadcast_to(np.asarray(start.noise, dtype).reshape(count, -1), (count, k))
         return MoEParams(
-            jnp.asarray(start.experts, dtype),
-            jnp.asarray(start.gates, dtype),
+            np.asarray(start.experts, dtype),
+            np.asarray(start.gates, dtype),
             noise,
-            (jnp.asarray(start.expert_intercepts, dtype) if start.expert_intercepts is not None else zeros)
+            (np.asarray(start.expert_intercepts, dtype) if start.expert_intercepts is not None else zeros)
             if intercepts
             else None,
-            (jnp.asarray(start.gate_intercepts, dtype) if start.gate_intercepts is not None else zeros)
+            (np.asarray(start.gate_intercepts, dtype) if start.gate_intercepts is not None else zeros)
             if intercepts
             else None,
             start.link,
             (
-                jnp.full((count, k), jnp.nan, dtype)
+                np.full((count, k), np.nan, dtype)
                 if start.df is None
-                else jnp.broadcast_to(jnp.asarray(start.df, dtype).reshape(count, -1), (count, k))
+                else np.broadcast_to(np.asarray(start.df, dtype).reshape(count, -1), (count, k))
             )
             if degrees
             else None,
         )
 
     starts = [normal_form(start) for start in starts]
-    return jax.tree_util.tree_map(lambda *leaves: jnp.concatenate(leaves), *starts)
+    return jax.tree_util.tree_map(lambda *leaves: np.concatenate(leaves), *starts)
 
 
 def random_starts(
@@ -318,13 +320,13 @@ def random_starts(
 
 def _random_params(key, num_starts, num_experts, dim, gate_dim, y_std, link, intercepts, family, df) -> MoEParams:
     dtype = jnp.result_type(float)
-    experts = jax.random.normal(key, (num_starts, num_experts, dim), dtype)
-    experts = experts / jnp.linalg.norm(experts, axis=-1, keepdims=True)
-    zeros = jnp.zeros((num_starts, num_experts), dtype)
+    experts = np.asarray(jax.random.normal(key, (num_starts, num_experts, dim), dtype))
+    experts = experts / np.linalg.norm(experts, axis=-1, keepdims=True)
+    zeros = np.zeros((num_starts, num_experts), dtype)
     return MoEParams(
         experts,
-        jnp.zeros((num_starts, num_experts, gate_dim), dtype),
-        jnp.full((num_starts, num_experts), y_std, dtype),
+        np.zeros((num_starts, num_experts, gate_dim), dtype),
+        np.full((num_starts, num_experts), y_std, dtype),
         zeros if intercepts else None,
         zeros if intercepts else None,
         link,
@@ -338,14 +340,15 @@ def starting_df(given, family: str, df, shape: tuple[int, ...], dtype, *, clip: 
     and positive, and 4 elsewhere."""
     if family == "normal":
         return None
+    xp = jnp if isinstance(given, jax.core.Tracer) or isinstance(df, jax.core.Tracer) else np
     if df is not None:
-        return jnp.broadcast_to(jnp.asarray(df, dtype), shape)
+        return xp.broadcast_to(xp.asarray(df, dtype), shape)
     if given is None:
-        return jnp.full(shape, DF_START, dtype)
-    given = jnp.broadcast_to(jnp.asarray(given, dtype), shape)
-    valid = jnp.isfinite(given) & (given > 0)
-    start = jnp.clip(given, *DF_BOUNDS) if clip else given
-    return jnp.where(valid, start, DF_START)
+        return xp.full(shape, DF_START, dtype)
+    given = xp.broadcast_to(xp.asarray(given, dtype), shape)
+    valid = xp.isfinite(given) & (given > 0)
+    start = xp.clip(given, *DF_BOUNDS) if clip else given
+    return xp.where(valid, start, DF_START).astype(dtype)
 
 
 def _first(starts: MoEParams) -> MoEParams:
@@ -355,9 +358,9 @@ def _first(starts: MoEParams) -> MoEParams:
 def _starting_noise(starts: MoEParams, x, y) -> jax.Array:
     """The starts' noise, where a start has none (not finite and positive): the residual spread
     of the closest expert per point, a rough positive start that EM corrects."""
-    noise = jnp.asarray(starts.noise)
-    valid = jnp.all(jnp.isfinite(noise) & (noise > 0), axis=-1, keepdims=True)
-    if bool(jnp.all(valid)):
+    noise = np.asarray(starts.noise)
+    valid = np.all(np.isfinite(noise) & (noise > 0), axis=-1, keepdims=True)
+    if bool(np.all(valid)):
         return noise
     means = jax.vmap(lambda start: start.expert_means(x))(starts)  # (starts, n, k)
     best = jnp.min((y[None, :, None] - means) ** 2, axis=-1)
@@ -428,7 +431,8 @@ def _em_all(
     else:
         noise = starting_noise(data, experts, starts.noise, summary, starts.link, intercepts)
     if shared_noise:  # a shared model starts from one noise, so its first step is an EM step
-        noise = jnp.broadcast_to(jnp.sqrt(jnp.mean(noise**2, axis=-1, keepdims=True)), noise.shape)
+        xp = np if isinstance(noise, np.ndarray) else jnp
+        noise = xp.broadcast_to(xp.sqrt(xp.mean(noise**2, axis=-1, keepdims=True)), noise.shape)
     if data is not None:
         result = streamed_em(
             data, experts, gates, noise, summary=summary, penalty=penalty, link=starts.link, intercepts=intercepts,
@@ -941,7 +945,7 @@ def fit_moe(
             )
             start = estimate.to_params(intercepts=intercepts)
             if gate_x is not None:  # a uniform gate over the gate's own covariates
-                start = start.replace(gates=jnp.zeros((num_experts, gate_x.shape[1]), x.dtype))
+                start = start.replace(gates=np.zeros((num_experts, gate_x.shape[1]), x.dtype))
             gated = fit_em(x, y, start, fix=("experts",), **em_options)
         starts.append(gated.params)
         labels.append("tensor")

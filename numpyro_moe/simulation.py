@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -153,6 +154,13 @@ def sample_response(
     if x.shape[1] != params.dim:
         raise ValueError(f"x: expected {params.dim} columns like params.experts, got {x.shape[1]}")
     shape = () if num_draws is None else (check_positive_int(num_draws, "num_draws"),)
+    return _draw(params, x, gate_x, key, shape)
+
+
+@partial(jax.jit, static_argnames="shape")
+def _draw(params: MoEParams, x, gate_x, key, shape: tuple[int, ...]) -> jax.Array:
+    """`sample_response`'s draws as one compiled program (the mixture's sampling, op by op,
+    would compile a dozen small ones)."""
     return MixtureOfExperts.from_params(params, x, gate_x=gate_x).sample(key, shape)
 
 

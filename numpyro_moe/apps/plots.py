@@ -26,7 +26,14 @@ def plot_gates(params: MoEParams, x: np.ndarray, feature_names: list[str], path:
     # seconds to draw (at n = 200,000, most of the CLI's time after the fit).
     rows = np.linspace(0, x.shape[0] - 1, min(x.shape[0], MAX_GATE_POINTS)).astype(int)
     x = np.asarray(x)[rows]
-    probabilities = np.asarray(params.gate_probabilities(x))
+    # The gate's softmax on the host (NumPy): a plot compiles nothing.
+    gates = np.asarray(params.gates)
+    logits = x @ gates.T
+    if params.gate_intercepts is not None:
+        logits = logits + np.asarray(params.gate_intercepts)
+    logits = logits - logits.max(axis=1, keepdims=True)
+    probabilities = np.exp(logits)
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
     strength = np.abs(np.asarray(params.gates)).sum(axis=0)
     shown = np.argsort(-strength)[: min(6, x.shape[1])]
     figure, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3), squeeze=False, sharey=True)
