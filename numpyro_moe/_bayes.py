@@ -39,6 +39,7 @@ from numpyro_moe._model import (
     init_to_params,
     is_record,
     moe_regression,
+    predictive_params,
     site_name,
     sites_to_params,
 )
@@ -591,7 +592,8 @@ def predict(
     ----------
     source
         A point fit (`MoEParams`, a fit result): its predictive distribution, the
-        `MixtureOfExperts` at x_new; or a DataTree of posterior draws (from `to_datatree` or
+        `MixtureOfExperts` at x_new (for an EM fit, with each expert's unbiased noise sd,
+        `Fit.predictive_noise`; `MoEParams` are used as they are); or a DataTree of posterior draws (from `to_datatree` or
         `run_nuts`): the posterior predictive, averaged over the draws.
     x_new
         (n_new, d) inputs, in the units the model was fitted in.
@@ -620,9 +622,10 @@ def predict(
     if hasattr(source, "children"):
         draws = posterior_params(source, prefix=prefix)
     else:
+        # A fit that recorded n and the experts' shares predicts with the experts' unbiased noise
+        # sds (Fit.predictive_noise), not the fitted ones, which understate new points' spread.
         single = check_params(
-            as_params(source, "source"), "source", require_noise=True,
-            gate_dim=None if gate_x is None else gate_x.shape[1],
+            predictive_params(source, "source"), "source", require_noise=True, gate_dim=None if gate_x is None else gate_x.shape[1],
         )
         draws = jax.tree_util.tree_map(lambda leaf: jnp.asarray(leaf)[None], single)
     if x_new.shape[1] != draws.experts.shape[-1]:

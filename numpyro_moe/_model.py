@@ -396,6 +396,17 @@ def as_params(value, name: str = "params") -> MoEParams:
     )
 
 
+def predictive_params(value, name: str = "params") -> MoEParams:
+    """`as_params` for predicting new points: a fit result that knows its experts' unbiased
+    noise sds (``Fit.predictive_noise``, EM fits) gives its parameters with those; anything else
+    its parameters as they are."""
+    params = as_params(value, name)
+    noise = getattr(value, "predictive_noise", None)
+    if noise is None:
+        return params
+    return params.replace(noise=np.asarray(noise, np.asarray(params.noise).dtype))
+
+
 def _shared(noise) -> jax.Array:
     """One noise sd for a shared noise site: the common value of equal noises (exactly), else
     their mean."""

@@ -43,7 +43,7 @@ from numpyro_moe._distribution import MixtureOfExperts
 from numpyro_moe._experts import suggest_num_experts
 from numpyro_moe._fit import Fit, check_data, fit_moe
 from numpyro_moe._links import Link, resolve_link
-from numpyro_moe._model import check_family
+from numpyro_moe._model import check_family, predictive_params
 from numpyro_moe._params import MoEParams
 from numpyro_moe._validation import ReliabilityWarning, check_gate_x, check_key, check_positive_int
 
@@ -385,6 +385,9 @@ def _held_out_log_densities(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fit = fit_moe(x[~test], y[~test], num_experts=k, key=fold_key, gate_x=train_gate, **options)
-        log_density = MixtureOfExperts.from_params(fit.params, x[test], gate_x=test_gate).log_prob(y[test])
+        # Scored as predict scores a point fit (the experts' unbiased noise sds).
+        log_density = MixtureOfExperts.from_params(
+            predictive_params(fit), x[test], gate_x=test_gate
+        ).log_prob(y[test])
         densities[test] = np.asarray(log_density)
     return densities

@@ -9,7 +9,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from numpyro_moe._distribution import MixtureOfExperts
-from numpyro_moe._model import as_params
+from numpyro_moe._model import as_params, predictive_params
 from numpyro_moe._params import MoEParams
 from numpyro_moe._validation import check_design, check_gate_x, check_params, check_response
 
@@ -144,10 +144,11 @@ def _check_eval_inputs(params, x, y, gate_x):
 def heldout_log_likelihood(params: MoEParams, x, y, *, gate_x=None) -> float:
     """Mean log p(y | x) per point on held-out data (x (n, d), y (n,)), under ``params.link``.
 
-    ``params``: `MoEParams` or a fit result; ``gate_x`` (n, q): the gate's own covariates, when
-    it has them.
+    ``params``: `MoEParams` (used as they are) or a fit result (an EM fit's experts with their
+    unbiased noise sds, ``Fit.predictive_noise``, as `numpyro_moe.predict` uses); ``gate_x``
+    (n, q): the gate's own covariates, when it has them.
     """
-    params, x, y, gate_x = _check_eval_inputs(params, x, y, gate_x)
+    params, x, y, gate_x = _check_eval_inputs(predictive_params(params, "params"), x, y, gate_x)
     return float(jnp.mean(MixtureOfExperts.from_params(params, x, gate_x=gate_x).log_prob(y)))
 
 

@@ -1153,8 +1153,10 @@ def test_predict_from_a_point_fit_is_its_predictive_distribution(data, fresh):
 def test_predict_from_a_fit_covers_held_out_data(data, fresh, user_fit, interval):
     x_new, y_new = fresh
     prediction = moe.predict(user_fit, x_new, key=jax.random.key(35), interval=interval)
-    # A Fit predicts as its params do.
-    same = moe.predict(user_fit.params, x_new, key=jax.random.key(35), interval=interval)
+    # An EM fit predicts as its params do with its experts' unbiased noise sds.
+    assert user_fit.predictive_noise is not None
+    corrected = user_fit.params.replace(noise=user_fit.predictive_noise)
+    same = moe.predict(corrected, x_new, key=jax.random.key(35), interval=interval)
     for got, expected in zip(prediction, same, strict=True):
         np.testing.assert_array_equal(got, expected)
     # Coverage of 2000 fresh y: binomial SE sqrt(p (1 - p) / 2000) (0.011 for 0.5, 0.0067 for 0.9);

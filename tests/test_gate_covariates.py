@@ -116,7 +116,10 @@ def test_predict_takes_the_gate_covariates(data, fits):
     prediction = moe.predict(fit, held_x[:20], key=jax.random.key(6), y=held_y[:20], gate_x=held_z[:20])
     np.testing.assert_allclose(prediction.mean, fit.params.predictive_mean(held_x[:20], held_z[:20]), rtol=1e-10)
     np.testing.assert_allclose(prediction.gate_probabilities, fit.params.gate_probabilities(held_z[:20]), rtol=1e-10)
-    expected = MixtureOfExperts.from_params(fit.params, held_x[:20], gate_x=held_z[:20]).log_prob(held_y[:20])
+    # Scored with the experts' unbiased noise sds (Fit.predictive_noise), the experts' d inputs
+    # counted, not the gate's.
+    corrected = fit.params.replace(noise=fit.predictive_noise)
+    expected = MixtureOfExperts.from_params(corrected, held_x[:20], gate_x=held_z[:20]).log_prob(held_y[:20])
     np.testing.assert_allclose(prediction.log_density, expected, rtol=1e-10)
     # Forgetting the gate's covariates, or giving the wrong ones, is an error naming gate_x.
     with pytest.raises(ValueError, match="gate_x"):
