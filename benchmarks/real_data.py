@@ -28,7 +28,13 @@ are printed from there, labelled as saved figures, when R or flexmix is missing 
 Targets (issue 13), per data set: the package's held-out log-likelihood >= flexmix's (k by BIC)
 and >= least squares', its MSE <= least squares'; also reported: >= flexmix's best k in hindsight.
 
-Usage: python benchmarks/real_data.py [--quick] [--skip-flexmix] [--skip-nuts]
+A second suite, ``--r-datasets``: ten regression data sets of R's MASS and datasets packages
+that the package was not developed on (`R_DATASETS`: whiteside, LifeCycleSavings, hills,
+airquality, birthwt, cpus, geyser, GAGurine, ChickWeight, quakes), exported from the local R at run
+time, split by the same rule, measured the same way, written to ``real_data_r.csv`` (and
+``real_data_r_flexmix.csv``): a check of the defaults on data they were not tuned to.
+
+Usage: python benchmarks/real_data.py [--quick] [--skip-flexmix] [--skip-nuts] [--r-datasets]
                                       [--datasets motorcycle,faithful] [--keep DIR]
                                       [--compilation-cache fresh|user]
 ``--quick``: only the two smallest data sets and no NUTS (a few minutes).
@@ -81,6 +87,59 @@ DATASETS = [
 ]
 BY_NAME = {dataset.name: dataset for dataset in DATASETS}
 
+# --r-datasets: ten regression data sets of R's own packages (MASS, datasets), which the package
+# was not developed on, exported from the local R at run time (nothing is downloaded); the same
+# split rule, their own results files. Categorical columns enter as their integer codes.
+R_DATASETS = [
+    Dataset("whiteside", "whiteside.csv", "Gas", "MASS whiteside: gas use on temperature, insulation before/after"),
+    Dataset("lifecycle", "lifecycle.csv", "sr", "datasets LifeCycleSavings: savings ratio on 4 country figures"),
+    Dataset("hills", "hills.csv", "time", "MASS hills: record time on distance and climb (outliers)"),
+    Dataset("airquality", "airquality.csv", "Ozone", "datasets airquality (complete rows): ozone on 3 readings"),
+    Dataset("birthwt", "birthwt.csv", "bwt", "MASS birthwt: birth weight on 8 risk factors"),
+    Dataset("cpus", "cpus.csv", "perf", "MASS cpus: CPU performance on 6 hardware figures"),
+    Dataset("geyser", "geyser.csv", "waiting", "MASS geyser: Old Faithful's waiting time on the eruption's length"),
+    Dataset("gagurine", "gagurine.csv", "GAG", "MASS GAGurine: urine GAG concentration on age"),
+    Dataset("chickweight", "chickweight.csv", "weight", "datasets ChickWeight: weight on age and diet"),
+    Dataset("quakes", "quakes.csv", "mag", "datasets quakes: magnitude on position, depth and stations"),
+]
+R_EXPORT = r"""
+suppressMessages(library(MASS))
+out <- commandArgs(trailingOnly = TRUE)[1]
+w <- function(d, f) write.csv(d, file.path(out, f), row.names = FALSE)
+w(data.frame(Insul = as.numeric(whiteside$Insul == "After"), Temp = whiteside$Temp, Gas = whiteside$Gas),
+  "whiteside.csv")
+w(LifeCycleSavings, "lifecycle.csv")
+w(hills[, c("dist", "climb", "time")], "hills.csv")
+w(na.omit(airquality[, c("Solar.R", "Wind", "Temp", "Ozone")]), "airquality.csv")
+w(birthwt[, c("age", "lwt", "race", "smoke", "ptl", "ht", "ui", "ftv", "bwt")], "birthwt.csv")
+w(cpus[, c("syct", "mmin", "mmax", "cach", "chmin", "chmax", "perf")], "cpus.csv")
+w(geyser[, c("duration", "waiting")], "geyser.csv")
+w(GAGurine, "gagurine.csv")
+w(data.frame(Time = ChickWeight$Time, Diet = as.numeric(ChickWeight$Diet), weight = ChickWeight$weight),
+  "chickweight.csv")
+w(quakes[, c("lat", "long", "depth", "stations", "mag")], "quakes.csv")
+"""
+
+
+def export_r_datasets(folder: Path) -> list[Dataset]:
+    """Write `R_DATASETS` as CSV files into ``folder`` with the local R; a RuntimeError when R
+    (with MASS, one of its recommended packages) cannot."""
+    if shutil.which("Rscript") is None:
+        raise RuntimeError("--r-datasets: R is not installed here (Debian: r-base-core); the data come from R")
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "export.R"
+    script.write_text(R_EXPORT)
+    result = subprocess.run(["Rscript", str(script), str(folder)], check=False, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"--r-datasets: R could not export the data sets: {result.stderr.strip()[-400:]}")
+    return [Dataset(d.name, str(folder / d.file), d.target, d.about) for d in R_DATASETS]
+
+
+def split_rows(n: int) -> list[int]:
+    """The test rows (0-based) of a data set of n rows: a quarter, drawn with SPLIT_SEED."""
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    return sorted(int(i) for i in order[n - round(TEST_FRACTION * n) :])
+
 COLUMNS = [
     "dataset",
     "n_train",
@@ -121,13 +180,7 @@ def write_table(path: Path, header: list[str], values: np.ndarray) -> None:
 
 def make_splits() -> dict[str, list[int]]:
     """The test rows of every data set (0-based data rows), drawn once with SPLIT_SEED."""
-    splits = {}
-    for dataset in DATASETS:
-        _, values = read_table(DATA / dataset.file)
-        n = values.shape[0]
-        order = np.random.default_rng(SPLIT_SEED).permutation(n)
-        splits[dataset.name] = sorted(int(i) for i in order[n - round(TEST_FRACTION * n) :])
-    return splits
+    return {dataset.name: split_rows(read_table(DATA / dataset.file)[1].shape[0]) for dataset in DATASETS}
 
 
 def load_splits() -> dict[str, list[int]]:
@@ -635,7 +688,14 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="the two smallest data sets, no NUTS")
     parser.add_argument("--skip-flexmix", action="store_true")
     parser.add_argument("--skip-nuts", action="store_true")
-    parser.add_argument("--datasets", help=f"comma-separated, from {', '.join(BY_NAME)}")
+    parser.add_argument("--datasets", help=f"comma-separated, from {', '.join(BY_NAME)} (or, with --r-datasets, "
+                        f"{', '.join(d.name for d in R_DATASETS)})")
+    parser.add_argument(
+        "--r-datasets",
+        action="store_true",
+        help="the ten R data sets of R_DATASETS (MASS, datasets; exported by the local R) instead of benchmarks/data; "
+        "results in real_data_r.csv",
+    )
     parser.add_argument("--keep", metavar="DIR", help="keep the splits, fits and predictions in DIR (new)")
     parser.add_argument(
         "--compilation-cache",
@@ -646,20 +706,32 @@ def main() -> int:
     )
     args = parser.parse_args()
 
+    catalogue = R_DATASETS if args.r_datasets else DATASETS
+    by_name = {dataset.name: dataset for dataset in catalogue}
     if args.datasets:
         names = [name.strip() for name in args.datasets.split(",") if name.strip()]
-        unknown = [name for name in names if name not in BY_NAME]
+        unknown = [name for name in names if name not in by_name]
         if unknown:
-            parser.error(f"--datasets: unknown {unknown}; choose from {list(BY_NAME)}")
+            parser.error(f"--datasets: unknown {unknown}; choose from {list(by_name)}")
     else:
-        names = [dataset.name for dataset in DATASETS[: 2 if args.quick else None]]
+        names = [dataset.name for dataset in catalogue[: 2 if args.quick else None]]
     nuts = not (args.quick or args.skip_nuts)
-    splits = load_splits()
     if args.keep:
         work = Path(args.keep)
         work.mkdir(parents=True, exist_ok=False)
     else:
         work = Path(tempfile.mkdtemp(prefix="real_data-"))
+    if args.r_datasets:
+        try:
+            by_name = {dataset.name: dataset for dataset in export_r_datasets(work / "r-data")}
+        except RuntimeError as error:
+            print(error)
+            return 1
+        splits = {name: split_rows(read_table(DATA / by_name[name].file)[1].shape[0]) for name in names}
+        print(f"exported {len(by_name)} R data sets to {work / 'r-data'} (the split: {TEST_FRACTION:.0%} test rows drawn "
+              f"with seed {SPLIT_SEED})")
+    else:
+        splits = load_splits()
 
     missing = []
     flexmix_missing = "skipped (--skip-flexmix)" if args.skip_flexmix else flexmix_status()
@@ -682,7 +754,7 @@ def main() -> int:
     started = time.perf_counter()
     rows, flexmix_detail, notes = [], [], []
     for name in names:
-        dataset = BY_NAME[name]
+        dataset = by_name[name]
         split = prepare(dataset, splits[name], work / name)
         print(
             f"{name}: {dataset.about}; {len(split.y_train)} train / {len(split.y_test)} test rows, "
@@ -706,7 +778,7 @@ def main() -> int:
             notes.extend(package_notes)
             for line in package_rows:
                 print(f"  {line['method']}: k={line['k']}, fit {line['fit_seconds']:.1f} s", flush=True)
-    if flexmix_missing and not args.skip_flexmix:
+    if flexmix_missing and not args.skip_flexmix and not args.r_datasets:
         saved, message = saved_flexmix(names)
         missing.append(f"flexmix: {message}")
         rows.extend(saved)
@@ -720,14 +792,15 @@ def main() -> int:
         print("\nMissing or failed:")
         for line in missing + notes:
             print(f"  {line}")
-    table_path = RESULTS / ("real_data_quick.csv" if args.quick else "real_data.csv")
+    stem = "real_data_r" if args.r_datasets else "real_data"
+    table_path = RESULTS / (f"{stem}_quick.csv" if args.quick else f"{stem}.csv")
     write_csv(table_path, rows, COLUMNS)
     if flexmix_detail:
         stamp = time.strftime("%Y-%m-%d %H:%M")
         for line in flexmix_detail:
             line["run_date"] = stamp
         kept = []
-        previous = RESULTS / "real_data_flexmix.csv"
+        previous = RESULTS / f"{stem}_flexmix.csv"
         if previous.exists():  # keep the saved figures of data sets not run this time
             with open(previous, newline="") as handle:
                 ran = {line["dataset"] for line in flexmix_detail}
@@ -735,7 +808,7 @@ def main() -> int:
         write_csv(previous, kept + flexmix_detail, list(flexmix_detail[0]))
     print(
         f"\ntable written to {table_path}"
-        + (f"; flexmix's figures to {RESULTS / 'real_data_flexmix.csv'}" if flexmix_detail else "")
+        + (f"; flexmix's figures to {previous}" if flexmix_detail else "")
     )
     if args.keep:
         print(f"splits, fits and predictions kept in {work}")
