@@ -565,7 +565,8 @@ def _em_block(
 ):
     """Up to ``block`` EM iterations (with ``accelerate``, SQUAREM cycles of three); stops once the
     objective's change (log-likelihood plus log prior, per point) is below ``tol`` or the history
-    buffer (``max_iterations``) is full."""
+    buffer (``max_iterations``) is full. Returns the state and `_summary` at its parameters (one
+    more E-step per block, in the same program: the fit's figures need no program of their own)."""
     start = state.iteration
     limit = state.history.shape[-1]
 
@@ -591,11 +592,11 @@ def _em_block(
         )
 
     state, _ = jax.lax.while_loop(keep_going, body, (state, jnp.asarray(1.0, state.history.dtype)))
-    return state
+    summary = _summary(state.experts, state.gates, state.noise, state.df, x, gate_x, y, mask, penalty, link_function)
+    return state, summary
 
 
-@partial(jax.jit, static_argnames=("link_function",))
-def _final(experts, gates, noise, df, x, gate_x, y, mask, penalty, *, link_function):
+def _summary(experts, gates, noise, df, x, gate_x, y, mask, penalty, link_function):
     """Mean log-likelihood per point, (n, k) responsibilities' column sums and their entropy,
     over the real points (mask 1)."""
     joint = _joint(experts, gates, noise, x, gate_x, y, link_function, df)
@@ -695,7 +696,6 @@ def em_iterations(
         np.full(shape + (max_iterations,), np.nan, dtype),
         None if df is None else np.broadcast_to(np.asarray(df, dtype), experts.shape[:-1]),
     )
-    final = partial(_final, link_function=link.function)
 
     def program(accelerated: bool):
         run = partial(
@@ -707,8 +707,6 @@ def em_iterations(
     plain = program(accelerate is True)
     # "auto": the accelerated program is built (and compiled) only for a fit that needs it.
     switched = program(True) if accelerate == "auto" else plain
-    if batched:
-        final = jax.vmap(final, in_axes=(0, 0, 0, 0, None, None, None, None, None))
     gate_x = x if gate_x is None else np.asarray(gate_x, dtype)
     # Padding to a size of a coarse ladder: EM's programs compile once per structure and size
     # class, not for every n (padding rows are zero and masked out).
@@ -723,7 +721,7 @@ def em_iterations(
     while True:
         before = int(np.max(np.asarray(state.iteration)))
         run = switched if before >= ACCELERATE_AFTER else plain
-        state = run(state, x, gate_x, y, mask, penalty, np.asarray(estimate_df), tol_array, gate_tol)
+        state, summary = run(state, x, gate_x, y, mask, penalty, np.asarray(estimate_df), tol_array, gate_tol)
         iterations = np.asarray(state.iteration)
         after = int(np.max(iterations))
         if bar is not None:
@@ -734,9 +732,7 @@ def em_iterations(
             break
     if bar is not None:
         bar.close()
-    log_likelihood, objective, weights, entropy = final(
-        state.experts, state.gates, state.noise, state.df, x, gate_x, y, mask, penalty
-    )
+    log_likelihood, objective, weights, entropy = summary
     # Host arrays out too: what the callers slice and stack next compiles nothing.
     return EMResult(
         np.asarray(state.experts), np.asarray(state.gates), np.asarray(state.noise), np.asarray(log_likelihood),

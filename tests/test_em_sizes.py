@@ -18,7 +18,7 @@ from numpyro_moe.simulation import simulate
 
 numpyro.enable_x64()
 
-EM_PROGRAMS = ("_em_block", "_final")
+EM_PROGRAMS = ("_em_block",)
 
 
 def test_the_size_ladder_pads_by_at_most_a_quarter():
