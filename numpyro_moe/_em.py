@@ -560,15 +560,16 @@ def _squarem(state: _State, step, max_step, updates, estimate_df):
     static_argnames=("link_function", "updates", "shared_noise", "expert_steps", "gate_steps", "block", "accelerate"),
 )
 def _em_block(
-    state, x, gate_x, y, mask, penalty, estimate_df, tol, gate_tol, *, link_function, updates, shared_noise, expert_steps,
-    gate_steps, block, accelerate=False,
+    state, x, gate_x, y, mask, penalty, estimate_df, tol, gate_tol, cap, *, link_function, updates, shared_noise,
+    expert_steps, gate_steps, block, accelerate=False,
 ):
     """Up to ``block`` EM iterations (with ``accelerate``, SQUAREM cycles of three); stops once the
-    objective's change (log-likelihood plus log prior, per point) is below ``tol`` or the history
-    buffer (``max_iterations``) is full. Returns the state and `_summary` at its parameters (one
+    objective's change (log-likelihood plus log prior, per point) is below ``tol`` or ``cap``
+    iterations are done (a traced count: a short screen and a run to convergence share the
+    program), at most the history buffer's length. Returns the state and `_summary` at its parameters (one
     more E-step per block, in the same program: the fit's figures need no program of their own)."""
     start = state.iteration
-    limit = state.history.shape[-1]
+    limit = jnp.minimum(state.history.shape[-1], cap)
 
     def keep_going(carry):
         state = carry[0]
@@ -658,6 +659,7 @@ def em_iterations(
     gate_x=None,
     accelerate: bool | str = False,
     gate_steps: int = 1,
+    history_length: int | None = None,
 ) -> EMResult:
     """Run EM from augmented ``experts`` (k, p), ``gates`` (k, p_gate) and ``noise`` (k,); a
     leading start axis is vmapped. The gate reads ``gate_x`` (n, p_gate) when given (its own
@@ -669,7 +671,9 @@ def em_iterations(
     in float32): 1, the generalised EM of the module's note, or more to solve each M-step.
     ``accelerate``: SQUAREM cycles (`_squarem`) instead of single EM steps; ``"auto"``: plain
     steps for the first `ACCELERATE_AFTER` iterations (to the end of that block), SQUAREM cycles
-    after them while any start still moves.
+    after them while any start still moves. ``history_length``: the history buffer's length (at
+    least ``max_iterations``; the default), a shape of the compiled program: a short screen with
+    the full run's length compiles nothing more for that run.
 
     Returns an `EMResult` with, per start, the final parameters, mean log-likelihood and
     objective, the (max_iterations,) objective history (valid up to ``iterations``), the
@@ -693,7 +697,7 @@ def em_iterations(
         np.full(shape, -np.inf, dtype),
         np.full(shape, np.inf, dtype),
         np.zeros(shape, np.int32),
-        np.full(shape + (max_iterations,), np.nan, dtype),
+        np.full(shape + (max(max_iterations, history_length or 0),), np.nan, dtype),
         None if df is None else np.broadcast_to(np.asarray(df, dtype), experts.shape[:-1]),
     )
 
@@ -702,7 +706,7 @@ def em_iterations(
             _em_block, link_function=link.function, updates=updates, shared_noise=shared_noise,
             expert_steps=expert_steps, gate_steps=gate_steps, block=block, accelerate=accelerated,
         )
-        return jax.vmap(run, in_axes=(0, None, None, None, None, None, None, None, None)) if batched else run
+        return jax.vmap(run, in_axes=(0, None, None, None, None, None, None, None, None, None)) if batched else run
 
     plain = program(accelerate is True)
     # "auto": the accelerated program is built (and compiled) only for a fit that needs it.
@@ -712,6 +716,7 @@ def em_iterations(
     # class, not for every n (padding rows are zero and masked out).
     x, gate_x, y, mask = _padded(x, gate_x, y)
     tol_array = np.asarray(tol, dtype)
+    cap = np.asarray(max_iterations, np.int32)
     gate_tol = np.asarray(1e-9 if dtype == jnp.float64 else 1e-5, dtype)
     bar = None
     if progress:
@@ -721,7 +726,7 @@ def em_iterations(
     while True:
         before = int(np.max(np.asarray(state.iteration)))
         run = switched if before >= ACCELERATE_AFTER else plain
-        state, summary = run(state, x, gate_x, y, mask, penalty, np.asarray(estimate_df), tol_array, gate_tol)
+        state, summary = run(state, x, gate_x, y, mask, penalty, np.asarray(estimate_df), tol_array, gate_tol, cap)
         iterations = np.asarray(state.iteration)
         after = int(np.max(iterations))
         if bar is not None:

@@ -430,6 +430,7 @@ class _EMRun(NamedTuple):
 def _em_all(
     x, y, init, *, gate_x, fix, shared_noise, penalized, priors, family, df, max_iterations, tol, progress_bar,
     data: StreamedData | None = None, summary: DataSummary | None = None, accelerate: bool | str = False,
+    history_length: int | None = None,
 ) -> _EMRun:
     """EM from every start of ``init`` on checked data, or over the chunks of ``data`` (with its
     ``summary``) when streamed (see `fit_em`)."""
@@ -500,6 +501,7 @@ def _em_all(
         df=degrees,
         gate_x=gate_design,
         accelerate=accelerate,
+        history_length=history_length,
     )
     params = split_augmented(result.experts, result.gates, result.noise, intercepts, starts.link, result.df)
     return _EMRun(result, params, tol, intercepts, dim, estimate_df)
@@ -860,7 +862,9 @@ def fit_moe(
         algorithm"): with ``num_finalists`` set below ``num_starts``, every start first runs
         ``screen_iterations`` EM iterations, and only the ``num_finalists`` best by the objective
         (and the tensor start, always) continue to convergence, so many starts cost little and
-        none waits for the slowest. None (the default): every start runs to convergence.
+        none waits for the slowest. When the screen reads every row, it runs the starts as many at
+        a time as there are finalists, so that it and the finalists' run share one compiled EM
+        program. None (the default): every start runs to convergence.
         ``start_labels`` and the per-start figures of the result describe the finalists.
     screen_rows
         The short-EM screen runs on a random subsample of this many rows when the data (in
@@ -1000,19 +1004,37 @@ def fit_moe(
             )
         starts.append(randoms)
         labels += ["random"] * count
+    width = 0
     if num_finalists is not None and num_finalists < len(labels):
         rows = None
         if screen_rows is not None and data is None and x.shape[0] > screen_rows:
             rows = _row_subsample(jax.random.fold_in(random_key, 2), x.shape[0], screen_rows)
+        # When the screen reads every row (in memory), it runs in the finalists' width (the
+        # finalists and the tensor start), a group at a time: the screen and the run to
+        # convergence share one compiled EM program (compiling one takes about a second in a fresh
+        # process; the copies that fill the groups cost a fifth more screen, at most).
+        shared = rows is None and data is None and accelerate is not True
+        width = num_finalists + int("tensor" in labels) if shared else 0
         starts, labels = _screened(
-            x, y, starts, labels, num_finalists, screen_iterations, em_options, data, summary, rows=rows
+            x, y, starts, labels, num_finalists, screen_iterations, em_options, data, summary, rows=rows,
+            width=width, history_length=max_iterations if shared else None,
         )
     elif (
         subsample_rows is not None and data is None and labels.count("random") > 1
         and x.shape[0] > subsample_rows
     ):
         starts, labels = _subsample_screen(x, y, gate_x, starts, labels, subsample_rows, random_key, em_options)
-    fit = fit_em(x, y, starts, **em_options)._replace(start_labels=tuple(labels))
+    count = len(labels)
+    if width > count:  # a copy of the first finalist fills the width; its results are dropped
+        starts = _filled(starts, width)
+    fit = fit_em(x, y, starts, **em_options)
+    if width > count:  # a copy ties with its original, which comes first and wins (fit_em)
+        fit = fit._replace(
+            start=fit.start if fit.start < count else 0,
+            start_log_likelihoods=fit.start_log_likelihoods[:count],
+            start_objectives=fit.start_objectives[:count],
+        )
+    fit = fit._replace(start_labels=tuple(labels))
     if split_merge:
         fit, _ = _split_merge(x, y, fit, int(split_merge), screen_iterations, em_options)
     return fit
@@ -1041,11 +1063,14 @@ def _row_subsample(key: jax.Array, n: int, rows: int) -> np.ndarray:
 
 def _screened(
     x, y, starts: list, labels: list[str], keep: int, iterations: int, em_options: dict, data, summary,
-    rows: np.ndarray | None = None,
+    rows: np.ndarray | None = None, width: int = 0, history_length: int | None = None,
 ):
     """The short-EM screen: ``iterations`` EM iterations from every start (on the ``rows`` of the
     data when given), then the ``keep`` best by the objective, and the tensor start, as stacked
-    starts for the full EM, with their labels."""
+    starts for the full EM, with their labels. ``width`` > 0: the screen runs the starts ``width``
+    at a time (the last group filled with copies of its first start, whose results are dropped),
+    with EM's history buffer ``history_length`` long (see `em_iterations`), so that it runs the
+    compiled program of the finalists' run."""
     dropped = ("max_iterations", "progress_bar", "streamed", "chunk_size", "devices", "accelerate")
     options = {name: value for name, value in em_options.items() if name not in dropped}
     if rows is not None:
@@ -1054,14 +1079,34 @@ def _screened(
             options["gate_x"] = np.asarray(options["gate_x"])[rows]
     with warnings.catch_warnings():  # the full EM says what matters about the data
         warnings.simplefilter("ignore", ReliabilityWarning)
-        run = _em_all(
-            x, y, starts, fix=(), max_iterations=iterations, progress_bar=False, data=data, summary=summary, **options
-        )
-    objectives = np.where(np.isfinite(run.result.objective), run.result.objective, -np.inf)
+        stacked = as_starts(starts, x.shape[1] if data is None else data.source.dim, gate_dim=_gate_dim(
+            options.get("gate_x")))
+        groups = [stacked] if not width else [
+            _filled(jax.tree_util.tree_map(lambda leaf: leaf[first : first + width], stacked), width)
+            for first in range(0, len(labels), width)
+        ]
+        runs = [
+            _em_all(
+                x, y, group, fix=(), max_iterations=iterations, progress_bar=False, data=data, summary=summary,
+                history_length=history_length, **options
+            )
+            for group in groups
+        ]
+    objective = np.concatenate([run.result.objective for run in runs])[: len(labels)]
+    params = jax.tree_util.tree_map(lambda *leaves: np.concatenate(leaves)[: len(labels)], *(run.params for run in runs))
+    objectives = np.where(np.isfinite(objective), objective, -np.inf)
     order = [int(index) for index in np.argsort(-objectives, kind="stable")]
     chosen = sorted(set(order[:keep]) | {index for index, label in enumerate(labels) if label == "tensor"})
-    finalists = jax.tree_util.tree_map(lambda leaf: leaf[np.asarray(chosen)], run.params)
+    finalists = jax.tree_util.tree_map(lambda leaf: leaf[np.asarray(chosen)], params)
     return finalists, [labels[index] for index in chosen]
+
+
+def _filled(starts: MoEParams, width: int) -> MoEParams:
+    """Stacked starts with copies of the first appended up to ``width``."""
+    count = np.shape(starts.experts)[0]
+    if count >= width:
+        return starts
+    return jax.tree_util.tree_map(lambda leaf: np.concatenate([leaf, np.repeat(leaf[:1], width - count, axis=0)]), starts)
 
 
 def _weighted_least_squares(design: np.ndarray, y: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, float]:
