@@ -137,8 +137,8 @@ class Fit(NamedTuple):
         parameter: on the held-out rows of the five data sets of ``benchmarks/real_data.py`` and
         of ten R data sets (MASS and datasets) it raised the point fit's log-likelihood per point
         on 10 of the 15, by 0.034 on average (by 0.16 with 26 and 16 points per expert, d = 2; by
-        0.19 with 29, 70 and 59, d = 6), and lowered it on the other five by at most 0.010. One shared noise (every expert's sd the same):
-        ``s sqrt(n / (n - k p))``. N_i - p is floored at 1 (an expert with fewer points than
+        0.19 with 29, 70 and 59, d = 6), and lowered it on the other five by 0.01 at most. One
+        shared noise (every expert's sd the same): ``s sqrt(n / (n - k p))``. N_i - p is floored at 1 (an expert with fewer points than
         parameters, which `fit_em` warns about). None when the fit did not record n and the
         experts' shares (`fit_map`, the baselines): the fitted sds are then used as they are.
         `numpyro_moe.predict` and ``numpyro-moe predict`` use it for a point fit.
