@@ -1079,11 +1079,10 @@ def _screened(
             options["gate_x"] = np.asarray(options["gate_x"])[rows]
     with warnings.catch_warnings():  # the full EM says what matters about the data
         warnings.simplefilter("ignore", ReliabilityWarning)
-        stacked = as_starts(starts, x.shape[1] if data is None else data.source.dim, gate_dim=_gate_dim(
-            options.get("gate_x")))
+        dim = x.shape[1] if data is None else data.source.dim
+        stacked = as_starts(starts, dim, gate_dim=_gate_dim(options.get("gate_x")))
         groups = [stacked] if not width else [
-            _filled(jax.tree_util.tree_map(lambda leaf: leaf[first : first + width], stacked), width)
-            for first in range(0, len(labels), width)
+            _filled(_starts_slice(stacked, first, width), width) for first in range(0, len(labels), width)
         ]
         runs = [
             _em_all(
@@ -1099,6 +1098,11 @@ def _screened(
     chosen = sorted(set(order[:keep]) | {index for index, label in enumerate(labels) if label == "tensor"})
     finalists = jax.tree_util.tree_map(lambda leaf: leaf[np.asarray(chosen)], params)
     return finalists, [labels[index] for index in chosen]
+
+
+def _starts_slice(starts: MoEParams, first: int, count: int) -> MoEParams:
+    """Stacked starts ``first`` to ``first + count`` (fewer at the end)."""
+    return jax.tree_util.tree_map(lambda leaf: leaf[first : first + count], starts)
 
 
 def _filled(starts: MoEParams, width: int) -> MoEParams:
