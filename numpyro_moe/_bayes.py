@@ -700,7 +700,9 @@ class NutsResult(NamedTuple):
         expert, gate, feature, obs.
     diagnostics
         ``max_r_hat`` (NaN for one chain), ``min_ess_bulk``, ``divergences``, ``draws`` (per
-        chain, over all rounds: see ``max_samples``) and ``metric``, the metric the draws used:
+        chain, over the kept rounds: see ``max_samples``), ``burn_in`` (draws per chain dropped
+        after warmup because only the later ones agreed; 0 when none were) and ``metric``, the
+        metric the draws used:
         ``"laplace"`` (fixed), ``"laplace, adapted"`` (the second warmup), ``"dense"`` or
         ``"diagonal"`` (adapted; see ``mass_matrix``).
     """
@@ -740,6 +742,19 @@ class _Draws:
             join(self._samples, mcmc.get_samples(group_by_chain=True)),
             join(self._extra, mcmc.get_extra_fields(group_by_chain=True)),
         )
+
+    def since(self, start: int) -> _Draws:
+        """These draws without each chain's first ``start`` (dropped as warmup)."""
+
+        def tail(values):
+            return {name: np.asarray(value)[:, start:] for name, value in values.items()}
+
+        kept = _Draws.__new__(_Draws)
+        kept.__dict__.update(self.__dict__)
+        kept._samples, kept._extra = tail(self._samples), tail(self._extra)
+        kept.draws = self.draws - start
+        kept.num_samples = kept.draws * self.thinning
+        return kept
 
     @staticmethod
     def _grouped(values: dict, group_by_chain: bool) -> dict:
@@ -830,8 +845,13 @@ def run_nuts(
         1.01 and another round fits, draw ``num_samples`` more per chain from where the chains
         stopped (NumPyro's ``post_warmup_state``: no new warmup, the same tuned kernel), up to
         ``max_samples`` draws per chain in all. None (default): one round of ``num_samples``.
-        The DataTree holds every round's draws, ``diagnostics["draws"]`` their number per chain;
-        ``mcmc`` holds the last round's (its ``last_state`` continues the chains).
+        After each further round, when all the draws disagree but the second half of each chain's
+        agree (a chain that reached the others late, from a minor mode it left), the first half is
+        counted as warmup and dropped, as Gelman and Rubin (1992) do (``diagnostics["burn_in"]``
+        draws per chain; on the benchmark's Boston set this turned a max r_hat of 1.287 over
+        4 x 2000 draws into 1.007 over their last 1000). The DataTree holds the kept rounds' draws,
+        ``diagnostics["draws"]`` their number per chain; ``mcmc`` holds the last round's (its
+        ``last_state`` continues the chains).
     jitter
         Standard deviation of the per-chain perturbation in unconstrained space.
     relabel_draws
@@ -985,6 +1005,7 @@ def run_nuts(
         mcmc = sampled({**mass_options, "adapt_mass_matrix": True}, jax.random.fold_in(run_key, 1))
         draws = _Draws(mcmc)
         r_hat = _max_r_hat(relabelled(draws)) if max_samples is not None else float("nan")
+    burn_in = 0
     while (
         num_chains > 1
         and max_samples is not None
@@ -995,6 +1016,15 @@ def run_nuts(
         mcmc.run(mcmc.post_warmup_state.rng_key, x, y, extra_fields=("diverging",), **model_kwargs)
         draws = draws.extended(mcmc)
         r_hat = _max_r_hat(relabelled(draws))
+        if not r_hat <= RHAT_LIMIT:
+            # A chain that spent its first draws away from the others (in a minor mode it then left)
+            # keeps r_hat high however long the others run: judge the chains on the second half of
+            # their draws, the first half counted as warmup (Gelman and Rubin 1992; Gelman et al.,
+            # Bayesian Data Analysis, 3rd ed., section 11.4).
+            half = draws.since(draws.draws // 2)
+            later = _max_r_hat(relabelled(half))
+            if later <= RHAT_LIMIT:
+                burn_in, draws, r_hat = draws.draws // 2, half, later
 
     # The predictive is label-invariant: the raw draws give the same as relabelled ones.
     replicated = Predictive(model, posterior_samples=draws.get_samples(), return_sites=["y"])(
@@ -1012,6 +1042,7 @@ def run_nuts(
         "min_ess_bulk": _diagnostic_extreme(az.ess(datatree, method="bulk"), min),
         "divergences": int(diverging.sum()),
         "draws": draws.draws,
+        "burn_in": burn_in,
         "metric": metric,
     }
     problems = _nuts_problems(diagnostics, num_chains, diverging.size)

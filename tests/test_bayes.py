@@ -881,6 +881,39 @@ def test_run_nuts_stops_extending_once_r_hat_is_below_the_limit(data, monkeypatc
     assert checks == [10, 20, 20] and result.diagnostics["draws"] == 20
 
 
+def test_run_nuts_drops_the_first_half_when_only_the_second_agrees(data, monkeypatch):
+    import numpyro_moe._bayes as bayes
+
+    x, y, truth = data
+    checks = []
+
+    def second_half_agrees(datatree):
+        # 10 draws: disagree; 20 draws: disagree; their last 10: agree.
+        checks.append(datatree["posterior"]["noise"].shape[1])
+        return 1.0 if len(checks) >= 3 else 1.5
+
+    monkeypatch.setattr(bayes, "_max_r_hat", second_half_agrees)
+    result, caught = _recorded(moe.run_nuts, x, y, truth, key=jax.random.key(3), num_chains=CHAINS,
+                               num_warmup=20, num_samples=10, max_samples=100, mass_matrix="laplace-fixed")
+    # Checked after 10 draws, after 20, then on the last 10 of the 20 (agree: stop), and once more
+    # for the report: the first round's draws count as warmup and are not in the result.
+    assert checks == [10, 20, 10, 10]
+    assert result.diagnostics["draws"] == 10 and result.diagnostics["burn_in"] == 10
+    posterior = result.datatree["posterior"]
+    assert posterior["noise"].shape[:2] == (CHAINS, 10)
+    np.testing.assert_array_equal(result.mcmc.get_samples(group_by_chain=True)["noise"], posterior["noise"].values)
+    assert result.datatree["posterior_predictive"]["y"].shape == (CHAINS, 10, N)
+    assert result.datatree["sample_stats"]["diverging"].shape == (CHAINS, 10)
+    assert not any("the chains disagree" in message for message in _reliability(caught))
+    # Where every window disagrees, nothing is dropped: all 100 draws are kept and reported.
+    checks.clear()
+    monkeypatch.setattr(bayes, "_max_r_hat", lambda datatree: checks.append(1) or 1.5)
+    kept, caught = _recorded(moe.run_nuts, x, y, truth, key=jax.random.key(3), num_chains=CHAINS,
+                             num_warmup=20, num_samples=10, max_samples=40, mass_matrix="laplace-fixed")
+    assert kept.diagnostics["draws"] == 40 and kept.diagnostics["burn_in"] == 0
+    assert any("the chains disagree" in message for message in _reliability(caught))
+
+
 def test_run_nuts_adapts_the_laplace_metric_when_its_chains_disagree(data, monkeypatch):
     import numpyro_moe._bayes as bayes
 

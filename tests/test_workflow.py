@@ -578,6 +578,10 @@ def test_the_summary_says_when_the_chains_cannot_be_trusted():
     assert "diverged" not in apart
     diverged = _nuts_line({**agreeing, "divergences": 3}, 4, 500)
     assert "3 transitions diverged" in diverged and "disagree" not in diverged and "--max-draws" not in diverged
+    # Draws dropped because only the later ones agreed: said, and no warning.
+    late = _nuts_line({**agreeing, "burn_in": 1000}, 4, 500)
+    assert late.endswith("; the first 1000 draws of each chain were dropped as warmup (only the later ones agreed)")
+    assert "dropped" not in _nuts_line({**agreeing, "burn_in": 0}, 4, 500) and "dropped" not in line
     # Chains that never moved have a NaN r_hat: not trusted either.
     assert "disagree" in _nuts_line({**agreeing, "max_r_hat": float("nan")}, 4, 500)
     # One chain has no r_hat to judge.

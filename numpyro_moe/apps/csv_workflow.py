@@ -225,6 +225,11 @@ def _nuts_line(diagnostics: dict, chains: int, warmup: int) -> str:
             "; the fixed Laplace metric's chains disagreed, so warmup ran again adapting it"
             if diagnostics.get("metric") == "laplace, adapted" else ""
         )
+        + (
+            f"; the first {diagnostics['burn_in']} draws of each chain were dropped as warmup (only the later "
+            "ones agreed)"
+            if diagnostics.get("burn_in") else ""
+        )
     )
     problems = []
     if chains > 1 and not r_hat <= RHAT_LIMIT:
