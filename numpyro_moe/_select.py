@@ -366,6 +366,15 @@ def _choose_prior_scale(
     return (min(within) if within else values[best]), table
 
 
+def _prior_scale_deviance(
+    x, y, gate_x, key: jax.Array, num_experts: int, scale: float, folds: int, priors: dict, options: dict
+) -> float:
+    """The cross-validated deviance of the experts' Normal(0, ``scale``) prior, on the folds
+    `_choose_prior_scale` uses with ``key`` (one entry of its table)."""
+    fold_of = _fold_assignment(key, x.shape[0], folds)
+    return _cross_validated(x, y, gate_x, fold_of, num_experts, key, _with_expert_scale(options, priors, scale))
+
+
 def _cross_validated(x, y, gate_x, fold_of: np.ndarray, k: int, key: jax.Array, options: dict) -> float:
     """-2 times the held-out log-likelihood summed over the folds (`_held_out_log_densities`)."""
     return -2.0 * float(np.sum(_held_out_log_densities(x, y, gate_x, fold_of, k, key, options)))

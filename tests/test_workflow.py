@@ -539,22 +539,74 @@ def _cubic_basis_csv(path):
     return _write(path, "time,time2,time3,accel\n" + "\n".join(rows) + "\n")
 
 
+@pytest.mark.parametrize(
+    ("deviances", "scale", "widened"),
+    [
+        ({1.0: 200.0, 3.0: 150.0, 10.0: 180.0}, 3.0, [(1.0, 3.0)]),  # 10 predicts worse than 3: kept at 3
+        ({1.0: 150.0, 3.0: 150.0, 10.0: 100.0}, 1.0, []),  # 3 no better than 1: kept at 1
+    ],
+)
+def test_the_default_experts_prior_widens_only_where_cross_validation_agrees(
+    tmp_path, monkeypatch, deviances, scale, widened
+):
+    path = _cubic_basis_csv(tmp_path / "cubic.csv")
+    asked = []
+
+    def deviance(x, y, gate_x, key, k, value, folds, priors, options):
+        asked.append(value)
+        return deviances[value]
+
+    monkeypatch.setattr(csv_workflow, "_prior_scale_deviance", deviance)
+    out = fit_csv(path, out=tmp_path / "out", target="accel", num_experts=3, num_starts=5, verbose=False)
+    model = json.loads((out / "model.json").read_text())
+    assert model["expert_prior_scale"] == scale
+    assert [(step["from"], step["to"]) for step in model["expert_prior_scale_widened"] or []] == widened
+    kept = model["expert_prior_scale_kept"]
+    wider = 10.0 if scale == 3.0 else 3.0
+    assert (kept["from"], kept["to"]) == (scale, wider) and abs(kept["value"]) > 2 * scale
+    assert kept["cv_deviance"] == {"from": deviances[scale], "to": deviances[wider]}
+    assert sorted(set(asked)) == sorted({1.0, 3.0, wider}) and len(asked) == len(set(asked))  # each once
+    summary = (out / "summary.txt").read_text()
+    assert (
+        f"experts' prior Normal(0, {scale:g})" in summary
+        and f"(kept: Normal(0, {wider:g}) predicted held-out rows no better, 5-fold cross-validated deviance "
+        f"{deviances[wider]:.2f} against {deviances[scale]:.2f})" in summary
+    )
+    assert "note: expert " not in summary  # the binding note's advice is what was just tried
+    # Beyond AUTO_PRIOR_SCALE_ROWS rows the likelihood outweighs the prior: the steps are taken
+    # without cross-validation.
+    asked.clear()
+    monkeypatch.setattr(csv_workflow, "AUTO_PRIOR_SCALE_ROWS", 50)
+    large = fit_csv(path, out=tmp_path / "large", target="accel", num_experts=3, num_starts=5, verbose=False)
+    model = json.loads((large / "model.json").read_text())
+    assert not asked and model["expert_prior_scale_kept"] is None
+    assert model["expert_prior_scale_widened"] and "cv_deviance" not in model["expert_prior_scale_widened"][0]
+
+
 def test_the_default_experts_prior_widens_while_it_binds(tmp_path, fitted):
     path = _cubic_basis_csv(tmp_path / "cubic.csv")
     options = {"target": "accel", "num_experts": 3, "num_starts": 5, "verbose": False}
     out = fit_csv(path, out=tmp_path / "default", **options)
     model = json.loads((out / "model.json").read_text())
-    steps = model["expert_prior_scale_widened"]
-    # Each step: a coefficient beyond 2 sd of the prior it left, the next sd of 3 and 10.
-    assert [(step["from"], step["to"]) for step in steps] == [(1.0, 3.0), (3.0, 10.0)][: len(steps)] and steps
+    steps, kept = model["expert_prior_scale_widened"] or [], model["expert_prior_scale_kept"]
+    # The cubic basis binds at sd 1: a step is taken, or refused on the evidence. Each step: a
+    # coefficient beyond 2 sd of the prior it left, the next sd of 3 and 10, and a lower
+    # cross-validated deviance with the wider prior (133 rows: at most AUTO_PRIOR_SCALE_ROWS).
+    assert steps or kept
+    assert [(step["from"], step["to"]) for step in steps] == [(1.0, 3.0), (3.0, 10.0)][: len(steps)]
     assert all(abs(step["value"]) > 2 * step["from"] for step in steps)
+    assert all(step["cv_deviance"]["to"] < step["cv_deviance"]["from"] for step in steps)
     scale = model["expert_prior_scale"]
-    assert scale == steps[-1]["to"]
+    assert scale == (steps[-1]["to"] if steps else 1.0)
     fit = load_result(out / "fit.npz")
     largest = max(np.abs(np.asarray(fit.params.experts)).max(), np.abs(np.asarray(fit.params.expert_intercepts)).max())
-    assert largest <= 2 * scale or scale == 10.0  # it stops once nothing binds, or at the widest
+    # It stops once nothing binds, at the widest, or where the wider prior predicts no better.
+    assert largest <= 2 * scale or scale == 10.0 or (kept["from"] == scale and abs(kept["value"]) > 2 * scale)
+    if kept is not None:
+        assert kept["cv_deviance"]["to"] >= kept["cv_deviance"]["from"]
     summary = (out / "summary.txt").read_text()
-    assert f"experts' prior Normal(0, {scale:g}) (widened from Normal(0, 1): {steps[0]['coefficient']}" in summary
+    if steps:
+        assert f"experts' prior Normal(0, {scale:g}) (widened from Normal(0, 1): {steps[0]['coefficient']}" in summary
     # A given sd is kept, and the summary says that it binds.
     given = fit_csv(path, out=tmp_path / "given", expert_prior_scale=1.0, **options)
     model = json.loads((given / "model.json").read_text())

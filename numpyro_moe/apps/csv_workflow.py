@@ -21,7 +21,7 @@ import numpy as np
 import numpyro_moe
 from numpyro_moe import MoEParams, fit_moe, run_nuts
 from numpyro_moe._design import DESIGNS
-from numpyro_moe._select import _choose_prior_scale
+from numpyro_moe._select import _choose_prior_scale, _prior_scale_deviance
 from numpyro_moe._validation import check_probability
 from numpyro_moe.apps.folders import output_folder
 from numpyro_moe.apps.messages import column_names_in_warnings, progress_bars
@@ -369,11 +369,14 @@ def fit_csv(
     coefficients and intercepts, in the point fit and in NUTS. None (the default): 1,
     `numpyro_moe.moe_priors`' default, checked against the fit: while a fitted coefficient lies
     beyond `BINDING_PRIOR_SDS` sds of it (a prior-data conflict, Evans and Moshonov 2006: the prior
-    meant to be weak is holding back what the data ask for), the data are refitted at the chosen k
-    with the next of `WIDER_PRIOR_SCALES`, and ``model.json`` records each step
-    (``expert_prior_scale_widened``). On the five real data sets of ``benchmarks/real_data.py``
-    only the motorcycle set's cubic basis widens (to 10; the largest coefficients elsewhere were
-    0.47-1.40 sd). A number fixes the sd (a note in the summary says when it binds); ``"auto"``
+    meant to be weak may be holding back what the data ask for), the next of `WIDER_PRIOR_SCALES`
+    is tried: on data of at most `AUTO_PRIOR_SCALE_ROWS` rows it is kept only when its 5-fold
+    cross-validated deviance is lower than the current sd's (the folds and starts of ``"auto"``),
+    beyond on the sign alone; the data are refitted at the chosen k with it, and ``model.json``
+    records each step (``expert_prior_scale_widened``) and the one refused
+    (``expert_prior_scale_kept``). On the five real data sets of ``benchmarks/real_data.py`` only
+    the motorcycle set's cubic basis widens (to 3; 10 predicted worse; the largest coefficients
+    elsewhere were 0.47-1.40 sd). A number fixes the sd (a note in the summary says when it binds); ``"auto"``
     chooses it among `AUTO_PRIOR_SCALES` at the chosen k by 5-fold cross-validation and the
     one-standard-error rule (`numpyro_moe.select_expert_prior_scale`, 15 more fits, and one more
     when the chosen sd is not 1) when the data have at most `AUTO_PRIOR_SCALE_ROWS` rows, and
@@ -528,13 +531,38 @@ def fit_csv(
         # The default prior checks itself against the data (prior-data conflict, Evans and
         # Moshonov 2006): while a fitted coefficient lies beyond BINDING_PRIOR_SDS of it, the prior
         # is informative where it was meant to be weak, and it widens (refitting at the chosen k).
-        widened = []
+        # On data of at most AUTO_PRIOR_SCALE_ROWS rows a step is taken only when the wider prior
+        # also predicts held-out rows better (5-fold cross-validation, the folds of --expert-prior-scale
+        # auto): a coefficient beyond 2 sd is a sign of conflict, not a proof.
+        widened, deviances, kept_despite = [], {}, None
+
+        def deviance(value: float) -> float:
+            if value not in deviances:
+                quiet = {name: option for name, option in options.items() if name not in ("key", "gate_x", "priors")}
+                with column_names_in_warnings(expert_names):
+                    deviances[value] = _prior_scale_deviance(
+                        x, y, gate_x, fit_key, k, value, 5, {}, {**quiet, "progress_bar": False}
+                    )
+            return deviances[value]
+
         while widen and scale < WIDER_PRIOR_SCALES[-1]:
             binding = _binding_coefficient(fit.params, scale, expert_names)
             if binding is None:
                 break
             wider = next(value for value in WIDER_PRIOR_SCALES if value > scale)
-            widened.append({"from": scale, "to": wider, "coefficient": binding[0], "value": binding[1]})
+            step = {"from": scale, "to": wider, "coefficient": binding[0], "value": binding[1]}
+            if n <= AUTO_PRIOR_SCALE_ROWS:
+                step["cv_deviance"] = {"from": deviance(scale), "to": deviance(wider)}
+                if not deviance(wider) < deviance(scale):
+                    say(
+                        f"{binding[0]} coefficient is {binding[1]:.3g}, beyond {BINDING_PRIOR_SDS:g} sd of the "
+                        f"experts' Normal(0, {scale:g}) prior, but Normal(0, {wider:g}) predicts held-out rows no "
+                        f"better (5-fold cross-validated deviance {deviance(wider):.2f} against "
+                        f"{deviance(scale):.2f}): keeping Normal(0, {scale:g})"
+                    )
+                    kept_despite = step
+                    break
+            widened.append(step)
             say(
                 f"{binding[0]} coefficient is {binding[1]:.3g}, beyond {BINDING_PRIOR_SDS:g} sd of the experts' "
                 f"Normal(0, {scale:g}) prior: refitting with Normal(0, {wider:g})"
@@ -578,6 +606,7 @@ def fit_csv(
             "shared_noise": bool(shared_noise),
             "expert_prior_scale": scale,
             "expert_prior_scale_widened": widened or None,
+            "expert_prior_scale_kept": kept_despite,
             "expert_prior_scale_selection": None
             if scale_table is None
             else {"method": "5-fold cross-validation", "table": scale_table},
@@ -622,6 +651,12 @@ def fit_csv(
             + (
                 f" (widened from Normal(0, 1): {widened[0]['coefficient']} coefficient was {widened[0]['value']:.3g})"
                 if widened else ""
+            )
+            + (
+                f" (kept: Normal(0, {kept_despite['to']:g}) predicted held-out rows no better, 5-fold "
+                f"cross-validated deviance {kept_despite['cv_deviance']['to']:.2f} against "
+                f"{kept_despite['cv_deviance']['from']:.2f})"
+                if kept_despite is not None else ""
             ),
             (
                 f"fit: {num_starts} EM starts"
@@ -634,7 +669,7 @@ def fit_csv(
         ]
         # Given sds are the user's: the note says when one holds a coefficient back (as the default's
         # widest may still).
-        binding = None if auto_scale else _binding_prior_note(params, scale, expert_names)
+        binding = None if auto_scale or kept_despite is not None else _binding_prior_note(params, scale, expert_names)
         if binding is not None:
             summary.append(binding)
         summary_table = None
