@@ -80,6 +80,10 @@ MASS_MATRICES = ("laplace", "laplace-fixed", "dense", "diagonal")
 # Fewer effective draws than this (the smallest bulk ESS over all entries, all chains together)
 # in chains that disagree: the fixed Laplace metric does not suit the posterior (see `run_nuts`).
 STUCK_ESS = 100
+# More divergent transitions than this share of the draws: warmup runs again with the target
+# acceptance rate raised to RETRY_ACCEPT_PROB (see `run_nuts`).
+DIVERGENT_LIMIT = 0.01
+RETRY_ACCEPT_PROB = 0.95
 # Rescaling range of the Laplace metric's eigen-directions (see `_desynchronised`).
 METRIC_SPREAD = 2.0
 
@@ -701,8 +705,10 @@ class NutsResult(NamedTuple):
     diagnostics
         ``max_r_hat`` (NaN for one chain), ``min_ess_bulk``, ``divergences``, ``draws`` (per
         chain, over the kept rounds: see ``max_samples``), ``burn_in`` (draws per chain dropped
-        after warmup because only the later ones agreed; 0 when none were) and ``metric``, the
-        metric the draws used:
+        after warmup because only the later ones agreed; 0 when none were),
+        ``target_accept_prob`` (the rate the draws were tuned to: see ``target_accept_prob``),
+        ``accept_raised`` (whether it was raised because too many transitions diverged) and
+        ``metric``, the metric the draws used:
         ``"laplace"`` (fixed), ``"laplace, adapted"`` (the second warmup), ``"dense"`` or
         ``"diagonal"`` (adapted; see ``mass_matrix``).
     """
@@ -884,7 +890,11 @@ def run_nuts(
         Higher (0.9, 0.95) takes smaller steps, at more gradient evaluations per draw, and is
         the usual remedy for divergent transitions (Stan's ``adapt_delta``): on the benchmark's
         High School and Beyond set (k = 4, the dense metric adapted from the identity), 0.8 gave
-        3 divergent transitions, 0.9 none (max r_hat 1.005 and 1.009).
+        3 divergent transitions, 0.9 none (max r_hat 1.005 and 1.009). Applied once by itself:
+        when more than `DIVERGENT_LIMIT` (1%) of the first round's transitions diverge (a few
+        are common; that many mean the step size suits not the region a chain sits in), warmup
+        runs again from the same starts with ``RETRY_ACCEPT_PROB`` (0.95), when the rate asked
+        for was lower (``diagnostics["target_accept_prob"]`` is the rate the draws used).
 
     Warns
     -----
@@ -980,7 +990,8 @@ def run_nuts(
         mcmc.run(run_key, x, y, init_params=init_params, extra_fields=("diverging",), **model_kwargs)
         return mcmc
 
-    mcmc = sampled(mass_options, run_key)
+    options = mass_options
+    mcmc = sampled(options, run_key)
     draws = _Draws(mcmc)
     adapted = mass_options.get("adapt_mass_matrix", True)
     metric = ("dense" if mass_options["dense_mass"] else "diagonal") if adapted else "laplace"
@@ -1002,9 +1013,20 @@ def run_nuts(
         # (far from Gaussian, as on real data), and more draws would not mend it. Warm up again from
         # the same starts, adapting a dense metric that begins at the Laplace one.
         metric = "laplace, adapted"
-        mcmc = sampled({**mass_options, "adapt_mass_matrix": True}, jax.random.fold_in(run_key, 1))
+        options = {**mass_options, "adapt_mass_matrix": True}
+        mcmc = sampled(options, jax.random.fold_in(run_key, 1))
         draws = _Draws(mcmc)
         r_hat = _max_r_hat(relabelled(draws)) if max_samples is not None else float("nan")
+    accept = target_accept_prob
+    if accept < RETRY_ACCEPT_PROB and np.mean(draws.get_extra_fields()["diverging"]) > DIVERGENT_LIMIT:
+        # Divergent transitions in more than a percent of the draws: the tuned step size is too large
+        # for a region the chains sit in, and their draws are biased there. Stan's remedy (a higher
+        # adapt_delta: smaller steps), applied once: warm up again from the same starts.
+        accept = RETRY_ACCEPT_PROB
+        options = {**options, "target_accept_prob": accept}
+        mcmc = sampled(options, jax.random.fold_in(run_key, 2))
+        draws = _Draws(mcmc)
+        r_hat = _max_r_hat(relabelled(draws)) if num_chains > 1 and max_samples is not None else float("nan")
     burn_in = 0
     while (
         num_chains > 1
@@ -1044,6 +1066,8 @@ def run_nuts(
         "draws": draws.draws,
         "burn_in": burn_in,
         "metric": metric,
+        "target_accept_prob": accept,
+        "accept_raised": accept != target_accept_prob,
     }
     problems = _nuts_problems(diagnostics, num_chains, diverging.size)
     if problems:

@@ -814,7 +814,8 @@ def test_arviz_diagnostics_and_run_nuts_diagnostics(nuts):
     # run_nuts reports the same numbers.
     assert nuts.diagnostics == {"max_r_hat": largest, "min_ess_bulk": smallest_ess,
                                 "divergences": int(tree["sample_stats"]["diverging"].values.sum()), "draws": DRAWS,
-                                "metric": "laplace"}
+                                "burn_in": 0, "metric": "laplace", "target_accept_prob": 0.8,
+                                "accept_raised": False}
     # Both chains start at the mode and mix: r_hat is near 1 and ESS is not that of stuck chains
     # (measured: max r_hat 1.02, min bulk ESS ~140 of 200 draws).
     assert 0.99 < largest < 1.2
@@ -868,6 +869,8 @@ def test_run_nuts_stops_extending_once_r_hat_is_below_the_limit(data, monkeypatc
     import numpyro_moe._bayes as bayes
 
     x, y, truth = data
+    # Tiny runs diverge often: no second warmup for that here (its own test is below).
+    monkeypatch.setattr(bayes, "DIVERGENT_LIMIT", 1.0)
     checks = []
 
     def agreed_after_two_rounds(datatree):
@@ -885,6 +888,8 @@ def test_run_nuts_drops_the_first_half_when_only_the_second_agrees(data, monkeyp
     import numpyro_moe._bayes as bayes
 
     x, y, truth = data
+    # Tiny runs diverge often: no second warmup for that here (its own test is below).
+    monkeypatch.setattr(bayes, "DIVERGENT_LIMIT", 1.0)
     checks = []
 
     def second_half_agrees(datatree):
@@ -914,10 +919,34 @@ def test_run_nuts_drops_the_first_half_when_only_the_second_agrees(data, monkeyp
     assert any("the chains disagree" in message for message in _reliability(caught))
 
 
+def test_run_nuts_warms_up_again_with_smaller_steps_when_many_transitions_diverge(data, monkeypatch):
+    import numpyro_moe._bayes as bayes
+
+    x, y, truth = data
+    options = dict(key=jax.random.key(3), num_chains=CHAINS, num_warmup=20, num_samples=10, mass_matrix="dense")
+    # A limit of -1 makes any first round "too divergent": warmup runs again at 0.95.
+    monkeypatch.setattr(bayes, "DIVERGENT_LIMIT", -1.0)
+    raised, _ = _recorded(moe.run_nuts, x, y, truth, **options)
+    assert raised.diagnostics["target_accept_prob"] == 0.95 and raised.diagnostics["accept_raised"] is True
+    assert raised.mcmc.sampler._target_accept_prob == 0.95
+    # Asked for 0.95 already: no second warmup, and its draws are not the raised run's (those came
+    # from the second warmup, on another key).
+    asked, _ = _recorded(moe.run_nuts, x, y, truth, target_accept_prob=0.95, **options)
+    assert asked.diagnostics["accept_raised"] is False and asked.diagnostics["target_accept_prob"] == 0.95
+    assert not np.array_equal(asked.datatree["posterior"]["noise"].values, raised.datatree["posterior"]["noise"].values)
+    # Within the limit (no transition can exceed a share of 1), nothing is run again.
+    monkeypatch.setattr(bayes, "DIVERGENT_LIMIT", 1.0)
+    kept, _ = _recorded(moe.run_nuts, x, y, truth, **options)
+    assert kept.diagnostics["target_accept_prob"] == 0.8 and kept.diagnostics["accept_raised"] is False
+    assert kept.mcmc.sampler._target_accept_prob == 0.8
+
+
 def test_run_nuts_adapts_the_laplace_metric_when_its_chains_disagree(data, monkeypatch):
     import numpyro_moe._bayes as bayes
 
     x, y, truth = data
+    # Tiny runs diverge often: no second warmup for that here (its own test is below).
+    monkeypatch.setattr(bayes, "DIVERGENT_LIMIT", 1.0)
     checks = []
 
     def disagree_once(datatree):

@@ -630,6 +630,10 @@ def test_the_summary_says_when_the_chains_cannot_be_trusted():
     assert "diverged" not in apart
     diverged = _nuts_line({**agreeing, "divergences": 3}, 4, 500)
     assert "3 transitions diverged" in diverged and "disagree" not in diverged and "--max-draws" not in diverged
+    # Warmup run again with smaller steps: said.
+    raised = _nuts_line({**agreeing, "accept_raised": True, "target_accept_prob": 0.95}, 4, 500)
+    assert raised.endswith("; too many transitions diverged at first, so warmup ran again with target acceptance 0.95")
+    assert "warmup ran again" not in _nuts_line({**agreeing, "accept_raised": False, "target_accept_prob": 0.8}, 4, 500)
     # Draws dropped because only the later ones agreed: said, and no warning.
     late = _nuts_line({**agreeing, "burn_in": 1000}, 4, 500)
     assert late.endswith("; the first 1000 draws of each chain were dropped as warmup (only the later ones agreed)")

@@ -226,6 +226,11 @@ def _nuts_line(diagnostics: dict, chains: int, warmup: int) -> str:
             if diagnostics.get("metric") == "laplace, adapted" else ""
         )
         + (
+            f"; too many transitions diverged at first, so warmup ran again with target acceptance "
+            f"{diagnostics['target_accept_prob']:g}"
+            if diagnostics.get("accept_raised") else ""
+        )
+        + (
             f"; the first {diagnostics['burn_in']} draws of each chain were dropped as warmup (only the later "
             "ones agreed)"
             if diagnostics.get("burn_in") else ""
@@ -251,8 +256,8 @@ def _nuts_line(diagnostics: dict, chains: int, warmup: int) -> str:
 
 def _finite(value):
     """JSON has no NaN or infinity: None instead (counts stay integers, names strings)."""
-    if isinstance(value, str):
-        return value
+    if isinstance(value, (str, bool, np.bool_)):
+        return value if isinstance(value, str) else bool(value)
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return int(value)
     value = float(value)
