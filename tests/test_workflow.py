@@ -295,6 +295,12 @@ def test_fit_csv_defaults():
     assert defaults["expert_prior_scale"].default is None and csv_workflow.AUTO_PRIOR_SCALES == (1.0, 3.0, 10.0)
     assert csv_workflow.WIDER_PRIOR_SCALES == (3.0, 10.0) and csv_workflow.BINDING_PRIOR_SDS == 2.0
     assert defaults["num_experts"].default == "auto" and csv_workflow.AUTO_EXPERTS == (1, 2, 3, 4, 5)
+    # NUTS's draws while the chains disagree: 2,000,000 rows x draws, in rounds, 4 to 20 of them.
+    assert defaults["max_samples"].default is None and csv_workflow.ROW_DRAWS == 2_000_000
+    assert [csv_workflow.default_max_draws(n, 500) for n in (42, 100, 380, 1000, 5389)] == [
+        10_000, 10_000, 5_000, 2_000, 2_000
+    ]
+    assert csv_workflow.default_max_draws(380, 100) == 2_000  # at most 20 rounds of 100
     args = build_parser().parse_args(["fit", "d.csv", "--target", "y"])
     for flag, name in [("starts", "num_starts"), ("link", "link"), ("seed", "seed"), ("nuts", "nuts"),
                        ("chains", "num_chains"), ("num_warmup", "num_warmup"), ("num_draws", "num_samples"),

@@ -297,6 +297,20 @@ def _selection_row(row: dict) -> dict:
     }
 
 
+ROW_DRAWS = 2_000_000
+"""NUTS's default budget while the chains disagree, in rows x draws per chain (`default_max_draws`)."""
+
+
+def default_max_draws(n: int, num_samples: int) -> int:
+    """The default ``--max-draws``: as many draws per chain as `ROW_DRAWS` allows at ``n`` rows (the
+    cost of a draw grows with n), in whole rounds of ``num_samples``, at least 4 rounds and at most
+    20. Small data, where a draw is cheap and a posterior with few rows per parameter mixes slowly,
+    get the longer runs: on the R suite of ``benchmarks/real_data.py`` the whiteside set (42 rows,
+    k = 2) had max r_hat 1.022 after 4 x 2,000 draws and 1.008 after 4 x 5,500."""
+    rounds = min(max(ROW_DRAWS // (max(n, 1) * num_samples), 4), 20)
+    return int(rounds * num_samples)
+
+
 AUTO_PRIOR_SCALES = (1.0, 3.0, 10.0)
 AUTO_PRIOR_SCALE_ROWS = 2_000
 
@@ -366,7 +380,8 @@ def fit_csv(
     of its own (flexmix's concomitant variables): the gate reads those columns, the experts read
     ``features`` (default: every column but the target and the gate's). With ``nuts``, `run_nuts`
     from the fit; while its chains disagree (max r_hat > 1.01) they draw ``num_samples`` more, up
-    to ``max_samples`` per chain (default four times ``num_samples``); ``target_accept_prob``: the
+    to ``max_samples`` per chain (default `default_max_draws`: 4 to 20 times ``num_samples``,
+    more on fewer rows); ``target_accept_prob``: the
     acceptance rate NUTS's step size is tuned to (`run_nuts`). ``max_iterations``: EM's
     iterations per start (`fit_moe`). ``num_starts`` EM starts (the tensor estimate and random
     ones), of which, after a short EM, the ``num_finalists`` best continue (None: all of them;
@@ -427,9 +442,10 @@ def fit_csv(
             (num_samples, "--num-draws"),
         ):
             _positive_int(value, flag)
-        max_samples = 4 * num_samples if max_samples is None else _positive_int(max_samples, "--max-draws")
-        if max_samples < num_samples:
-            raise ValueError(f"--max-draws: expected at least --num-draws ({num_samples}), got {max_samples}")
+        if max_samples is not None:
+            max_samples = _positive_int(max_samples, "--max-draws")
+            if max_samples < num_samples:
+                raise ValueError(f"--max-draws: expected at least --num-draws ({num_samples}), got {max_samples}")
         target_accept_prob = check_probability(target_accept_prob, "--target-accept")
     out = Path(out)
     if out.exists() and not overwrite:
@@ -458,6 +474,8 @@ def fit_csv(
     gate_names = None if gate_index is None else [data.feature_names[j] for j in gate_index]
     n, d = data.x.shape[0], len(expert_index)
     q = None if gate_index is None else len(gate_index)
+    if nuts and max_samples is None:
+        max_samples = default_max_draws(n, num_samples)
     notes = list(data.notes)
     supported = [k for k in candidates if n >= _rows_needed(k, d, q)[1]]
     if not auto and len(supported) < len(candidates):
