@@ -163,11 +163,11 @@ print(az.summary(run.datatree, var_names=["noise", "expert_intercepts"]))
 # %% [markdown]
 # When `run_nuts` warns that the maximum r_hat exceeds 1.01, the chains disagree and the figures
 # below carry that uncertainty. On these 100 points it does at the tutorial's full size too (max
-# r_hat 1.24 in our run of 4 chains of 500 draws, and 1.04 to 1.08 in the benchmark's NUTS runs on
-# this split, in the README's results table): in our run the expert intercepts and one expert's noise mixed
-# slowly (r_hat 1.08 to 1.12, bulk ESS near 25). Longer chains (`num_samples`), or the experts fixed at the point fit
-# (`fix=("experts",)`, a smaller posterior), are the remedies to try; `az.plot_trace` shows which
-# parameters lag.
+# r_hat 1.24 in our run of 4 chains of 500 draws): in our run the expert intercepts and one expert's
+# noise mixed slowly (r_hat 1.08 to 1.12, bulk ESS near 25). Longer chains (`num_samples`, or
+# `max_samples` to keep drawing while they disagree, as `numpyro-moe fit --nuts` does: 1.005 on this
+# split in the README's results table), or the experts fixed at the point fit (`fix=("experts",)`,
+# a smaller posterior), are the remedies to try; `az.plot_trace` shows which parameters lag.
 
 # %% [markdown]
 # ## Posterior predictive check
