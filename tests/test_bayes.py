@@ -595,6 +595,29 @@ def test_relabel_tolerates_noisy_draws(permuted_tree):
     assert _undoes(applied, permutations)
 
 
+def test_relabel_tells_experts_of_near_equal_slopes_apart_by_level_and_noise(permuted_tree):
+    # Slopes within 0.02 of one another, levels and noise sds distinct (as the High School and
+    # Beyond set's k = 4 fit has them): the slopes' noise decides nothing, the level and noise do.
+    reference, tree, applied = permuted_tree
+    posterior = tree["posterior"].to_dataset()
+    rng = np.random.default_rng(24)
+    flat = reference.replace(experts=jnp.zeros_like(reference.experts))
+    jitter = 0.01 * rng.standard_normal(posterior["experts"].shape)
+    flattened = tree.copy()
+    flattened["posterior"] = posterior.assign(experts=(posterior["experts"].dims, jitter))
+    _, permutations = moe.relabel(flattened, flat)
+    assert _undoes(applied, permutations)
+    # The level alone, and the noise alone, each suffice.
+    for dropped in ("expert_intercepts", "noise"):
+        part = flattened.copy()
+        part["posterior"] = flattened["posterior"].to_dataset().drop_vars(dropped)
+        _, permutations = moe.relabel(part, flat)
+        assert _undoes(applied, permutations), dropped
+    # A bare slopes array has neither: the assignment is then the jitter's, not the labels'.
+    _, permutations = moe.relabel(flattened, np.zeros((3, 4)))
+    assert not _undoes(applied, permutations)
+
+
 def test_relabel_aligns_several_blocks_jointly(permuted_tree):
     reference, tree, applied = permuted_tree
     posterior = tree["posterior"].to_dataset()
