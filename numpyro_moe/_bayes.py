@@ -84,6 +84,10 @@ STUCK_ESS = 100
 # acceptance rate raised to RETRY_ACCEPT_PROB (see `run_nuts`).
 DIVERGENT_LIMIT = 0.01
 RETRY_ACCEPT_PROB = 0.95
+# What each transition records besides the draw; ``arviz.from_numpyro`` names them ``diverging``,
+# ``lp`` (the log density NUTS samples, on the unconstrained space), ``n_steps``, ``tree_depth`` and
+# ``reached_max_tree_depth``, and ``acceptance_rate``: Stan's sampler diagnostics.
+SAMPLE_STATS = ("diverging", "potential_energy", "num_steps", "accept_prob")
 # Rescaling range of the Laplace metric's eigen-directions (see `_desynchronised`).
 METRIC_SPREAD = 2.0
 
@@ -730,14 +734,17 @@ class NutsResult(NamedTuple):
         The ``numpyro.infer.MCMC`` object (raw, un-relabelled draws).
     datatree
         ``xarray.DataTree`` (`to_datatree`) with groups posterior (relabelled), posterior_predictive,
-        log_likelihood, sample_stats, observed_data (and constant_data with fixed sites); dims
-        expert, gate, feature, obs.
+        log_likelihood, sample_stats (``diverging``, ``lp``, ``n_steps``, ``tree_depth``,
+        ``reached_max_tree_depth``, ``acceptance_rate``), observed_data (and constant_data with fixed sites); dims expert,
+        gate, feature, obs.
     diagnostics
         ``max_r_hat`` (NaN for one chain), ``min_ess_bulk``, ``divergences``, ``draws`` (per
         chain, over the kept rounds: see ``max_samples``), ``burn_in`` (draws per chain dropped
         after warmup because only the later ones agreed; 0 when none were),
         ``target_accept_prob`` (the rate the draws were tuned to: see ``target_accept_prob``),
-        ``accept_raised`` (whether it was raised because too many transitions diverged) and
+        ``accept_raised`` (whether it was raised because too many transitions diverged),
+        ``chain_log_density`` (each chain's mean ``lp``: a chain far below the others wandered
+        into a region of lower density, which the warning on disagreeing chains names) and
         ``metric``, the metric the draws used:
         ``"laplace"`` (fixed), ``"laplace, adapted"`` (the second warmup), ``"dense"`` or
         ``"diagonal"`` (adapted; see ``mass_matrix``).
@@ -1017,7 +1024,7 @@ def run_nuts(
             chain_method=chain_method or _chain_method(num_chains),
             progress_bar=progress_bar,
         )
-        mcmc.run(run_key, x, y, init_params=init_params, extra_fields=("diverging",), **model_kwargs)
+        mcmc.run(run_key, x, y, init_params=init_params, extra_fields=SAMPLE_STATS, **model_kwargs)
         return mcmc
 
     options = mass_options
@@ -1065,7 +1072,7 @@ def run_nuts(
         and not r_hat <= RHAT_LIMIT
     ):
         mcmc.post_warmup_state = mcmc.last_state
-        mcmc.run(mcmc.post_warmup_state.rng_key, x, y, extra_fields=("diverging",), **model_kwargs)
+        mcmc.run(mcmc.post_warmup_state.rng_key, x, y, extra_fields=SAMPLE_STATS, **model_kwargs)
         draws = draws.extended(mcmc)
         r_hat = _max_r_hat(relabelled(draws))
         if not r_hat <= RHAT_LIMIT:
@@ -1089,6 +1096,7 @@ def run_nuts(
         posterior_predictive={"y": np.asarray(replicated).reshape(num_chains, draws.draws, -1)},
     )
     diverging = np.asarray(datatree["sample_stats"]["diverging"])
+    chain_lp = np.asarray(datatree["sample_stats"]["lp"]).mean(axis=1)
     diagnostics = {
         "max_r_hat": _max_r_hat(datatree) if num_chains > 1 else float("nan"),
         "min_ess_bulk": _diagnostic_extreme(az.ess(datatree, method="bulk"), min),
@@ -1098,6 +1106,7 @@ def run_nuts(
         "metric": metric,
         "target_accept_prob": accept,
         "accept_raised": accept != target_accept_prob,
+        "chain_log_density": [float(value) for value in chain_lp],
     }
     problems = _nuts_problems(diagnostics, num_chains, diverging.size)
     if problems:
@@ -1114,6 +1123,7 @@ def _nuts_problems(diagnostics: dict, num_chains: int, transitions: int) -> list
         problems.append(
             f"the chains disagree (max r_hat {diagnostics['max_r_hat']:.3f}, limit {RHAT_LIMIT}): draw longer "
             "(max_samples), check the start, or look at az.plot_trace for chains in different modes"
+            + _chain_heights(diagnostics)
         )
     if diagnostics["divergences"]:
         problems.append(
@@ -1123,6 +1133,21 @@ def _nuts_problems(diagnostics: dict, num_chains: int, transitions: int) -> list
             "experts or stronger priors usually remove them"
         )
     return problems
+
+
+def _chain_heights(diagnostics: dict, tree: str = "tree") -> str:
+    """The chains' mean log densities, for a warning that they disagree: a chain far below the
+    others sits in a region of lower density (where it wandered, or a minor mode), one level with
+    them in another mode or labelling. ``tree`` names the DataTree in the advice."""
+    heights = diagnostics.get("chain_log_density")
+    if not heights:
+        return ""
+    lowest = int(np.argmin(heights))
+    return (
+        f" (mean log density by chain: {', '.join(f'{value:.1f}' for value in heights)}; chain {lowest} is "
+        f"{max(heights) - heights[lowest]:.1f} below the highest: see az.plot_trace({tree}, var_names='lp', "
+        "group='sample_stats'))"
+    )
 
 
 def loo(datatree, **kwargs):

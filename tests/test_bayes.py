@@ -737,9 +737,15 @@ def test_run_nuts_datatree_groups_and_dims(data, nuts):
         assert set(tree[group].data_vars) == {"y"}
         assert tree[group]["y"].dims == ("chain", "draw", "obs")
         assert tree[group]["y"].shape == (CHAINS, DRAWS, N)
-    assert set(tree["sample_stats"].data_vars) == {"diverging", "expert_permutation"}
+    assert set(tree["sample_stats"].data_vars) == {"diverging", "lp", "n_steps", "tree_depth", "reached_max_tree_depth",
+                                                   "acceptance_rate", "expert_permutation"}
     assert tree["sample_stats"]["diverging"].dims == ("chain", "draw")
     assert tree["sample_stats"]["diverging"].dtype == bool
+    # lp is the log density NUTS samples (minus its potential energy), draw by draw.
+    energy = nuts.mcmc.get_extra_fields(group_by_chain=True)["potential_energy"]
+    np.testing.assert_allclose(tree["sample_stats"]["lp"].values, -np.asarray(energy)[:, -DRAWS:])
+    acceptance = tree["sample_stats"]["acceptance_rate"].values
+    assert acceptance.shape == (CHAINS, DRAWS) and ((acceptance >= 0) & (acceptance <= 1)).all()
     assert tree["sample_stats"]["expert_permutation"].dims == ("chain", "draw", "expert")
     assert tree["observed_data"]["y"].dims == ("obs",)
     np.testing.assert_array_equal(tree["observed_data"]["y"], y)
@@ -838,7 +844,8 @@ def test_arviz_diagnostics_and_run_nuts_diagnostics(nuts):
     assert nuts.diagnostics == {"max_r_hat": largest, "min_ess_bulk": smallest_ess,
                                 "divergences": int(tree["sample_stats"]["diverging"].values.sum()), "draws": DRAWS,
                                 "burn_in": 0, "metric": "laplace", "target_accept_prob": 0.8,
-                                "accept_raised": False}
+                                "accept_raised": False,
+                                "chain_log_density": list(tree["sample_stats"]["lp"].values.mean(axis=1))}
     # Both chains start at the mode and mix: r_hat is near 1 and ESS is not that of stuck chains
     # (measured: max r_hat 1.02, min bulk ESS ~140 of 200 draws).
     assert 0.99 < largest < 1.2
@@ -1679,6 +1686,11 @@ def test_nuts_problems_name_each_problem_with_its_remedy():
     assert "divergences=True" in only
     (apart,) = _nuts_problems({**fine, "max_r_hat": 1.04}, 4, 8000)
     assert apart.startswith("the chains disagree (max r_hat 1.040, limit 1.01)") and "max_samples" in apart
+    # With each chain's mean log density, the warning names the lowest chain and how far below it is
+    # (High School and Beyond at k = 4: one chain wandered 12 below the others in its second half).
+    (heights,) = _nuts_problems({**fine, "max_r_hat": 1.33, "chain_log_density": [-6729.6, -6723.8, -6727.3,
+                                                                                   -6723.5]}, 4, 8000)
+    assert "mean log density by chain: -6729.6, -6723.8, -6727.3, -6723.5; chain 0 is 6.1 below the highest" in heights
     # Chains that never moved (NaN r_hat) disagree too; one chain has no r_hat to judge.
     assert len(_nuts_problems({**fine, "max_r_hat": float("nan"), "divergences": 2}, 4, 8000)) == 2
     assert _nuts_problems({**fine, "max_r_hat": float("nan")}, 1, 500) == []

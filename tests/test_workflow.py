@@ -633,7 +633,12 @@ def test_the_summary_says_when_the_chains_cannot_be_trusted():
     apart = _nuts_line({**agreeing, "max_r_hat": 1.457, "min_ess_bulk": 8.1}, 4, 500)
     assert apart.startswith("NUTS: 4 chains x 500 draws (500 warmup); max r_hat 1.457, min bulk ESS 8,")
     assert "the chains disagree (max r_hat above 1.01)" in apart and "--max-draws" in apart
-    assert "diverged" not in apart
+    assert "diverged" not in apart and "log density" not in apart
+    # With the chains' mean log densities (run_nuts records them), the lowest chain is named, and
+    # where to see it in the saved posterior.
+    heights = _nuts_line({**agreeing, "max_r_hat": 1.33, "chain_log_density": [-10.0, -2.5, -2.0, -3.0]}, 4, 500)
+    assert ("(mean log density by chain: -10.0, -2.5, -2.0, -3.0; chain 0 is 8.0 below the highest: see "
+            "az.plot_trace(az.from_netcdf('posterior.nc'), var_names='lp', group='sample_stats'))") in heights
     diverged = _nuts_line({**agreeing, "divergences": 3}, 4, 500)
     assert "3 transitions diverged" in diverged and "disagree" not in diverged and "--max-draws" not in diverged
     # Warmup run again with smaller steps: said.

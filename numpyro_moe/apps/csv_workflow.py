@@ -215,7 +215,7 @@ def _binding_prior_note(params, scale: float, names: list[str]) -> str | None:
 
 def _nuts_line(diagnostics: dict, chains: int, warmup: int) -> str:
     """The summary's line on the chains: their diagnostics, and what to do when they disagree."""
-    from numpyro_moe._bayes import RHAT_LIMIT
+    from numpyro_moe._bayes import RHAT_LIMIT, _chain_heights
 
     r_hat, divergences = diagnostics["max_r_hat"], int(diagnostics["divergences"])
     line = (
@@ -242,6 +242,7 @@ def _nuts_line(diagnostics: dict, chains: int, warmup: int) -> str:
             f"the chains disagree (max r_hat above {RHAT_LIMIT}), so the summaries and the posterior predictive "
             "mix what the chains found separately: draw longer (--max-draws), try fewer experts, or look at "
             "trace.png for chains stuck in different modes"
+            + _chain_heights(diagnostics, tree="az.from_netcdf('posterior.nc')")
         )
     if divergences:
         problems.append(
@@ -258,6 +259,8 @@ def _finite(value):
     """JSON has no NaN or infinity: None instead (counts stay integers, names strings)."""
     if isinstance(value, (str, bool, np.bool_)):
         return value if isinstance(value, str) else bool(value)
+    if isinstance(value, (list, tuple)):
+        return [_finite(entry) for entry in value]
     if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
         return int(value)
     value = float(value)
