@@ -921,7 +921,14 @@ def fit_moe(
         ``benchmarks/speed.py`` part C) the default fit reached EM-from-truth's optimum on 5/10
         seeds; with ``split_merge=3`` on 8/10 (the births found the rare expert on two seeds
         whose fits had missed it, expert error 0.58 -> 0.03 and 0.51 -> 0.02), each fit taking
-        2.8-12.7 s against 1.6-12.0 s.
+        2.8-12.7 s against 1.6-12.0 s. Not the default, for a measured reason: made the default of
+        every fit, the point fits of ``benchmarks/real_data.py`` (``numpyro-moe fit --experts
+        auto``, fresh process) took 4-5x as long (motorcycle 15.9 -> 81.8 s, faithful 10.8 ->
+        54.0 s, High School and Beyond 55.6 -> 126.3 s) and predicted held-out rows worse: the
+        moves found higher optima (faithful at k = 3: log-likelihood per point -0.250 -> -0.204),
+        BIC then chose other k (faithful 2 -> 3, High School and Beyond 4 -> 3), and the held-out
+        log-likelihood per point fell (motorcycle -3.974 -> -4.024, faithful -0.238 -> -0.303,
+        High School and Beyond -3.180 -> -3.187; diabetes and Boston unchanged).
 
     Returns
     -------
