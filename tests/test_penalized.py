@@ -170,6 +170,21 @@ def test_select_num_experts_by_cross_validation():
             moe.select_num_experts(x, y, criterion="cv", folds=folds, **options)
 
 
+def test_select_num_experts_auto_cross_validates_small_data_only(monkeypatch):
+    import numpyro_moe._select as select
+
+    x, y, _ = simulation.simulate(key=jax.random.key(20), num_samples=600, dim=3, num_experts=2)
+    options = dict(key=jax.random.key(21), num_experts=(1, 2), num_starts=2, folds=3)
+    by_cv = moe.select_num_experts(x, y, criterion="cv", **options)
+    # 600 rows are at most CV_ROWS: "auto" is cross-validation, the same folds and scores.
+    small = moe.select_num_experts(x, y, criterion="auto", **options)
+    assert small.criterion == "cv" and [row["cv"] for row in small.table] == [row["cv"] for row in by_cv.table]
+    # Above CV_ROWS it is BIC (no folds fitted).
+    monkeypatch.setattr(select, "CV_ROWS", 599)
+    large = moe.select_num_experts(x, y, criterion="auto", **options)
+    assert large.criterion == "bic" and "cv" not in large.table[0]
+
+
 def _nearly_cancelling_columns(n=300, seed=0):
     """Standardised data whose least-squares coefficients are about +-9: y follows the small
     difference of two columns that are 0.995 correlated (as in a polynomial basis)."""

@@ -363,7 +363,7 @@ def test_fit_csv_with_several_k_needs_rows_for_each(tmp_path):
         fit_csv(path, out=tmp_path / "o", **{**SMOKE, "num_experts": "many"})
     with pytest.raises(ValueError, match=r"^--experts: expected an integer >= 1, got 0"):
         fit_csv(path, out=tmp_path / "o", **{**SMOKE, "num_experts": (2, 0)})
-    with pytest.raises(ValueError, match=r"^--criterion: expected one of \['bic', 'icl', 'cv'\], got 'aic'"):
+    with pytest.raises(ValueError, match=r"^--criterion: expected one of \['auto', 'bic', 'icl', 'cv'\], got 'aic'"):
         fit_csv(path, out=tmp_path / "o", **{**SMOKE, "criterion": "aic"})
     assert _written(tmp_path) == ["d.csv"]
 
@@ -383,11 +383,12 @@ def test_fit_csv_auto_leaves_out_the_k_the_rows_cannot_support(tmp_path, monkeyp
     monkeypatch.setattr(moe, "select_num_experts", select)
     with pytest.raises(Stop):
         fit_csv(path, out=tmp_path / "o", **{**SMOKE, "num_experts": "auto", "verbose": True})
-    assert seen[0]["num_experts"] == (1, 2) and seen[0]["criterion"] == "bic"
+    # The default criterion, "auto", is cross-validation on these 20 rows (BIC above 2,000).
+    assert seen[0]["num_experts"] == (1, 2) and seen[0]["criterion"] == "cv"
     assert seen[0]["shared_noise"] is False and seen[0]["intercepts"] is True and seen[0]["progress_bar"] is False
     out = capsys.readouterr().out
     assert "--experts auto: k = 3, 4, 5 left out: too few rows (20) for them" in out
-    assert "comparing k = 1, 2 experts by BIC" in out
+    assert "comparing k = 1, 2 experts by CV" in out
     assert _written(tmp_path) == ["d.csv"]
 
 

@@ -11,7 +11,7 @@ __all__ = ["build_parser", "main", "parse_experts"]
 
 # The choices of csv_workflow.CRITERIA and tables.MISSING_POLICIES, spelt here so that parsing
 # the command line (and --help) does not import JAX.
-CRITERIA = ("bic", "icl", "cv")
+CRITERIA = ("auto", "bic", "icl", "cv")
 MISSING_POLICIES = ("error", "drop")
 
 
@@ -228,10 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument(
         "--criterion",
         choices=CRITERIA,
-        default="bic",
-        help="how k is chosen among several, lowest wins: bic (the default), icl, or cv (5-fold "
-        "cross-validated log-likelihood as a deviance: 6 fits per k, for small data sets where BIC and "
-        "held-out fit disagree)",
+        default="auto",
+        help="how k is chosen among several, lowest wins: auto (the default: cv on at most 2,000 rows, bic on "
+        "more), bic, icl, or cv (5-fold cross-validated log-likelihood as a deviance: 6 fits per k, for small "
+        "data sets, where BIC and held-out fit disagree)",
     )
     fit.add_argument("--link", default="linear", help="expert link: linear, sigmoid, relu or tanh")
     fit.add_argument(

@@ -21,7 +21,7 @@ import numpy as np
 import numpyro_moe
 from numpyro_moe import MoEParams, fit_moe, run_nuts
 from numpyro_moe._design import DESIGNS
-from numpyro_moe._select import _choose_prior_scale, _prior_scale_deviance
+from numpyro_moe._select import _choose_prior_scale, _prior_scale_deviance, _resolved_criterion
 from numpyro_moe._validation import check_probability
 from numpyro_moe.apps.folders import output_folder
 from numpyro_moe.apps.messages import column_names_in_warnings, progress_bars
@@ -41,7 +41,7 @@ READABLE_FORMATS = (1, 2)
 """The layouts `numpyro_moe.apps.predict` reads (1: every feature feeds experts and gate)."""
 AUTO_EXPERTS = (1, 2, 3, 4, 5)
 """The numbers of experts compared by ``--experts auto``."""
-CRITERIA = ("bic", "icl", "cv")
+CRITERIA = ("auto", "bic", "icl", "cv")
 PPC_ROWS = 20_000
 """The point fit's predictive check draws its replicates on at most this many rows, evenly spread."""
 
@@ -345,7 +345,7 @@ def fit_csv(
     target: str,
     out: str | os.PathLike,
     num_experts: int | Sequence[int] | str = "auto",
-    criterion: str = "bic",
+    criterion: str = "auto",
     link: str = "linear",
     features: list[str] | None = None,
     gate_features: list[str] | str | None = None,
@@ -375,8 +375,9 @@ def fit_csv(
     columns are standardised (mean 0, sd 1), the model has expert and gate intercepts, and the fit
     is `fit_moe` (the tensor estimate among random starts, joint EM). With several numbers of
     experts (a sequence, or ``"auto"`` = `AUTO_EXPERTS`, leaving out those the rows cannot support)
-    `numpyro_moe.select_num_experts` fits each and keeps the best by ``criterion`` (``"bic"``,
-    ``"icl"``, or ``"cv"``: 5-fold cross-validated log-likelihood, 6 fits per k).
+    `numpyro_moe.select_num_experts` fits each and keeps the best by ``criterion`` (``"auto"``:
+    ``"cv"`` on at most 2,000 rows, ``"bic"`` on more; ``"bic"``, ``"icl"``, or ``"cv"``: 5-fold
+    cross-validated log-likelihood, 6 fits per k).
     ``family="student_t"`` fits robust Student-t experts (``df`` fixed degrees of freedom, or None
     to estimate them). ``design``: the inputs the tensor start's moments assume (`fit_moe`:
     ``"gaussian"``, ``"mixture"`` or ``"auto"``). ``gate_features`` (column names) gives the gate covariates
@@ -531,6 +532,7 @@ def fit_csv(
             if len(candidates) == 1:
                 fit = fit_moe(x, y, num_experts=candidates[0], **options)
             else:
+                criterion = _resolved_criterion(criterion, n)
                 say(f"comparing k = {', '.join(map(str, candidates))} experts by {criterion.upper()}")
                 selection = numpyro_moe.select_num_experts(
                     x, y, num_experts=candidates, criterion=criterion, **options
