@@ -16,6 +16,7 @@ import pytest
 from compilations import count_compilations
 
 import numpyro_moe as moe
+from numpyro_moe._em import padded_size
 from numpyro_moe.simulation import simulate
 
 
@@ -61,3 +62,22 @@ def test_a_first_fit_compiles_its_programs_not_its_set_up():
         moe.fit_moe(x, y, num_experts=3, key=jax.random.key(1), intercepts=True, num_starts=20, num_finalists=5)
     assert len(compiled) <= 14, collections.Counter(compiled)
     assert collections.Counter(compiled)["jit(_em_block)"] == 2, collections.Counter(compiled)
+
+
+def test_cross_validation_folds_run_the_full_fits_programs():
+    # n = 400 pads to 448 rows; a fold's 320 training rows would pad to 320, a size class of its
+    # own, and compile every EM program again (about a second each in a fresh process). The folds
+    # are padded to the full data's class instead, and each fold's fit scores all rows in one
+    # compiled pass: after the fit to all the data, cross-validation compiles no EM program and
+    # one scoring program.
+    x, y, _ = simulate(key=jax.random.key(8), num_samples=400, dim=4, num_experts=2)
+    x, y = np.asarray(x), np.asarray(y)
+    assert padded_size(400) != padded_size(320)
+    options = dict(num_experts=[2], intercepts=True, num_starts=6, num_finalists=3)
+    moe.select_num_experts(x, y, key=jax.random.key(2), criterion="bic", **options)
+    with count_compilations() as compiled:
+        selection = moe.select_num_experts(x, y, key=jax.random.key(2), criterion="cv", **options)
+    counts = collections.Counter(compiled)
+    assert counts["jit(_em_block)"] == 0, counts
+    assert counts["jit(_log_densities)"] == 1, counts
+    assert np.isfinite(selection.table[0]["cv"])
