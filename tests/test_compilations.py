@@ -17,6 +17,7 @@ from compilations import count_compilations
 
 import numpyro_moe as moe
 from numpyro_moe._em import padded_size
+from numpyro_moe._fit import _normal_draws
 from numpyro_moe.simulation import simulate
 
 
@@ -81,3 +82,24 @@ def test_cross_validation_folds_run_the_full_fits_programs():
     assert counts["jit(_em_block)"] == 0, counts
     assert counts["jit(_log_densities)"] == 1, counts
     assert np.isfinite(selection.table[0]["cv"])
+
+
+@pytest.mark.parametrize("shape", [(20, 3, 13), (5, 1, 2), (1, 1, 1), (7, 8, 40)])
+def test_the_random_starts_draws_equal_jaxs_draw_of_their_shape(shape):
+    # The flat, rounded-up draw keeps the values of jax.random.normal(key, shape) (partitionable
+    # threefry, JAX's default): the random starts are what they were before the change.
+    key = jax.random.key(17)
+    for dtype in (jnp.float64, jnp.float32):
+        expected = np.asarray(jax.random.normal(key, shape, dtype))
+        np.testing.assert_array_equal(_normal_draws(key, shape, dtype), expected)
+
+
+def test_random_starts_for_a_new_number_of_experts_compile_no_sampler():
+    x, y, _ = simulate(key=jax.random.key(4), num_samples=200, dim=6, num_experts=2)
+    x, y = np.asarray(x), np.asarray(y)
+    moe.random_starts(x, y, num_experts=2, num_starts=20, key=jax.random.key(0))
+    with count_compilations() as compiled:
+        starts = moe.random_starts(x, y, num_experts=5, num_starts=20, key=jax.random.key(1))
+    assert "jit(_normal)" not in compiled, collections.Counter(compiled)
+    assert starts.experts.shape == (20, 5, 6)
+    np.testing.assert_allclose(np.linalg.norm(starts.experts, axis=-1), 1.0, rtol=1e-12)
