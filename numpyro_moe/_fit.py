@@ -1304,3 +1304,39 @@ def _split_merge(x, y, fit: Fit, rounds: int, screen_iterations: int, em_options
         fit = moved._replace(start_labels=("split-merge",) * len(moved.start_labels))
         accepted += 1
     return fit, accepted
+
+FINISH_ITERATIONS = 5_000
+
+
+def finish_em(x, y, fit: Fit, *, max_iterations: int = FINISH_ITERATIONS, **em_options) -> Fit:
+    """``fit`` (an EM fit that stopped at its iteration cap) continued to convergence by
+    SQUAREM-accelerated EM (`fit_em` with ``accelerate=True``; ``em_options`` its model options:
+    priors, noise, family, gate covariates, tol), keeping the record of its starts.
+
+    Where experts overlap EM crawls: on the High School and Beyond data of
+    ``benchmarks/real_data.py`` (k = 4) the winning start was still climbing at 500 iterations,
+    and 306 accelerated iterations (3.7 s) took it to convergence, raising its held-out
+    log-likelihood (-3.1804 to -3.1770 per point) and giving NUTS a posterior mode to start at.
+    The objective never decreases (SQUAREM's monotone safeguard). A fit that converged is
+    returned as it is.
+    """
+    if fit.converged:
+        return fit
+    finished = fit_em(x, y, fit.params, max_iterations=max_iterations, accelerate=True, **em_options)
+
+    def updated(per_start, value):  # the winner's entry is now the finished fit's
+        if per_start is None:
+            return None
+        per_start = np.array(per_start, dtype=float)
+        per_start[fit.start] = value
+        return per_start
+
+    objective = None if finished.start_objectives is None else float(np.asarray(finished.start_objectives)[0])
+    return finished._replace(
+        history=np.concatenate([np.asarray(fit.history), np.asarray(finished.history)]),
+        iterations=int(fit.iterations) + int(finished.iterations),
+        start=fit.start,
+        start_log_likelihoods=updated(fit.start_log_likelihoods, finished.log_likelihood),
+        start_labels=fit.start_labels,
+        start_objectives=fit.start_objectives if objective is None else updated(fit.start_objectives, objective),
+    )

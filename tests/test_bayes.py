@@ -1716,3 +1716,34 @@ def test_run_nuts_tunes_its_step_size_to_the_target_acceptance_rate(monkeypatch)
         moe.run_nuts(x, y, truth, key=jax.random.key(0), num_chains=1, num_warmup=5, num_samples=5,
                      target_accept_prob=0.95)
     assert built == [0.95]
+
+
+def test_run_nuts_finishes_an_em_fit_stopped_by_its_cap_before_seeking_the_mode(data, monkeypatch):
+    """An EM fit stopped at its iteration cap is not a mode: run_nuts continues it by EM under its
+    own priors (`finish_em`) and seeks the posterior mode from there; a converged fit is used as
+    it is."""
+    import numpyro_moe._bayes as bayes
+    from numpyro_moe._fit import finish_em
+
+    x, y, truth = data
+    x, y = np.asarray(x), np.asarray(y)
+    with pytest.warns(moe.ReliabilityWarning, match="max_iterations=3"):
+        capped = moe.fit_em(x, y, truth.replace(gates=truth.gates * 0), max_iterations=3)
+    assert not capped.converged
+    seen = []
+    original = bayes.posterior_mode
+    monkeypatch.setattr(
+        bayes, "posterior_mode", lambda model, init, **kw: seen.append(init) or original(model, init, **kw)
+    )
+    options = dict(key=jax.random.key(3), num_chains=CHAINS, num_warmup=20, num_samples=10)
+    _recorded(moe.run_nuts, x, y, capped, **options)
+    finished = finish_em(x, y, capped).params
+    assert finished.experts.shape == capped.params.experts.shape
+    assert not np.allclose(finished.experts, capped.params.experts, atol=1e-4)
+    for name in ("experts", "gates", "noise"):
+        np.testing.assert_allclose(getattr(seen[0], name), getattr(finished, name), rtol=1e-10, atol=1e-12)
+    # A converged fit (the finished one) starts Newton's steps at itself.
+    seen.clear()
+    converged = finish_em(x, y, capped)
+    _recorded(moe.run_nuts, x, y, converged, **options)
+    np.testing.assert_array_equal(seen[0].experts, converged.params.experts)

@@ -17,7 +17,7 @@ import pytest
 import xarray as xr
 
 import numpyro_moe as moe
-from numpyro_moe import Fit, MixtureOfExperts, MoEParams
+from numpyro_moe import Fit, MixtureOfExperts, MoEParams, ReliabilityWarning
 from numpyro_moe.apps import csv_workflow
 from numpyro_moe.apps.cli import build_parser, main
 from numpyro_moe.apps.csv_workflow import CsvData, _binding_prior_note, _nuts_line, fit_csv, read_csv
@@ -244,6 +244,30 @@ def test_fit_csv_summary_names_the_starts_and_the_winner(fitted, csv_file):
     else:
         assert f"; the tensor start ended {record['tensor_gap']:.3g} per point below the winner" in summary
     assert "parameters (standardised units): see parameters.csv" in summary
+
+
+def test_fit_csv_finishes_a_fit_stopped_by_the_iteration_cap(csv_file, fitted, tmp_path, capsys):
+    """EM capped at 3 iterations: the chosen fit continues by SQUAREM to convergence, the point
+    fit the uncapped command reaches (the same start wins), and the folder says so."""
+    _, uncapped = fitted
+    out = tmp_path / "capped"
+    with pytest.warns(ReliabilityWarning, match="max-iterations=3"):
+        fit_csv(csv_file, out=out, **{**SMOKE, "max_iterations": 3, "verbose": True})
+    record = json.loads((out / "model.json").read_text())["fit"]
+    fit, reference = load_result(out / "fit.npz"), load_result(uncapped / "fit.npz")
+    assert record["converged"] is True and fit.converged
+    assert record["accelerated_iterations"] == fit.iterations - 3 > 0
+    assert json.loads((uncapped / "model.json").read_text())["fit"]["accelerated_iterations"] == 0
+    assert fit.start == reference.start
+    # Both stop where an iteration gains less than tol = 1e-8 per point, so they agree to about that
+    # in the objective (EM's log posterior) and less in the log-likelihood (measured 1.7e-6).
+    assert fit.start_objectives[fit.start] == pytest.approx(reference.start_objectives[fit.start], abs=1e-6)
+    assert fit.log_likelihood == pytest.approx(reference.log_likelihood, abs=2e-5)
+    assert np.min(np.diff(fit.history)) > -1e-12
+    summary = (out / "summary.txt").read_text()
+    assert (f"EM iterations {fit.iterations} (the last {fit.iterations - 3} SQUAREM-accelerated, after the "
+            "3-iteration cap), converged True") in summary
+    assert "SQUAREM-accelerated EM continued the chosen fit: converged after" in capsys.readouterr().out
 
 
 def test_fit_csv_parameter_table(fitted):
