@@ -300,7 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--finalists equal to --starts runs every start to convergence)",
     )
     fit.add_argument(
-        "--max-iterations", type=int, default=500, help="EM iterations per start before it stops unconverged"
+        "--max-iterations",
+        type=int,
+        default=500,
+        help="EM iterations per start before it stops unconverged (the chosen fit, if it stopped there, "
+        "then continues to convergence by SQUAREM-accelerated EM)",
     )
     fit.add_argument("--chains", type=int, default=4)
     fit.add_argument("--num-warmup", type=int, default=500)
