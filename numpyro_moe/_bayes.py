@@ -965,6 +965,14 @@ def run_nuts(
         raise ValueError(
             f"chain_method: expected None, 'parallel', 'sequential' or 'vectorized', got {chain_method!r}"
         )
+    capped = isinstance(init, Fit) and init.method == "em" and not init.converged
+    if capped and mass_matrix in ("laplace", "laplace-fixed"):
+        # EM stopped at its iteration cap, still climbing (where experts overlap): not a mode, and
+        # its Hessian often not positive definite. EM continues to the mode of this model's
+        # posterior first (SQUAREM-accelerated, `finish_em`); the conditioned groups keep their values.
+        init = finish_em(
+            x, y, init, fix=fix, shared_noise=shared_noise, priors=priors, family=family, df=df, gate_x=gate_x
+        )
     start = check_params(
         as_params(init, "init"), "init", dim=x.shape[1], gate_dim=None if gate_x is None else gate_x.shape[1]
     )
@@ -989,29 +997,12 @@ def run_nuts(
     chain_key, run_key, predictive_key = jax.random.split(key, 3)
     mass_options = {"dense_mass": mass_matrix != "diagonal", "target_accept_prob": target_accept_prob}
     chain_start = start
-    mode_start = start
-    capped = isinstance(init, Fit) and init.method == "em" and not init.converged
-    if mass_matrix in ("laplace", "laplace-fixed") and capped:
-        # EM stopped at its iteration cap, still climbing (where experts overlap): not a mode, and
-        # its Hessian often not positive definite. EM continues to the mode of this model's
-        # posterior first (SQUAREM-accelerated, `finish_em`).
-        finished = finish_em(
-            x, y, init, fix=fix, shared_noise=shared_noise, priors=priors, family=family, df=df, gate_x=gate_x
-        ).params
-        mode_start = start.replace(
-            experts=finished.experts,
-            gates=finished.gates,
-            noise=jnp.asarray(finished.noise, x.dtype) * jnp.ones_like(start.noise),
-            expert_intercepts=finished.expert_intercepts,
-            gate_intercepts=finished.gate_intercepts,
-            df=start.df if finished.df is None else jnp.asarray(finished.df, x.dtype) * jnp.ones_like(start.df),
-        )
     if mass_matrix in ("laplace", "laplace-fixed"):
         # Near a mode (a positive definite Hessian at the fit), the metric is the Laplace
         # approximation's at the mode of the density NUTS samples (in unconstrained space, a step
         # or two of Newton's from the fit).
         mode, inverse_mass = posterior_mode(
-            model, mode_start, model_args=(x, y), model_kwargs=model_kwargs, near_a_mode=True
+            model, start, model_args=(x, y), model_kwargs=model_kwargs, near_a_mode=True
         )
         if inverse_mass is None:
             warnings.warn(
