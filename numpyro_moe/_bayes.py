@@ -920,8 +920,9 @@ def run_nuts(
         iterations whose Hessian was not positive definite), the dense metric adapted from the
         identity gave max r_hat 1.331, a bulk ESS of 15 and 227 divergent transitions in 4 x 2,000
         draws; from the finished fit (306 more iterations, 2-4 s), 1.019, 215 and 44 (and 1.010,
-        820 and none with another key). Where the Hessian at the start is still not positive definite, the posterior
-        there is no Gaussian to take a metric from, and ``"dense"`` is used with a warning.
+        820 and none with another key). Where the Hessian at the start is still not positive
+        definite, the posterior there is no Gaussian to take a metric from, and ``"dense"`` is used
+        with a warning.
         ``"laplace-fixed"``: the fixed metric alone. ``"dense"`` and ``"diagonal"``: NumPyro's
         dense or diagonal metric adapted from the identity. Measured in
         benchmarks/nuts_workflow.py (part D; d=5, k=3, n=2000, 4 x (500 + 500)) and

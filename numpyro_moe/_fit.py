@@ -1332,12 +1332,11 @@ def finish_em(x, y, fit: Fit, *, max_iterations: int = FINISH_ITERATIONS, **em_o
         per_start[fit.start] = value
         return per_start
 
-    objective = None if finished.start_objectives is None else float(np.asarray(finished.start_objectives)[0])
     return finished._replace(
         history=np.concatenate([np.asarray(fit.history), np.asarray(finished.history)]),
         iterations=int(fit.iterations) + int(finished.iterations),
         start=fit.start,
         start_log_likelihoods=updated(fit.start_log_likelihoods, finished.log_likelihood),
         start_labels=fit.start_labels,
-        start_objectives=fit.start_objectives if objective is None else updated(fit.start_objectives, objective),
+        start_objectives=updated(fit.start_objectives, float(np.asarray(finished.start_objectives)[0])),
     )
