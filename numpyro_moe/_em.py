@@ -121,7 +121,7 @@ class Penalty(NamedTuple):
 
     expert_loc: jax.Array  # (k, p)
     expert_precision: jax.Array  # (k, p)
-    gate_loc: jax.Array  # (k, p); the last row is fixed at zero and ignored
+    gate_loc: jax.Array  # (k, p), each expert's row (`gate_prior_terms`)
     gate_precision: jax.Array  # (k, p)
     noise_count: jax.Array  # (k,)
     noise_inverse: jax.Array  # (k,)
@@ -219,13 +219,37 @@ def penalty_from_priors(
     return Penalty(*(xp.asarray(leaf, dtype) for leaf in leaves))
 
 
+def gate_prior_terms(free, loc, precision):
+    """The gate prior on the free rows of gates whose last row is zero: each expert's gate row
+    ``w_i`` (all k of them) Normal(``loc_i``, ``precision_i^-1/2``) entry by entry, and the common
+    shift of the rows (which the softmax ignores) integrated out. The free rows are the contrasts
+    ``w_i - w_k``; per column a, their prior precision is the Schur complement
+    ``P_a = diag(pi_a) - pi_a pi_a^T / sum_i pi_ia`` (pi_a: the first k - 1 rows' precisions), the
+    same for every labelling of the experts.
+
+    Returns ``(value, gradient, hessian)``: half the quadratic form ``sum_a r_a^T P_a r_a`` of
+    ``r = free - (loc[:-1] - loc[-1])``, its gradient (k - 1, p) and its Hessian ((k-1) p, (k-1) p)
+    in the row-major order of ``free``."""
+    k1, p = free.shape
+    weights = precision[:-1]
+    total = jnp.sum(precision, axis=0)
+    safe = jnp.where(total > 0, total, 1.0)
+    residual = free - (loc[:-1] - loc[-1])
+    weighted = jnp.sum(weights * residual, axis=0)
+    value = 0.5 * (jnp.sum(weights * residual**2) - jnp.sum(jnp.where(total > 0, weighted**2 / safe, 0.0)))
+    gradient = weights * residual - weights * jnp.where(total > 0, weighted / safe, 0.0)
+    blocks = jax.vmap(jnp.diag, in_axes=1)(weights) - jnp.where(
+        (total > 0)[:, None, None], weights.T[:, :, None] * weights.T[:, None, :] / safe[:, None, None], 0.0
+    )  # (p, k - 1, k - 1)
+    hessian = jnp.einsum("aij,ab->iajb", blocks, jnp.eye(p, dtype=free.dtype)).reshape(k1 * p, k1 * p)
+    return value, gradient, hessian
+
+
 def log_prior(experts, gates, noise, penalty: Penalty, df=None) -> jax.Array:
     """The penalty's log prior (up to a constant) of augmented parameters (and of the Student-t
     degrees of freedom ``df``, when given)."""
-    coefficients = -0.5 * (
-        jnp.sum(penalty.expert_precision * (experts - penalty.expert_loc) ** 2)
-        + jnp.sum((penalty.gate_precision * (gates - penalty.gate_loc) ** 2)[:-1])
-    )
+    gate = gate_prior_terms(gates[:-1] - gates[-1:], penalty.gate_loc, penalty.gate_precision)[0]
+    coefficients = -0.5 * jnp.sum(penalty.expert_precision * (experts - penalty.expert_loc) ** 2) - gate
     total = coefficients + jnp.sum(
         -penalty.noise_count * jnp.log(noise) - penalty.noise_inverse / noise - 0.5 * penalty.noise_square * noise**2
     )
@@ -273,7 +297,7 @@ def _gate_objective(free, x, targets, loc, precision, n):
     penalty, over the n points (padding rows carry no targets), and a tiny ridge."""
     logits = jnp.concatenate([x @ free.T, jnp.zeros((x.shape[0], 1), x.dtype)], axis=1)
     cross_entropy = -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1)) / n
-    penalty = 0.5 * jnp.sum(precision * (free - loc) ** 2) / n
+    penalty = gate_prior_terms(free, loc, precision)[0] / n
     return cross_entropy + penalty + 0.5 * _RIDGE * jnp.sum(free**2)
 
 
@@ -309,26 +333,22 @@ def _gate_newton(gates, x, targets, tol, max_steps, loc, precision, n):
     if k1 == 0:  # one expert: the gate is constant
         return gates
     rows = x.shape[0]
-    loc, precision = loc[:-1], precision[:-1]
 
     def step(carry):
         free, _, count = carry
         logits = jnp.concatenate([x @ free.T, jnp.zeros((rows, 1), x.dtype)], axis=1)
         log_probs = jax.nn.log_softmax(logits, axis=-1)
-        current = (
-            -jnp.sum(targets * log_probs) / n
-            + 0.5 * jnp.sum(precision * (free - loc) ** 2) / n
-            + 0.5 * _RIDGE * jnp.sum(free**2)
-        )
+        prior_value, prior_gradient, prior_hessian = gate_prior_terms(free, loc, precision)
+        current = -jnp.sum(targets * log_probs) / n + prior_value / n + 0.5 * _RIDGE * jnp.sum(free**2)
         probs = jnp.exp(log_probs[:, :-1])
-        gradient = (probs - targets[:, :-1]).T @ x / n + precision * (free - loc) / n + _RIDGE * free
+        gradient = (probs - targets[:, :-1]).T @ x / n + prior_gradient / n + _RIDGE * free
         # Hessian blocks sum_n (p_ni delta_ij - p_ni p_nj) x_n x_n^T, as two plain matrix
         # products over an (n, (k-1) p) matrix (XLA's CPU einsum of three operands is far slower).
         weighted = (probs[:, :, None] * x[:, None, :]).reshape(rows, k1 * p)
         diagonal = (weighted.T @ x).reshape(k1, p, p) / n
         hessian = -(weighted.T @ weighted).reshape(k1, p, k1, p) / n
         hessian = hessian + jnp.einsum("iab,ij->iajb", diagonal, jnp.eye(k1, dtype=x.dtype))
-        hessian = hessian.reshape(k1 * p, k1 * p) + jnp.diag(precision.reshape(-1) / n + _RIDGE)
+        hessian = hessian.reshape(k1 * p, k1 * p) + prior_hessian / n + _RIDGE * jnp.eye(k1 * p, dtype=x.dtype)
         direction = jnp.linalg.solve(hessian, gradient.reshape(-1)).reshape(k1, p)
         new_free, accepted = _backtrack(
             lambda candidate: _gate_objective(candidate, x, targets, loc, precision, n),

@@ -25,6 +25,7 @@ tool of the package takes the same ``prefix`` to find them.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import jax
@@ -110,6 +111,9 @@ def check_family(family, df, num_experts: int | None = None):
     return family, jnp.asarray(value, jnp.result_type(float))
 
 
+GATE_SCALE = 2.5 / math.sqrt(2.0)  # each gate row's prior sd: a contrast of two rows has sd 2.5
+
+
 def default_priors() -> dict[str, dist.Distribution]:
     """The weakly informative default priors, for inputs and responses standardised to sd 1.
 
@@ -121,10 +125,15 @@ def default_priors() -> dict[str, dist.Distribution]:
     - ``experts`` and ``expert_intercepts``: Normal(0, 1). A unit change of a standardised input
       moves an expert's mean by about one sd of y; an expert that interpolates a few points needs
       far larger coefficients.
-    - ``gates`` and ``gate_intercepts``: Normal(0, 2.5), the scale of Gelman et al. (2008, "A
-      weakly informative default prior distribution for logistic and other regression models") for
-      logistic coefficients: gates sharp enough to switch experts within a few sd of x, kept away
-      from separation (where the likelihood alone sends them to infinity).
+    - ``gates`` and ``gate_intercepts``: Normal(0, 2.5 / sqrt(2)) on each expert's gate row, so
+      that the contrast of any two experts' rows (what the softmax reads) has sd 2.5, the scale of
+      Gelman et al. (2008, "A weakly informative default prior distribution for logistic and other
+      regression models") for logistic coefficients: gates sharp enough to switch experts within a
+      few sd of x, kept away from separation (where the likelihood alone sends them to infinity).
+      The model keeps the last row at zero; the prior is on all k rows with their common shift
+      integrated out (`_GateContrasts`), so it is the same whichever expert is labelled last and a
+      MAP fit does not depend on the experts' order. With k = 2 it is Normal(0, 2.5) on the one
+      free row.
     - ``noise`` (each expert's sd): InverseGamma(2, 0.3), mode 0.1, mean 0.3, P(s > 1) = 0.04. Its
       density vanishes at zero faster than any power, so an expert that collapses onto a few points
       (a variance going to zero, an unbounded likelihood) cannot win; with n_i points the noise
@@ -141,10 +150,10 @@ def default_priors() -> dict[str, dist.Distribution]:
     """
     return {
         "experts": dist.Normal(0.0, 1.0),
-        "gates": dist.Normal(0.0, 2.5),
+        "gates": dist.Normal(0.0, GATE_SCALE),
         "noise": dist.InverseGamma(2.0, 0.3),
         "expert_intercepts": dist.Normal(0.0, 1.0),
-        "gate_intercepts": dist.Normal(0.0, 2.5),
+        "gate_intercepts": dist.Normal(0.0, GATE_SCALE),
         "df": dist.Gamma(2.0, 0.1),
     }
 
@@ -185,6 +194,76 @@ def _site_prior(prior, shape: tuple[int, ...], name: str) -> dist.Distribution:
             f"priors[{name!r}]: its batch shape {prior.batch_shape} does not broadcast to {shape[:split]}"
         ) from None
     return expanded.to_event(split) if split else expanded
+
+
+class _GateContrasts(dist.Distribution):
+    """The law of the gate's free rows under a Normal prior on every expert's gate row.
+
+    The softmax ignores a shift common to the k rows, so the model keeps the last row at zero and
+    samples the contrasts ``w_i - w_k`` (i < k). A Normal(``loc_i``, ``scale_i``) prior on each of
+    the k rows, the common shift integrated out, gives the contrasts a multivariate Normal law,
+    column by column: mean ``loc_i - loc_k`` and precision ``diag(pi) - pi pi^T / sum(pi)`` (pi the
+    k precisions; the Schur complement of the shift). Its density is the same whichever expert is
+    labelled last, so a MAP fit does not depend on the experts' order; with equal scales s, every
+    pairwise contrast ``w_i - w_j`` has sd ``s sqrt(2)``. ``event_shape`` is (k - 1, *rest);
+    ``loc`` and ``scale`` broadcast to (k, *rest).
+    """
+
+    arg_constraints = {"loc": dist.constraints.real, "scale": dist.constraints.positive}
+    reparametrized_params = ["loc", "scale"]
+    pytree_data_fields = ("loc", "scale")
+
+    def __init__(self, loc, scale, event_shape, *, validate_args=None):
+        full = (event_shape[0] + 1, *event_shape[1:])
+        self.loc = jnp.broadcast_to(jnp.asarray(loc), full)
+        self.scale = jnp.broadcast_to(jnp.asarray(scale), full)
+        super().__init__(batch_shape=(), event_shape=tuple(event_shape), validate_args=validate_args)
+
+    @property
+    def support(self):
+        return dist.constraints.independent(dist.constraints.real, len(self.event_shape))
+
+    def _columns(self):
+        k = self.loc.shape[0]
+        return self.loc.reshape(k, -1), 1.0 / self.scale.reshape(k, -1) ** 2
+
+    def sample(self, key, sample_shape=()):
+        rows = self.loc + self.scale * jax.random.normal(key, (*sample_shape, *self.loc.shape), self.loc.dtype)
+        return _contrasts(rows, len(self.event_shape))
+
+    def log_prob(self, value):
+        loc, precision = self._columns()
+        k1 = loc.shape[0] - 1
+        batch = value.shape[: value.ndim - len(self.event_shape)]
+        residual = value.reshape(*batch, k1, -1) - (loc[:-1] - loc[-1])
+        weights, total = precision[:-1], jnp.sum(precision, axis=0)
+        weighted = jnp.sum(weights * residual, axis=-2)
+        quadratic = jnp.sum(weights * residual**2, axis=(-2, -1)) - jnp.sum(weighted**2 / total, axis=-1)
+        log_det = jnp.sum(jnp.log(weights)) + jnp.sum(jnp.log(precision[-1]) - jnp.log(total))
+        return -0.5 * quadratic + 0.5 * log_det - 0.5 * k1 * loc.shape[1] * jnp.log(2 * jnp.pi)
+
+
+def _contrasts(rows, event_dims: int):
+    """The first k - 1 rows minus the last, the expert axis ``event_dims`` from the end."""
+    axis = rows.ndim - event_dims
+    last = jax.lax.slice_in_dim(rows, rows.shape[axis] - 1, rows.shape[axis], axis=axis)
+    return jax.lax.slice_in_dim(rows, 0, rows.shape[axis] - 1, axis=axis) - last
+
+
+def _gate_site_prior(prior, shape: tuple[int, ...], name: str) -> dist.Distribution:
+    """The prior of a gate site (its free rows, shape (k - 1, ...)): a Normal is a prior on every
+    expert's row (`_GateContrasts`), any other distribution one on the free rows as given."""
+    if isinstance(prior, dist.Normal) and type(prior) is dist.Normal:
+        full = (shape[0] + 1, *shape[1:])
+        try:
+            loc, scale = (jnp.broadcast_to(jnp.asarray(value), full) for value in (prior.loc, prior.scale))
+        except ValueError:
+            raise ValueError(
+                f"priors[{name!r}]: a Normal gate prior is one on each of the k experts' rows; its loc and "
+                f"scale must broadcast to {full}, got shapes {jnp.shape(prior.loc)} and {jnp.shape(prior.scale)}"
+            ) from None
+        return _GateContrasts(loc, scale, shape)
+    return _site_prior(prior, shape, name)
 
 
 def moe_priors(
@@ -250,7 +329,7 @@ def moe_priors(
     free = num_experts - 1
 
     def sample(name, shape, dims):
-        prior = _site_prior(chosen[name], shape, name)
+        prior = (_gate_site_prior if name in ("gates", "gate_intercepts") else _site_prior)(chosen[name], shape, name)
         return numpyro.sample(name, prior, infer={"event_dims": dims} if dims else {})
 
     experts = sample("experts", (num_experts, dim), ["expert", "feature"])

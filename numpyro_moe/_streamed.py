@@ -34,7 +34,16 @@ import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import logsumexp
 
-from numpyro_moe._em import _RIDGE, EMResult, Penalty, _joint, df_from_sums, log_prior, noise_from_sums
+from numpyro_moe._em import (
+    _RIDGE,
+    EMResult,
+    Penalty,
+    _joint,
+    df_from_sums,
+    gate_prior_terms,
+    log_prior,
+    noise_from_sums,
+)
 from numpyro_moe._links import Link
 from numpyro_moe._moments import DataSource, _accumulate, _blocks, resolve_chunk_size
 
@@ -252,7 +261,7 @@ def _second_chunk(
 
 
 def _gate_penalty(free, loc, precision, n):
-    return 0.5 * jnp.sum(precision * (free - loc) ** 2) / n + 0.5 * _RIDGE * jnp.sum(free**2)
+    return gate_prior_terms(free, loc, precision)[0] / n + 0.5 * _RIDGE * jnp.sum(free**2)
 
 
 @partial(jax.jit, static_argnames=("update_gates", "update_experts"))
@@ -263,13 +272,16 @@ def _directions(experts, gates, noise, sums: _Sums, n, penalty: Penalty, *, upda
     def one(experts, gates, noise, sums):
         k, width = gates.shape
         k1 = k - 1
-        free, loc, precision = gates[:-1], penalty.gate_loc[:-1], penalty.gate_precision[:-1]
+        free, loc, precision = gates[:-1], penalty.gate_loc, penalty.gate_precision
         gate_current = sums.gate_loss / n + _gate_penalty(free, loc, precision, n)
         if update_gates and k1 > 0:
-            gradient = sums.gate_gradient / n + precision * (free - loc) / n + _RIDGE * free
+            _, prior_gradient, prior_hessian = gate_prior_terms(free, loc, precision)
+            gradient = sums.gate_gradient / n + prior_gradient / n + _RIDGE * free
             hessian = -sums.gate_cross.reshape(k1, width, k1, width) / n
             hessian = hessian + jnp.einsum("iab,ij->iajb", sums.gate_diagonal / n, jnp.eye(k1, dtype=gates.dtype))
-            hessian = hessian.reshape(k1 * width, k1 * width) + jnp.diag(precision.reshape(-1) / n + _RIDGE)
+            hessian = hessian.reshape(k1 * width, k1 * width) + prior_hessian / n + _RIDGE * jnp.eye(
+                k1 * width, dtype=gates.dtype
+            )
             gate_direction = -jnp.linalg.solve(hessian, gradient.reshape(-1)).reshape(k1, width)
         else:
             gate_direction = jnp.zeros_like(free)
@@ -306,7 +318,7 @@ def _take_steps(
         if update_gates:
             candidates = gates[None] + steps[:, None, None] * gate_direction[None]
             penalties = jax.vmap(
-                lambda c: _gate_penalty(c[:-1], penalty.gate_loc[:-1], penalty.gate_precision[:-1], n)
+                lambda c: _gate_penalty(c[:-1], penalty.gate_loc, penalty.gate_precision, n)
             )(candidates)
             lower = gate_losses / n + penalties < gate_current
             gates = jnp.where(jnp.any(lower), candidates[jnp.argmax(lower)], gates)

@@ -15,6 +15,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from gate_prior import gate_contrast_logpdf
 from numpyro.infer.util import log_density
 from scipy.special import log_softmax, logsumexp, softmax
 from scipy.stats import invgamma, norm
@@ -375,10 +376,10 @@ def test_log_density_of_a_model_is_the_sum_of_log_prob_and_the_priors():
     likelihood = float(jnp.sum(MixtureOfExperts.from_params(params, x).log_prob(y)))
     priors = (
         norm.logpdf(np.asarray(params.experts), 0, 1).sum()
-        + norm.logpdf(np.asarray(params.gates[:-1]), 0, 2.5).sum()
+        + gate_contrast_logpdf(np.asarray(params.gates[:-1]))
         + invgamma.logpdf(np.asarray(params.noise), 2.0, scale=0.3).sum()  # the default noise prior
         + norm.logpdf(np.asarray(params.expert_intercepts), 0, 1).sum()
-        + norm.logpdf(np.asarray(params.gate_intercepts[:-1]), 0, 2.5).sum()
+        + gate_contrast_logpdf(np.asarray(params.gate_intercepts[:-1]))
     )
     np.testing.assert_allclose(float(total), likelihood + priors, rtol=1e-12)
     # The observed site's log density is the likelihood alone, per point.

@@ -18,6 +18,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from gate_prior import gate_contrast_logpdf
 from numpyro import handlers
 from numpyro.contrib.funsor import enum, infer_discrete
 from numpyro.contrib.funsor import log_density as enum_log_density
@@ -63,10 +64,10 @@ def model_link(name):
 # Reference log densities of the default priors (scipy), keyed like the sites.
 DEFAULT_PRIORS = {
     "experts": norm(0.0, 1.0).logpdf,
-    "gates": norm(0.0, 2.5).logpdf,
+    "gates": gate_contrast_logpdf,  # Normal(0, 2.5 / sqrt(2)) per expert's row, the shift integrated out
     "noise": invgamma(2.0, scale=0.3).logpdf,
     "expert_intercepts": norm(0.0, 1.0).logpdf,
-    "gate_intercepts": norm(0.0, 2.5).logpdf,
+    "gate_intercepts": gate_contrast_logpdf,
     "df": gamma(2.0, scale=10.0).logpdf,  # Student-t experts' degrees of freedom, when estimated
 }
 
@@ -177,10 +178,10 @@ def test_log_density_matches_independent_computation(link, intercepts):
     }
     reference = {
         "experts": norm(0.0, 0.7).logpdf,
-        "gates": norm(0.0, 1.9).logpdf,
+        "gates": lambda free: gate_contrast_logpdf(free, scale=1.9),  # on every expert's row
         "noise": halfnorm(scale=0.4).logpdf,
         "expert_intercepts": norm(0.1, 0.8).logpdf,
-        "gate_intercepts": laplace(0.0, 1.2).logpdf,
+        "gate_intercepts": laplace(0.0, 1.2).logpdf,  # not a Normal: on the free rows as given
     }
     value = joint_log_density(
         moe_regression, x, y,
@@ -302,6 +303,30 @@ def test_prior_with_an_event_shape_ending_the_site_shape():
     np.testing.assert_allclose(value, expected, rtol=1e-10)
 
 
+def test_a_normal_gate_prior_is_on_every_experts_row_with_their_shift_integrated_out():
+    # Normal(loc_i, scale_i) on each of the k gate rows; the softmax ignores their common shift, and
+    # the free rows (the contrasts with the last) are, column by column, multivariate Normal with
+    # mean loc_i - loc_k and covariance diag(scale_i^2, i < k) + scale_k^2 1 1^T.
+    rng = np.random.default_rng(61)
+    loc = rng.normal(size=(K, D))
+    scales = np.array([[0.5], [1.0], [2.0]])
+    prior = run_trace(moe_priors, K, D, priors={"gates": dist.Normal(loc, scales)})["gates"]["fn"]
+    assert prior.event_shape == (K - 1, D) and prior.batch_shape == ()
+    covariance = np.diag(scales[:-1, 0] ** 2) + scales[-1, 0] ** 2
+    value = rng.normal(size=(K - 1, D))
+    expected = sum(multivariate_normal(loc[:-1, a] - loc[-1, a], covariance).logpdf(value[:, a]) for a in range(D))
+    np.testing.assert_allclose(prior.log_prob(jnp.asarray(value)), expected, rtol=1e-10)
+    # Its draws have that law (100,000 draws: the means' standard errors are below 0.007, the
+    # covariances' below 0.02).
+    draws = np.asarray(prior.sample(jax.random.key(0), (100_000,)))
+    for a in range(D):
+        np.testing.assert_allclose(draws[:, :, a].mean(0), loc[:-1, a] - loc[-1, a], atol=0.04)
+        np.testing.assert_allclose(np.cov(draws[:, :, a].T), covariance, atol=0.1)
+    # The default: any two experts' contrast has sd 2.5; with k = 2 that is Normal(0, 2.5).
+    two = run_trace(moe_priors, 2, D)["gates"]["fn"]
+    np.testing.assert_allclose(two.log_prob(jnp.ones((1, D))), norm(0.0, 2.5).logpdf(np.ones(D)).sum(), rtol=1e-12)
+
+
 @pytest.mark.parametrize(
     ("priors", "kwargs", "error", "pattern"),
     [
@@ -317,8 +342,11 @@ def test_prior_with_an_event_shape_ending_the_site_shape():
          r"^priors\['noise'\]"),
         ({"expert": dist.Normal(0.0, 1.0)}, {}, ValueError, r"^priors: unknown sites \['expert'\]"),
         ({"gates": 2.5}, {}, TypeError, r"^priors\['gates'\]: expected a numpyro Distribution"),
+        ({"gates": dist.Normal(jnp.zeros((K - 1, D)), 1.0)}, {}, ValueError,
+         r"^priors\['gates'\]: a Normal gate prior is one on each of the k experts' rows"),
     ],
-    ids=["event-shape", "batched-event", "batch-shape", "noise-event", "noise-per-expert", "unknown", "number"],
+    ids=["event-shape", "batched-event", "batch-shape", "noise-event", "noise-per-expert", "unknown", "number",
+         "gate-rows"],
 )
 def test_bad_priors_raise_errors_naming_the_site(priors, kwargs, error, pattern):
     x, y, _ = make_truth(8)
@@ -333,7 +361,8 @@ def test_priors_replace_only_the_sites_they_name():
     trace = run_trace(moe_priors, K, D, priors=priors)
     assert list(priors) == ["gates"]  # the caller's dict is not filled with the defaults
     at = np.full((K - 1, D), 0.2)
-    assert float(trace["gates"]["fn"].log_prob(at)) == pytest.approx(norm.logpdf(at, 0, 0.1).sum(), rel=1e-12)
+    expected = gate_contrast_logpdf(at, scale=0.1)  # a Normal on each expert's row, the shift integrated out
+    assert float(trace["gates"]["fn"].log_prob(at)) == pytest.approx(expected, rel=1e-12)
     at = np.full((K, D), 0.2)  # the defaults are kept for the other sites
     assert float(trace["experts"]["fn"].log_prob(at)) == pytest.approx(norm.logpdf(at).sum(), rel=1e-12)
     at = np.full(K, 0.2)  # one noise per expert by default

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gate_prior import gate_contrast_logpdf
 from numpyro.infer.util import log_density
 from numpyro_moe.models import MODELS
 from numpyro_moe.models.__main__ import main
@@ -51,11 +52,21 @@ def test_cli_models_list_is_the_models_list(capsys):
 
 
 @jax.jit
-def _expected_log_density(params: MoEParams, x, y, sites: dict):
-    """Likelihood of (x, y) under params plus the default priors at the sites (jitted: fast)."""
+def _likelihood_and_other_priors(params: MoEParams, x, y, sites: dict):
+    """Likelihood of (x, y) under params plus the default priors of the sites other than the
+    gate's (jitted: fast)."""
     likelihood = jnp.sum(MixtureOfExperts.from_params(params, x).log_prob(y))
     priors = default_priors()
-    return likelihood + sum(jnp.sum(priors[name].log_prob(value)) for name, value in sites.items())
+    return likelihood + sum(
+        jnp.sum(priors[name].log_prob(value)) for name, value in sites.items() if not name.startswith("gate")
+    )
+
+
+def _expected_log_density(params: MoEParams, x, y, sites: dict) -> float:
+    """Likelihood plus the default priors at the sites; the gate's Normal prior is on every
+    expert's row, their common shift integrated out (`gate_contrast_logpdf`)."""
+    gate_terms = sum(gate_contrast_logpdf(value) for name, value in sites.items() if name.startswith("gate"))
+    return float(_likelihood_and_other_priors(params, x, y, sites)) + gate_terms
 
 
 def _model_log_density(model, x, y, sites: dict, **kwargs) -> float:

@@ -315,3 +315,32 @@ def test_finish_em_continues_a_capped_fit_to_the_optimum_of_the_full_run():
     assert np.min(np.diff(finished.history)) > -1e-12
     assert finished.iterations == len(finished.history) and finished.iterations > capped.iterations
     assert finish_em(x, y, full, family="student_t", tol=1e-10) is full
+
+
+@pytest.mark.parametrize("intercepts", [False, True])
+def test_the_gate_prior_and_the_map_fit_do_not_depend_on_which_expert_is_last(intercepts):
+    # The softmax ignores a shift common to the gate rows, so the model keeps the last row at zero.
+    # The prior is on every expert's row with that shift integrated out: relabelling the experts
+    # (another one last, the free rows re-expressed against it) changes neither the model's log
+    # density nor EM's objective and optimum. A prior on the k - 1 free rows alone would leave the
+    # last expert's gate unpenalised, and the MAP fit would depend on the labelling of its start.
+    x, y, _ = simulation.simulate(key=jax.random.key(7), num_samples=200, dim=4, num_experts=3)
+    start = moe.random_starts(x, y, num_experts=3, num_starts=1, key=jax.random.key(8), intercepts=intercepts)
+    start = jax.tree_util.tree_map(lambda leaf: leaf[0], start)
+    em = moe.fit_em(x, y, start, tol=1e-14, max_iterations=5000)
+    assert em.converged
+    assert _log_joint_gradient(em, x, y, intercepts=intercepts) < 1e-3  # the model's posterior mode, k = 3
+    permutation, inverse = [2, 0, 1], [1, 2, 0]
+    relabelled = moe.fit_em(x, y, start.permute(permutation), tol=1e-14, max_iterations=5000)
+    assert relabelled.converged
+    np.testing.assert_allclose(relabelled.start_objectives, em.start_objectives, rtol=1e-10)
+    back = relabelled.params.permute(inverse)
+    for name in ("experts", "gates", "noise", "expert_intercepts", "gate_intercepts"):
+        if getattr(em.params, name) is not None:
+            np.testing.assert_allclose(getattr(back, name), getattr(em.params, name), atol=1e-6, err_msg=name)
+
+    def log_joint(params):
+        kwargs = dict(num_experts=3, intercepts=intercepts)
+        return float(log_density(moe.moe_regression, (x, y), kwargs, moe.params_to_sites(params))[0])
+
+    np.testing.assert_allclose(log_joint(em.params.permute(permutation)), log_joint(em.params), rtol=1e-12)

@@ -15,6 +15,7 @@ import numpy as np
 import numpyro
 import numpyro.distributions as dist
 import pytest
+from gate_prior import gate_contrast_logpdf
 from numpyro import handlers
 from numpyro.infer.util import log_density
 from scipy.special import log_softmax, logsumexp
@@ -178,7 +179,7 @@ def test_log_density_is_the_t_likelihood_plus_the_priors():
     sites = {"experts": experts, "gates": gates[:-1], "noise": SCALES, "df": DF}
     likelihood = np_log_prob(y, np.asarray(x) @ gates.T, np.asarray(x) @ experts.T, SCALES, DF).sum()
     priors = (
-        norm(0, 1).logpdf(experts).sum() + norm(0, 2.5).logpdf(gates[:-1]).sum()
+        norm(0, 1).logpdf(experts).sum() + gate_contrast_logpdf(gates[:-1])
         + invgamma(2.0, scale=0.3).logpdf(SCALES).sum()
     )
     kwargs = {"num_experts": K, "family": "student_t"}

@@ -79,7 +79,7 @@ print(f"the gate is learnt on the first {num_rows:,} rows; held-out set: {len(y_
 # `fit_em(x, y, estimate, fix=("experts",))` starts from a uniform gate (an expert estimate has no
 # gate) and runs EM with the experts held: the E-step weighs each point's experts, the M-step is a
 # Newton step of a multinomial logistic regression on those weights. By default EM is penalised by the
-# priors of `moe_regression` (a Normal(0, 2.5) prior on the gates), so it climbs the same posterior
+# priors of `moe_regression` (a Normal prior on the gates), so it climbs the same posterior
 # that `fit_map` reaches by SVI with an `AutoDelta` guide and NUTS samples. The two should agree.
 #
 # Freeing the experts is one more call: joint EM from the gate-only fit (or `fit_map` without `fix`).
