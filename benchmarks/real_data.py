@@ -21,9 +21,12 @@ listed in ``benchmarks/data/splits.json``; every tool reads the same ``train.csv
 Figures: held-out log-likelihood per point (predictive log density of the test y in the
 ORIGINAL units of y, averaged over the test rows), held-out MSE (of the predictive mean), and the
 wall time of each fit (fresh processes, so it includes start-up and compilation). The table is
-written to ``benchmarks/results/real_data.csv`` (``real_data_quick.csv`` with ``--quick``);
-flexmix's figures also to ``benchmarks/results/real_data_flexmix.csv`` whenever flexmix runs, and
-are printed from there, labelled as saved figures, when R or flexmix is missing here.
+written to ``benchmarks/results/real_data.csv`` (``real_data_quick.csv`` with ``--quick``) and
+what the run printed beside it (``real_data.txt``); flexmix's figures also to
+``benchmarks/results/real_data_flexmix.csv`` whenever flexmix runs, and are printed from there,
+labelled as saved figures, when R or flexmix is missing here. A run over some of the data sets
+(``--datasets``) writes these files into its own folder (``--keep`` or a new temporary one,
+which it keeps), never over the complete runs' files.
 
 Targets (issue 13), per data set: the package's held-out log-likelihood >= flexmix's (k by BIC)
 and >= least squares', its MSE <= least squares'; also reported: >= flexmix's best k in hindsight.
@@ -44,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -681,7 +685,30 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 # ----------------------------------------------------------------------------------------- main
 
 
+class _Tee(io.TextIOBase):
+    """Standard output that also keeps what it printed (the run's log, written beside its table)."""
+
+    def __init__(self, stream):
+        self.stream, self.kept = stream, io.StringIO()
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        return self.kept.write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def main() -> int:
+    tee = _Tee(sys.stdout)
+    sys.stdout = tee
+    try:
+        return _run(tee)
+    finally:
+        sys.stdout = tee.stream
+
+
+def _run(tee: _Tee) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -793,14 +820,17 @@ def main() -> int:
         for line in missing + notes:
             print(f"  {line}")
     stem = "real_data_r" if args.r_datasets else "real_data"
-    table_path = RESULTS / (f"{stem}_quick.csv" if args.quick else f"{stem}.csv")
+    # A run over some of the data sets (--datasets) writes into its own folder: the files in
+    # benchmarks/results each come from one complete run, with its log.
+    folder = work if args.datasets else RESULTS
+    table_path = folder / (f"{stem}_quick.csv" if args.quick else f"{stem}.csv")
     write_csv(table_path, rows, COLUMNS)
     if flexmix_detail:
         stamp = time.strftime("%Y-%m-%d %H:%M")
         for line in flexmix_detail:
             line["run_date"] = stamp
         kept = []
-        previous = RESULTS / f"{stem}_flexmix.csv"
+        previous = folder / f"{stem}_flexmix.csv"
         if previous.exists():  # keep the saved figures of data sets not run this time
             with open(previous, newline="") as handle:
                 ran = {line["dataset"] for line in flexmix_detail}
@@ -810,11 +840,14 @@ def main() -> int:
         f"\ntable written to {table_path}"
         + (f"; flexmix's figures to {previous}" if flexmix_detail else "")
     )
-    if args.keep:
+    if args.keep or args.datasets:
         print(f"splits, fits and predictions kept in {work}")
     else:
         shutil.rmtree(work, ignore_errors=True)
     print(f"total benchmark time {time.perf_counter() - started:.0f} s")
+    log_path = table_path.with_suffix(".txt")
+    log_path.write_text(tee.kept.getvalue())
+    print(f"log written to {log_path}", file=tee.stream)
     return 0
 
 

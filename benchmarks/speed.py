@@ -43,8 +43,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-HARD_SEEDS = range(7_000, 7_100)
-SPLIT_MERGE = 3  # rounds of split-and-merge and birth moves in part C's second fit  # seeds no test or other benchmark of the package uses
+HARD_SEEDS = range(7_000, 7_100)  # seeds no test or other benchmark of the package uses
+SPLIT_MERGE = 3  # rounds of split-and-merge and birth moves in part C's second fit
 
 _FLEXMIX = r"""
 suppressMessages(library(flexmix))
