@@ -344,3 +344,16 @@ def test_the_gate_prior_and_the_map_fit_do_not_depend_on_which_expert_is_last(in
         return float(log_density(moe.moe_regression, (x, y), kwargs, moe.params_to_sites(params))[0])
 
     np.testing.assert_allclose(log_joint(em.params.permute(permutation)), log_joint(em.params), rtol=1e-12)
+
+
+def test_penalized_em_reaches_the_posterior_mode_under_a_gate_prior_with_one_scale_per_expert():
+    # EM's gate prior (gate_prior_terms) and the model's (_GateContrasts) are written apart; with a
+    # scale per expert's row they must still give the same posterior mode.
+    x, y, _ = simulation.simulate(key=jax.random.key(9), num_samples=200, dim=4, num_experts=3)
+    priors = {"gates": dist.Normal(jnp.array([[0.3], [0.0], [-0.2]]), jnp.array([[0.5], [1.0], [2.0]]))}
+    start = moe.random_starts(x, y, num_experts=3, num_starts=1, key=jax.random.key(10))
+    em = moe.fit_em(x, y, start, priors=priors, tol=1e-14, max_iterations=5000)
+    assert em.converged
+    assert _log_joint_gradient(em, x, y, priors=priors) < 1e-3
+    default = moe.fit_em(x, y, start, tol=1e-14, max_iterations=5000)  # the priors are used
+    assert _log_joint_gradient(default, x, y, priors=priors) > 1e-2
