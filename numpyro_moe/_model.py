@@ -25,7 +25,6 @@ tool of the package takes the same ``prefix`` to find them.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import jax
@@ -111,7 +110,7 @@ def check_family(family, df, num_experts: int | None = None):
     return family, jnp.asarray(value, jnp.result_type(float))
 
 
-GATE_SCALE = 2.5 / math.sqrt(2.0)  # each gate row's prior sd: a contrast of two rows has sd 2.5
+GATE_SCALE = 2.5  # each expert's gate row's prior sd
 
 
 def default_priors() -> dict[str, dist.Distribution]:
@@ -125,15 +124,14 @@ def default_priors() -> dict[str, dist.Distribution]:
     - ``experts`` and ``expert_intercepts``: Normal(0, 1). A unit change of a standardised input
       moves an expert's mean by about one sd of y; an expert that interpolates a few points needs
       far larger coefficients.
-    - ``gates`` and ``gate_intercepts``: Normal(0, 2.5 / sqrt(2)) on each expert's gate row, so
-      that the contrast of any two experts' rows (what the softmax reads) has sd 2.5, the scale of
+    - ``gates`` and ``gate_intercepts``: Normal(0, 2.5) on each expert's gate row, the scale of
       Gelman et al. (2008, "A weakly informative default prior distribution for logistic and other
       regression models") for logistic coefficients: gates sharp enough to switch experts within a
       few sd of x, kept away from separation (where the likelihood alone sends them to infinity).
       The model keeps the last row at zero; the prior is on all k rows with their common shift
       integrated out (`_GateContrasts`), so it is the same whichever expert is labelled last and a
-      MAP fit does not depend on the experts' order. With k = 2 it is Normal(0, 2.5) on the one
-      free row.
+      MAP fit does not depend on the experts' order. The contrast of two experts' rows (what the
+      softmax reads) has sd 2.5 sqrt(2).
     - ``noise`` (each expert's sd): InverseGamma(2, 0.3), mode 0.1, mean 0.3, P(s > 1) = 0.04. Its
       density vanishes at zero faster than any power, so an expert that collapses onto a few points
       (a variance going to zero, an unbounded likelihood) cannot win; with n_i points the noise

@@ -4,12 +4,10 @@ column multivariate Normal with covariance s^2 (I + 1 1^T)."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from scipy.stats import multivariate_normal
 
-GATE_SCALE = 2.5 / math.sqrt(2.0)  # each row's sd: any two experts' contrast has sd 2.5
+GATE_SCALE = 2.5  # each expert's row's sd
 
 
 def gate_contrast_logpdf(free, scale: float = GATE_SCALE) -> float:

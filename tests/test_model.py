@@ -64,7 +64,7 @@ def model_link(name):
 # Reference log densities of the default priors (scipy), keyed like the sites.
 DEFAULT_PRIORS = {
     "experts": norm(0.0, 1.0).logpdf,
-    "gates": gate_contrast_logpdf,  # Normal(0, 2.5 / sqrt(2)) per expert's row, the shift integrated out
+    "gates": gate_contrast_logpdf,  # Normal(0, 2.5) on each expert's row, their shift integrated out
     "noise": invgamma(2.0, scale=0.3).logpdf,
     "expert_intercepts": norm(0.0, 1.0).logpdf,
     "gate_intercepts": gate_contrast_logpdf,
@@ -322,9 +322,10 @@ def test_a_normal_gate_prior_is_on_every_experts_row_with_their_shift_integrated
     for a in range(D):
         np.testing.assert_allclose(draws[:, :, a].mean(0), loc[:-1, a] - loc[-1, a], atol=0.04)
         np.testing.assert_allclose(np.cov(draws[:, :, a].T), covariance, atol=0.1)
-    # The default: any two experts' contrast has sd 2.5; with k = 2 that is Normal(0, 2.5).
+    # The default, Normal(0, 2.5) on each row: with k = 2 the one contrast is Normal(0, 2.5 sqrt 2).
     two = run_trace(moe_priors, 2, D)["gates"]["fn"]
-    np.testing.assert_allclose(two.log_prob(jnp.ones((1, D))), norm(0.0, 2.5).logpdf(np.ones(D)).sum(), rtol=1e-12)
+    expected = norm(0.0, 2.5 * np.sqrt(2.0)).logpdf(np.ones(D)).sum()
+    np.testing.assert_allclose(two.log_prob(jnp.ones((1, D))), expected, rtol=1e-12)
 
 
 @pytest.mark.parametrize(
