@@ -933,10 +933,10 @@ def fit_moe(
         (``tests/test_split_merge.py``: two identical experts over two true ones, a fixed point of
         EM, expert error 1.08 -> 0.01; a missing expert, its slot a twin of another). In the
         rare-expert regime (d = 10, k = 8, n = 4,000, gate scale 8, the 10 seeds of
-        ``benchmarks/speed.py`` part C) the default fit reached EM-from-truth's optimum on 6/10
-        seeds; with ``split_merge=3`` on 8/10 (the births found the rare expert on the two seeds
+        ``benchmarks/speed.py`` part C) the default fit reached EM-from-truth's optimum on 7/10
+        seeds; with ``split_merge=3`` on 9/10 (the births found the rare expert on the two seeds
         whose fits had missed it, closing gaps of 0.058 and 0.11 per point), the fits taking
-        a median 10.5 s against 8.5 s (at most 17.5 s against 14.3 s). Not the default, for a measured reason: made the default of
+        a median 9.1 s against 5.8 s (at most 14.1 s against 9.8 s). Not the default, for a measured reason: made the default of
         every fit, the point fits of ``benchmarks/real_data.py`` (``numpyro-moe fit --experts
         auto``, fresh process) took 4-5x as long (motorcycle 15.9 -> 81.8 s, faithful 10.8 ->
         54.0 s, High School and Beyond 55.6 -> 126.3 s) and predicted held-out rows worse: the
