@@ -251,7 +251,7 @@ def _contrasts(rows, event_dims: int):
 def _gate_site_prior(prior, shape: tuple[int, ...], name: str) -> dist.Distribution:
     """The prior of a gate site (its free rows, shape (k - 1, ...)): a Normal is a prior on every
     expert's row (`_GateContrasts`), any other distribution one on the free rows as given."""
-    if isinstance(prior, dist.Normal) and type(prior) is dist.Normal:
+    if type(prior) is dist.Normal:  # a subclass may mean something else: taken as given
         full = (shape[0] + 1, *shape[1:])
         try:
             loc, scale = (jnp.broadcast_to(jnp.asarray(value), full) for value in (prior.loc, prior.scale))
