@@ -69,6 +69,7 @@ from jax.scipy.special import digamma, logsumexp
 
 from numpyro_moe._distribution import MixtureOfExperts
 from numpyro_moe._links import Link
+from numpyro_moe._model import contrast_quadratic
 from numpyro_moe._params import MoEParams
 
 __all__ = [
@@ -236,7 +237,7 @@ def gate_prior_terms(free, loc, precision):
     safe = jnp.where(total > 0, total, 1.0)
     residual = free - (loc[:-1] - loc[-1])
     weighted = jnp.sum(weights * residual, axis=0)
-    value = 0.5 * (jnp.sum(weights * residual**2) - jnp.sum(jnp.where(total > 0, weighted**2 / safe, 0.0)))
+    value = 0.5 * contrast_quadratic(residual, precision)
     gradient = weights * residual - weights * jnp.where(total > 0, weighted / safe, 0.0)
     blocks = jax.vmap(jnp.diag, in_axes=1)(weights) - jnp.where(
         (total > 0)[:, None, None], weights.T[:, :, None] * weights.T[:, None, :] / safe[:, None, None], 0.0

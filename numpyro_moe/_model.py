@@ -234,11 +234,23 @@ class _GateContrasts(dist.Distribution):
         k1 = loc.shape[0] - 1
         batch = value.shape[: value.ndim - len(self.event_shape)]
         residual = value.reshape(*batch, k1, -1) - (loc[:-1] - loc[-1])
-        weights, total = precision[:-1], jnp.sum(precision, axis=0)
-        weighted = jnp.sum(weights * residual, axis=-2)
-        quadratic = jnp.sum(weights * residual**2, axis=(-2, -1)) - jnp.sum(weighted**2 / total, axis=-1)
-        log_det = jnp.sum(jnp.log(weights)) + jnp.sum(jnp.log(precision[-1]) - jnp.log(total))
-        return -0.5 * quadratic + 0.5 * log_det - 0.5 * k1 * loc.shape[1] * jnp.log(2 * jnp.pi)
+        total = jnp.sum(precision, axis=0)
+        log_det = jnp.sum(jnp.log(precision[:-1])) + jnp.sum(jnp.log(precision[-1]) - jnp.log(total))
+        return -0.5 * contrast_quadratic(residual, precision) + 0.5 * log_det - 0.5 * k1 * loc.shape[1] * jnp.log(
+            2 * jnp.pi
+        )
+
+
+def contrast_quadratic(residual, precision):
+    """``sum_a r_a^T P_a r_a`` over the last two axes of ``residual`` ((..., k - 1, m): the free gate
+    rows minus their prior means), with ``P_a = diag(pi_a) - pi_a pi_a^T / sum(pi_a)`` the
+    contrasts' prior precision in column a (``precision``: (k, m), every row's; a column of zero
+    precisions adds nothing). `_GateContrasts` and penalised EM's gate step share it."""
+    weights, total = precision[:-1], jnp.sum(precision, axis=0)
+    weighted = jnp.sum(weights * residual, axis=-2)
+    safe = jnp.where(total > 0, total, 1.0)
+    shift = jnp.sum(jnp.where(total > 0, weighted**2 / safe, 0.0), axis=-1)
+    return jnp.sum(weights * residual**2, axis=(-2, -1)) - shift
 
 
 def _contrasts(rows, event_dims: int):
