@@ -26,11 +26,14 @@ demo: $(STAMP)
 	$(VENV)/bin/numpyro-moe demo
 
 # Test files run in parallel, one worker per core (a file's module fixtures stay in one worker).
+# A worker that crashes ends the run with its error (pytest-xdist, when it replaces a crashed
+# worker under --dist loadfile, can wait forever for the files that worker held).
+PYTEST_PARALLEL := -n auto --dist loadfile --max-worker-restart 0
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n auto --dist loadfile
+	$(VENV)/bin/python -m pytest $(PYTEST_PARALLEL)
 
 test-slow: $(STAMP)
-	$(VENV)/bin/python -m pytest -n auto --dist loadfile -m slow
+	$(VENV)/bin/python -m pytest $(PYTEST_PARALLEL) -m slow
 
 # From nothing: the old site and figures go first; the tutorials run at full size (DOCS_EXECUTE).
 docs: $(STAMP)
