@@ -15,9 +15,9 @@ import os
 
 # The tests measure the code, not what a cache holds: the package's persistent compilation cache
 # stays off in the test processes and in the subprocesses they start (tests/test_compilation_cache.py
-# turns it on in its own subprocesses). With it on, a cold cache shared by the test workers made
-# JAX abort while serialising the README's NUTS program for the cache (jax 0.12, CPU), which took
-# the worker down. Set NUMPYRO_MOE_CACHE yourself to run the tests with a cache.
+# turns it on in its own subprocesses). With it on and cold, JAX (0.12, CPU) aborted serialising
+# the README's NUTS program for the cache in a process that had run a dozen test files before,
+# which took the worker down. Set NUMPYRO_MOE_CACHE yourself to run the tests with a cache.
 os.environ.setdefault("NUMPYRO_MOE_CACHE", "0")
 
 import numpyro  # noqa: E402
