@@ -225,8 +225,8 @@ def gate_prior_terms(free, loc, precision):
     ``w_i`` (all k of them) Normal(``loc_i``, ``precision_i^-1/2``) entry by entry, and the common
     shift of the rows (which the softmax ignores) integrated out. The free rows are the contrasts
     ``w_i - w_k``; per column a, their prior precision is the Schur complement
-    ``P_a = diag(pi_a) - pi_a pi_a^T / sum_i pi_ia`` (pi_a: the first k - 1 rows' precisions), the
-    same for every labelling of the experts.
+    ``P_a = diag(pi_a) - pi_a pi_a^T / (sum of all k rows' precisions in column a)`` (pi_a: the
+    first k - 1 rows' precisions), the same for every labelling of the experts.
 
     Returns ``(value, gradient, hessian)``: half the quadratic form ``sum_a r_a^T P_a r_a`` of
     ``r = free - (loc[:-1] - loc[-1])``, its gradient (k - 1, p) and its Hessian ((k-1) p, (k-1) p)

@@ -243,9 +243,9 @@ class _GateContrasts(dist.Distribution):
 
 def contrast_quadratic(residual, precision):
     """``sum_a r_a^T P_a r_a`` over the last two axes of ``residual`` ((..., k - 1, m): the free gate
-    rows minus their prior means), with ``P_a = diag(pi_a) - pi_a pi_a^T / sum(pi_a)`` the
-    contrasts' prior precision in column a (``precision``: (k, m), every row's; a column of zero
-    precisions adds nothing). `_GateContrasts` and penalised EM's gate step share it."""
+    rows minus their prior means), with ``P_a = diag(pi_a) - pi_a pi_a^T / t_a`` the contrasts'
+    prior precision in column a (``precision``: (k, m), every row's; pi_a its first k - 1 rows
+    and t_a the sum of all k in column a; a column of zero precisions adds nothing). `_GateContrasts` and penalised EM's gate step share it."""
     weights, total = precision[:-1], jnp.sum(precision, axis=0)
     weighted = jnp.sum(weights * residual, axis=-2)
     safe = jnp.where(total > 0, total, 1.0)
